@@ -1,0 +1,1 @@
+"""Hashing, overlap, drift and planning: everything computed from tensor bytes."""

@@ -1,0 +1,107 @@
+"""What every command shares: consoles, the error boundary, progress bars, sizes.
+
+Data and ``--json`` go to stdout; progress, warnings and ``hint:`` lines go to stderr.
+rich honours ``NO_COLOR`` itself; we also turn colour off when ``TERM=dumb``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Iterator, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn,
+                           TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+from ..errors import TdedupError
+
+EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
+
+F = TypeVar("F", bound=Callable)
+
+
+def _no_color() -> bool:
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+
+
+def stdout_console() -> Console:
+    """Console for data (tables, JSON): stdout. Created per call so tests can capture it."""
+    return Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    """Console for progress, warnings and hints: stderr."""
+    return Console(file=sys.stderr, no_color=_no_color(), stderr=True)
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"warning: {message}", markup=False, highlight=False)
+
+
+def hint(message: str) -> None:
+    stderr_console().print(f"hint: {message}", markup=False, highlight=False)
+
+
+def report_error(err: BaseException) -> None:
+    """One line on stderr naming the file and the problem; the traceback only if asked."""
+    if os.environ.get("TDEDUP_DEBUG"):
+        traceback.print_exception(err, file=sys.stderr)
+    line = err.message if isinstance(err, TdedupError) else f"{type(err).__name__}: {err}"
+    print(f"error: {line}", file=sys.stderr)
+    if isinstance(err, TdedupError) and err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)
+
+
+def guarded(fn: F) -> F:
+    """Map tdedup's exceptions (and the OS's) to one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TdedupError as e:
+            report_error(e)
+            raise typer.Exit(EXIT_ERROR) from None
+        except OSError as e:  # disk full, permission denied: still one line, exit 2
+            report_error(TdedupError(e.strerror or str(e), path=e.filename))
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def byte_progress(description: str, total: int, *, quiet: bool = False
+                  ) -> Iterator[Callable[[int], None]]:
+    """A bytes progress bar on stderr (bytes/s, ETA); yields ``advance(n)``.
+
+    Hidden when stderr is not a terminal or ``quiet`` is set, so logs and pipes stay clean.
+    """
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks and downloads are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError

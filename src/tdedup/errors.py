@@ -1,0 +1,105 @@
+"""The one exception hierarchy of tdedup.
+
+Every error tdedup raises on purpose derives from :class:`TdedupError`. Library code
+raises these with the offending path and the problem; only the CLI boundary turns them
+into a one-line message and exit code 2 (``TDEDUP_DEBUG=1`` shows the traceback).
+
+Messages read ``<path>: <problem>`` so that a user sees at once which file is at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class TdedupError(Exception):
+    """Base class of every error tdedup raises on purpose.
+
+    ``path`` names the file (checkpoint, bundle, output) the problem is about, ``hint``
+    optionally says what the user can do about it.
+    """
+
+    def __init__(self, problem: str, *, path: str | os.PathLike | None = None,
+                 hint: str | None = None) -> None:
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        self.hint = hint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.path}: {self.problem}" if self.path else self.problem
+
+
+# -- inputs -------------------------------------------------------------------------
+
+class InputError(TdedupError):
+    """A path given to tdedup is missing, unreadable or not a model."""
+
+
+class UnsupportedFormatError(InputError):
+    """A file is neither safetensors nor GGUF (nor a folder holding such files)."""
+
+
+class CheckpointFormatError(InputError):
+    """A safetensors or GGUF file is malformed: truncated, bad header, bad offsets."""
+
+
+class UsageError(TdedupError):
+    """The arguments do not make sense together (duplicate model names, bad option)."""
+
+
+# -- bundles ------------------------------------------------------------------------
+
+class BundleError(TdedupError):
+    """Base class of problems with a ``.tdd`` bundle."""
+
+
+class BundleFormatError(BundleError):
+    """The bundle's structure is malformed: bad magic, footer, manifest or offsets."""
+
+
+class UnsupportedVersionError(BundleFormatError):
+    """The bundle was written by a newer, incompatible format version."""
+
+
+class IntegrityError(BundleError):
+    """Stored bytes do not match their checksum or hash: the bundle is corrupted."""
+
+
+class DecompressionBombError(IntegrityError):
+    """A blob decodes to more bytes than its declared size."""
+
+
+class UnsafePathError(BundleError):
+    """A model name or file path in a bundle would escape the output folder."""
+
+
+class ModelNotFoundError(BundleError):
+    """A requested model is not in the bundle."""
+
+
+# -- outputs ------------------------------------------------------------------------
+
+class OutputError(TdedupError):
+    """Writing an output failed (exists already, disk full, permission denied)."""
+
+
+class OutputExistsError(OutputError):
+    """The output exists and ``--force`` was not given."""
+
+
+# -- loading ------------------------------------------------------------------------
+
+class LoadError(TdedupError):
+    """Loading a bundle onto a torch device failed (missing extra, bad module)."""
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as users typed it when possible: relative to the cwd if below it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(p)

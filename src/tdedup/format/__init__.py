@@ -1,0 +1,1 @@
+"""On-disk formats: checkpoint readers (safetensors, GGUF, folders) and the bundle."""

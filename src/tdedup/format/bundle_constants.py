@@ -1,0 +1,73 @@
+"""On-disk constants of the bundle format (``.tdd``), version 1. See spec/FORMAT.md.
+
+Every on-disk enum is an ``IntEnum`` with explicit numbers, and per-enum tables are keyed
+by the enum, as gguf-py does. ``tests/test_spec.py`` checks these against the spec's tables.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+#: First 8 bytes of every bundle.
+MAGIC = b"TDEDUPB\x00"
+#: First 8 bytes of the footer (the last FOOTER_SIZE bytes of the bundle).
+FOOTER_MAGIC = b"TDDFOOT\x00"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+#: Raw blobs start at a multiple of this (mmap-able, page-aligned for the device copy).
+RAW_ALIGNMENT = 4096
+#: Every other blob, and the manifest, start at a multiple of this.
+BLOB_ALIGNMENT = 64
+HEADER_SIZE = 64
+FOOTER_SIZE = 96
+#: Longest chain of delta blobs (a delta whose base is a delta, ...). 1 = base is never a delta.
+MAX_DELTA_DEPTH = 4
+#: Readers refuse manifests that decode to more than this (a bomb, or not ours).
+MAX_MANIFEST_BYTES = 1 << 30
+#: The byte width an element of a byte-plane blob may have.
+MAX_PLANE_WIDTH = 16
+
+# Header: magic, major u16, minor u16, raw alignment u32, reserved (zero) to 64 bytes.
+HEADER_STRUCT = struct.Struct("<8sHHI44x")
+# Footer: magic, major, minor, manifest encoding u32, manifest offset u64, stored length u64,
+# decoded length u64, blake3 of the stored manifest (32 bytes), 16 reserved (zero) bytes,
+# and the first 8 bytes of blake3 over the 88 bytes before it.
+FOOTER_BODY_STRUCT = struct.Struct("<8sHHIQQQ32s16x")
+FOOTER_CHECK_SIZE = 8
+assert HEADER_STRUCT.size == HEADER_SIZE
+assert FOOTER_BODY_STRUCT.size + FOOTER_CHECK_SIZE == FOOTER_SIZE
+
+
+class BlobEncoding(IntEnum):
+    """How a blob's stored bytes turn into its decoded bytes.
+
+    0-15 are self-contained encodings; 16-31 are delta encodings, which need the decoded
+    bytes of the blob named by the record's ``base``.
+    """
+
+    RAW = 0
+    ZSTD = 1
+    BYTEPLANE_ZSTD = 2
+    XOR_BYTEPLANE_ZSTD = 16
+    SUB_BYTEPLANE_ZSTD = 17
+
+    @property
+    def is_delta(self) -> bool:
+        return self >= 16
+
+    @property
+    def uses_planes(self) -> bool:
+        return self in PLANE_ENCODINGS
+
+
+PLANE_ENCODINGS = frozenset({BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.XOR_BYTEPLANE_ZSTD,
+                             BlobEncoding.SUB_BYTEPLANE_ZSTD})
+
+
+class ManifestEncoding(IntEnum):
+    """How the manifest's stored bytes turn into UTF-8 JSON."""
+
+    JSON = 0
+    ZSTD_JSON = 1
+

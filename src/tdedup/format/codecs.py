@@ -1,0 +1,141 @@
+"""Blob encodings: turn decoded bytes into stored bytes and back. See spec/FORMAT.md.
+
+Decoders never trust the stored bytes: every zstd frame must declare its content size,
+and a frame that declares (or produces) more than the blob's declared size is refused
+with :class:`DecompressionBombError` before the memory is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import zstandard
+
+from ..errors import BundleFormatError, DecompressionBombError, IntegrityError
+from .bundle_constants import MAX_PLANE_WIDTH, BlobEncoding
+
+DEFAULT_LEVEL = 3
+_PLANE_COUNT = struct.Struct("<I")
+_PLANE_LEN = struct.Struct("<Q")
+
+# zstandard's (de)compressor objects are not thread-safe: one per thread and level.
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = _local.__dict__.setdefault("c", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "d"):
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.d
+
+
+def zstd_compress(data, level: int = DEFAULT_LEVEL) -> bytes:
+    return _compressor(level).compress(data)
+
+
+def zstd_decompress(frame, expected: int, what: str = "blob") -> bytes:
+    """Decompress one frame that must decode to exactly ``expected`` bytes."""
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{what}: not a zstd frame ({e})") from None
+    if declared == -1:
+        raise BundleFormatError(f"{what}: zstd frame does not declare its content size")
+    if declared > expected:
+        raise DecompressionBombError(
+            f"{what}: zstd frame declares {declared} bytes, more than the {expected} declared "
+            "for it")
+    try:
+        out = _decompressor().decompress(frame, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{what}: zstd data is corrupted ({e})") from None
+    if len(out) != expected:
+        raise IntegrityError(f"{what}: decoded to {len(out)} bytes, expected {expected}")
+    return out
+
+
+# -- byte planes --------------------------------------------------------------------------
+
+def split_planes(data, width: int) -> list[np.ndarray]:
+    """Element ``i``'s byte ``j`` goes to plane ``j`` (so an F32's exponent byte is plane 3)."""
+    a = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    return [np.ascontiguousarray(a[:, j]) for j in range(width)]
+
+
+def join_planes(planes: list, n: int, width: int) -> np.ndarray:
+    out = np.empty((n // width, width), dtype=np.uint8)
+    for j, p in enumerate(planes):
+        out[:, j] = np.frombuffer(p, dtype=np.uint8)
+    return out.reshape(-1)
+
+
+def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
+    """Stored form: u32 width, width x u64 frame lengths, then one zstd frame per plane."""
+    frames = [zstd_compress(p, level) for p in split_planes(data, width)]
+    head = _PLANE_COUNT.pack(width) + b"".join(_PLANE_LEN.pack(len(f)) for f in frames)
+    return head + b"".join(frames)
+
+
+def byteplane_decompress(stored, expected: int, what: str = "blob") -> np.ndarray:
+    mv = memoryview(stored)
+    if len(mv) < _PLANE_COUNT.size:
+        raise IntegrityError(f"{what}: byte-plane blob too short")
+    (width,) = _PLANE_COUNT.unpack_from(mv, 0)
+    if not 1 <= width <= MAX_PLANE_WIDTH or expected % width:
+        raise IntegrityError(f"{what}: bad byte-plane width {width} for {expected} bytes")
+    pos = _PLANE_COUNT.size + width * _PLANE_LEN.size
+    if len(mv) < pos:
+        raise IntegrityError(f"{what}: byte-plane table truncated")
+    lengths = [_PLANE_LEN.unpack_from(mv, _PLANE_COUNT.size + j * _PLANE_LEN.size)[0]
+               for j in range(width)]
+    if pos + sum(lengths) != len(mv):
+        raise IntegrityError(f"{what}: byte-plane frames do not add up to the stored length")
+    planes = []
+    for j, n in enumerate(lengths):
+        planes.append(zstd_decompress(mv[pos:pos + n], expected // width,
+                                      f"{what} (plane {j})"))
+        pos += n
+    return join_planes(planes, expected, width)
+
+
+# -- dispatch -----------------------------------------------------------------------------
+
+def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT_LEVEL,
+           base=None):
+    """Encode ``data`` (bytes-like). Delta encodings need ``base`` of the same length."""
+    if encoding is BlobEncoding.RAW:
+        return data
+    if encoding is BlobEncoding.ZSTD:
+        return zstd_compress(data, level)
+    if encoding is BlobEncoding.BYTEPLANE_ZSTD:
+        return byteplane_compress(data, width, level)
+    if encoding.is_delta:
+        from . import delta_codecs
+        return delta_codecs.encode_delta(encoding, data, base, width=width, level=level)
+    raise BundleFormatError(f"unknown blob encoding {int(encoding)}")
+
+
+def decode(encoding: BlobEncoding, stored, expected: int, *, base=None, what: str = "blob"):
+    """Decode stored bytes to exactly ``expected`` bytes (bytes-like; may be a numpy array)."""
+    if encoding is BlobEncoding.RAW:
+        if len(stored) != expected:
+            raise IntegrityError(f"{what}: raw blob of {len(stored)} bytes, expected {expected}")
+        return stored
+    if encoding is BlobEncoding.ZSTD:
+        return zstd_decompress(stored, expected, what)
+    if encoding is BlobEncoding.BYTEPLANE_ZSTD:
+        return byteplane_decompress(stored, expected, what)
+    if encoding.is_delta:
+        if base is None or len(base) != expected:
+            raise BundleFormatError(f"{what}: delta base missing or of the wrong size")
+        from . import delta_codecs
+        return delta_codecs.decode_delta(encoding, stored, expected, base, what=what)
+    raise BundleFormatError(f"{what}: unknown blob encoding {int(encoding)}")

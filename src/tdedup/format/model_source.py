@@ -1,0 +1,192 @@
+"""Turn the paths a user gives into models: files, sharded folders, Diffusers pipelines.
+
+A *model* is what one command-line argument names:
+
+- a single ``.safetensors`` or ``.gguf`` file;
+- one part of a split GGUF (``name-00001-of-00003.gguf``): all its parts;
+- a folder: every file below it. ``.safetensors`` and ``.gguf`` files are indexed as
+  weights; every other file (``config.json``, tokenizer files, ``model_index.json``,
+  ``model.safetensors.index.json``) is kept as an opaque file so that a bundle restores
+  the folder exactly. A sharded folder's index is checked against the shards present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
+from .gguf_reader import GGUF_MAGIC, SPLIT_RE, read_gguf
+from .records import FileKind, ModelSource, SourceFile
+from .safetensors_reader import read_safetensors
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WEIGHT_SUFFIXES = {".safetensors": FileKind.SAFETENSORS, ".gguf": FileKind.GGUF}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArg:
+    """A model as given: an optional explicit name and a path."""
+
+    name: str | None
+    path: Path
+
+
+def parse_model_arg(arg: str) -> ModelArg:
+    """Parse ``NAME=PATH`` or ``PATH``. A path that exists as written wins over a split."""
+    if "=" in arg and not os.path.exists(arg):
+        name, _, path = arg.partition("=")
+        if not NAME_RE.match(name):
+            raise UsageError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or "
+                             "'-', starting with a letter or digit")
+        return ModelArg(name, Path(path))
+    return ModelArg(None, Path(arg))
+
+
+def sniff_kind(path: Path) -> FileKind:
+    """Tell safetensors from GGUF by suffix, or by the first bytes when the suffix is odd."""
+    kind = WEIGHT_SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
+    if head[:4] == GGUF_MAGIC:
+        return FileKind.GGUF
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (1 << 27):
+        return FileKind.SAFETENSORS
+    raise UnsupportedFormatError("neither a safetensors nor a GGUF file", path=path)
+
+
+def read_weight_file(path: Path, kind: FileKind, model: str, rel: str) -> SourceFile:
+    """Index one weight file with the reader its kind names."""
+    reader = read_gguf if kind is FileKind.GGUF else read_safetensors
+    return reader(path, model=model, rel_path=rel)
+
+
+def _other_file(path: Path, rel: str) -> SourceFile:
+    return SourceFile(rel, path, path.stat().st_size, FileKind.OTHER)
+
+
+def _split_parts(path: Path) -> list[Path] | None:
+    m = SPLIT_RE.match(path.name)
+    if not m:
+        return None
+    n = int(m["n"])
+    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise InputError(f"split GGUF is missing part(s) {', '.join(missing)}", path=path)
+    return parts
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every regular file below ``folder`` (symlinks followed), hidden entries skipped.
+
+    Hidden entries are caches and VCS data (``.cache/huggingface``, ``.git``), not model.
+    """
+    out: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(Path(root) / f for f in sorted(files)
+                   if not f.startswith(".") and (Path(root) / f).is_file())
+    return out
+
+
+def _check_shard_index(folder: Path, files: list[Path]) -> None:
+    for index in (p for p in files if p.name.endswith(".safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            shards = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointFormatError(f"malformed shard index ({e})", path=index) from e
+        for shard in sorted(shards):
+            if not isinstance(shard, str) or not (index.parent / shard).is_file():
+                raise InputError(f"shard {shard!r} listed in {index.name} is missing",
+                                 path=folder)
+
+
+def default_name(path: Path) -> list[str]:
+    """Name candidates for a path, shortest first: stem, then parent-stem, ..."""
+    p = path.resolve() if path.exists() else path
+    if p.is_file():
+        m = SPLIT_RE.match(p.name)
+        stem = m["stem"] if m else (p.stem if p.suffix.lower() in WEIGHT_SUFFIXES else p.name)
+        parts = [*p.parent.parts[1:], stem]
+    else:
+        parts = list(p.parts[1:])
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", s).lstrip("._-") or "model" for s in parts]
+    return ["-".join(parts[-k:]) for k in range(1, len(parts) + 1)] or ["model"]
+
+
+def assign_names(args: list[ModelArg]) -> list[str]:
+    """Explicit names as given; derived names made unique with as few path parts as needed."""
+    explicit = [a.name for a in args if a.name]
+    dup = {n for n in explicit if explicit.count(n) > 1}
+    if dup:
+        raise UsageError(f"model name {sorted(dup)[0]!r} is given twice")
+    candidates = [default_name(a.path) if not a.name else [a.name] for a in args]
+    depth = [0] * len(args)
+    while True:
+        names = [c[min(d, len(c) - 1)] for c, d in zip(candidates, depth)]
+        clashes = {n for n in names if names.count(n) > 1}
+        if not clashes:
+            return names
+        moved = False
+        for i, n in enumerate(names):
+            if n in clashes and not args[i].name and depth[i] < len(candidates[i]) - 1:
+                depth[i] += 1
+                moved = True
+        if not moved:  # the same path twice: number the repeats
+            seen: dict[str, int] = {}
+            out = []
+            for n in names:
+                seen[n] = seen.get(n, 0) + 1
+                out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+            return out
+
+
+def open_model(arg: ModelArg, name: str) -> ModelSource:
+    """Index one model: its weight files (tensor ranges) and its other files."""
+    path = arg.path
+    if not path.exists():
+        raise InputError("no such file or folder", path=path)
+    if path.is_file():
+        kind = sniff_kind(path)
+        parts = _split_parts(path) if kind is FileKind.GGUF else None
+        if parts:
+            files = [read_gguf(p, model=name, rel_path=p.name) for p in parts]
+            return ModelSource(name, path, "gguf-split", files)
+        return ModelSource(name, path, kind.value,
+                           [read_weight_file(path, kind, name, path.name)])
+    if not path.is_dir():
+        raise InputError("not a regular file or folder", path=path)
+    found = _walk(path)
+    _check_shard_index(path, found)
+    files: list[SourceFile] = []
+    for p in found:
+        rel = p.relative_to(path).as_posix()
+        kind = WEIGHT_SUFFIXES.get(p.suffix.lower())
+        files.append(read_weight_file(p, kind, name, rel) if kind else _other_file(p, rel))
+    if not any(f.kind is not FileKind.OTHER for f in files):
+        raise UnsupportedFormatError("no .safetensors or .gguf files in this folder", path=path)
+    names = {p.name for p in found}
+    layout = ("diffusers" if "model_index.json" in names
+              else "sharded" if any(n.endswith(".safetensors.index.json") for n in names)
+              else "folder")
+    return ModelSource(name, path, layout, files)
+
+
+def open_models(args: list[str] | list[ModelArg]) -> list[ModelSource]:
+    """Parse and index every model argument; names are made unique."""
+    parsed = [a if isinstance(a, ModelArg) else parse_model_arg(str(a)) for a in args]
+    if not parsed:
+        raise UsageError("no models given")
+    names = assign_names(parsed)
+    return [open_model(a, n) for a, n in zip(parsed, names)]

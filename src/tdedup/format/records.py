@@ -1,0 +1,77 @@
+"""Records that every checkpoint reader yields: one common shape for all formats."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class FileKind(str, enum.Enum):
+    """What a file of a model is. The value is what manifests and reports write."""
+
+    SAFETENSORS = "safetensors"
+    GGUF = "gguf"
+    OTHER = "other"  # config.json, tokenizer files, model_index.json, ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    """One tensor of one checkpoint file, located by its bytes in that file.
+
+    ``dtype`` is the safetensors dtype (``"F32"``, ``"BF16"``, ...) or the GGML type name
+    (``"Q4_1"``, ``"F16"``, ...) of a GGUF tensor. ``shape`` is the logical shape in the
+    row-major order torch and numpy use (GGUF's reversed dimension order already undone).
+    ``offset`` is absolute within the file, ``length`` the number of stored bytes.
+    """
+
+    model: str
+    file: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(slots=True)
+class SourceFile:
+    """One file of a model: its path relative to the model's root and its tensors."""
+
+    rel_path: str  # POSIX, relative to the model root
+    abs_path: Path
+    size: int
+    kind: FileKind
+    tensors: list[TensorRecord] = field(default_factory=list)
+    # Format-specific facts worth reporting (GGUF architecture, safetensors metadata).
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.length for t in self.tensors)
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """One model given on the command line: a file or a folder of files."""
+
+    name: str
+    path: Path  # as given (file or folder)
+    layout: str  # "safetensors", "gguf", "gguf-split", "sharded", "diffusers", "folder"
+    files: list[SourceFile] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[TensorRecord]:
+        return [t for f in self.files for t in f.tensors]
+
+    @property
+    def weight_files(self) -> list[SourceFile]:
+        return [f for f in self.files if f.kind is not FileKind.OTHER]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(f.tensor_bytes for f in self.files)

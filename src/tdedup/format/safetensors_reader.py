@@ -1,0 +1,137 @@
+"""Read the tensor index of a ``.safetensors`` file without touching tensor data.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
+length ``N``, ``N`` bytes of JSON mapping tensor names to ``{dtype, shape, data_offsets}``
+(plus an optional ``__metadata__`` of strings), then the data. We parse the header
+ourselves because we need byte offsets (the Python API hides them), and we validate it
+strictly: every malformed or truncated file becomes a :class:`CheckpointFormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from ..errors import CheckpointFormatError
+from .records import FileKind, SourceFile, TensorRecord
+
+# Bits per element of every safetensors dtype (sub-byte float types included).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+
+# The reference implementation refuses headers above 100 MB; so do we, before reading.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def dtype_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Stored byte length of a tensor of ``dtype`` and ``shape`` (sub-byte dtypes packed)."""
+    return (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in header")
+        seen[key] = value
+    return seen
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """Return ``(data_start, header_dict)`` of a safetensors file, validated as JSON."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointFormatError(
+                    f"truncated safetensors file ({size} bytes, no header length)", path=path)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointFormatError(
+                    f"safetensors header length {n} is over the {MAX_HEADER_BYTES}-byte limit "
+                    "(corrupted file, or not safetensors)", path=path)
+            if 8 + n > size:
+                raise CheckpointFormatError(
+                    f"truncated safetensors file: header of {n} bytes but file has {size} bytes",
+                    path=path)
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot read: {e.strerror or e}", path=path) from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointFormatError(f"malformed safetensors header: {e}", path=path) from e
+    if not isinstance(header, dict):
+        raise CheckpointFormatError("malformed safetensors header: not a JSON object", path=path)
+    return 8 + n, header
+
+
+def read_safetensors(path: Path, *, model: str = "", rel_path: str | None = None) -> SourceFile:
+    """Index a safetensors file: every tensor's dtype, shape and absolute byte range.
+
+    Tensors come in file order (by offset). Raises :class:`CheckpointFormatError` on a
+    malformed header, an unknown dtype, a length that disagrees with the shape,
+    overlapping tensors, or tensor data past the end of the file.
+    """
+    path = Path(path)
+    rel = rel_path if rel_path is not None else path.name
+    data_start, header = read_safetensors_header(path)
+    size = path.stat().st_size
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointFormatError("malformed safetensors header: __metadata__ must map "
+                                    "strings to strings", path=path)
+    tensors: list[TensorRecord] = []
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointFormatError(f"{where}: header entry is not an object", path=path)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            raise CheckpointFormatError(f"{where}: unknown dtype {dtype!r}", path=path)
+        if not (isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointFormatError(f"{where}: shape must be a list of non-negative "
+                                        f"integers, got {shape!r}", path=path)
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointFormatError(f"{where}: bad data_offsets {offsets!r}", path=path)
+        begin, end = offsets
+        shape_t = tuple(shape)
+        expected = dtype_nbytes(dtype, shape_t)
+        if end - begin != expected:
+            raise CheckpointFormatError(
+                f"{where}: {end - begin} bytes stored but {dtype}{list(shape_t)} needs "
+                f"{expected}", path=path)
+        if data_start + end > size:
+            raise CheckpointFormatError(
+                f"{where}: data ends at byte {data_start + end}, past the end of the file "
+                f"({size} bytes; truncated download?)", path=path)
+        tensors.append(TensorRecord(model, rel, name, dtype, shape_t, data_start + begin,
+                                    end - begin))
+    tensors.sort(key=lambda t: (t.offset, t.length))
+    check_no_overlap(tensors, path)
+    info = {"metadata": metadata} if metadata else {}
+    return SourceFile(rel, path, size, FileKind.SAFETENSORS, tensors, info)
+
+
+def check_no_overlap(tensors: list[TensorRecord], path: Path) -> None:
+    """Refuse tensors (sorted by offset) whose non-empty byte ranges overlap."""
+    prev: TensorRecord | None = None
+    for t in tensors:
+        if t.length == 0:
+            continue
+        if prev is not None and t.offset < prev.end:
+            raise CheckpointFormatError(
+                f"tensors {prev.name!r} and {t.name!r} overlap in the file", path=path)
+        prev = t

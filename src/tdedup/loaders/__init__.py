@@ -1,0 +1,1 @@
+"""Loading bundles onto torch devices (torch, transformers, diffusers integrations)."""
