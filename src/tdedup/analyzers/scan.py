@@ -6,8 +6,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..format.model_source import ModelArg, open_models
-from ..format.records import ModelSource
-from .hashing import HashedTensor, hash_model
+from pathlib import Path
+
+from ..format.records import ModelSource, SourceFile
+from .hashing import ContentKey, HashedTensor, hash_model
 
 
 @dataclass(slots=True)
@@ -20,6 +22,28 @@ class ScannedModels:
     @property
     def tensor_bytes(self) -> int:
         return sum(m.tensor_bytes for m in self.models)
+
+    def source_file(self, model: str, rel_path: str) -> SourceFile:
+        """The file a tensor record (``record.model``, ``record.file``) came from."""
+        for m in self.models:
+            if m.name == model:
+                for f in m.files:
+                    if f.rel_path == rel_path:
+                        return f
+        raise KeyError((model, rel_path))
+
+    def first_occurrences(self) -> dict[ContentKey, HashedTensor]:
+        """Each distinct content key with its first occurrence, in model/file order."""
+        out: dict[ContentKey, HashedTensor] = {}
+        for m in self.models:
+            for h in self.hashed[m.name]:
+                out.setdefault(h.key, h)
+        return out
+
+    def locate(self, h: HashedTensor) -> tuple[Path, int, int]:
+        """(absolute path, offset, length) of a hashed tensor's bytes."""
+        f = self.source_file(h.record.model, h.record.file)
+        return f.abs_path, h.record.offset, h.record.length
 
 
 def index_models(paths: Sequence[str | ModelArg]) -> list[ModelSource]:
