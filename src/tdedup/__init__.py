@@ -1,8 +1,9 @@
 """tdedup: factor families of model checkpoints.
 
-Find what a set of checkpoints shares (:func:`analyze`), store it once in a bundle
-(:func:`pack`), restore every original file (:func:`unpack`) and load every model onto a
-torch device with shared tensors stored once (:func:`load`).
+Find what a set of checkpoints shares (``tdedup analyze``), store it once in a bundle
+(:func:`pack`), restore every original file (:func:`unpack`), check it (:func:`verify`),
+read one model lazily (:func:`open_bundle`) and load every model onto a torch device with
+shared tensors stored once (:func:`load`, needs the ``torch`` extra).
 """
 
 from __future__ import annotations
@@ -10,5 +11,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import TdedupError  # noqa: E402
+from .format.bundle_reader import Bundle, open_bundle  # noqa: E402
+from .format.pack import PackResult, pack  # noqa: E402
+from .format.unpack import UnpackResult, VerifyResult, unpack, verify  # noqa: E402
 
-__all__ = ["__version__", "TdedupError"]
+
+def __getattr__(name: str):
+    # torch is an optional extra: import the loader only when it is asked for.
+    if name in ("load", "load_into", "LoadedBundle"):
+        from .loaders import torch as torch_loader
+        return getattr(torch_loader, name)
+    raise AttributeError(f"module 'tdedup' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "TdedupError", "Bundle", "open_bundle", "pack", "PackResult",
+           "unpack", "UnpackResult", "verify", "VerifyResult", "load", "load_into",
+           "LoadedBundle"]

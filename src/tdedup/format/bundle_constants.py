@@ -29,7 +29,8 @@ MAX_MANIFEST_BYTES = 1 << 30
 MAX_PLANE_WIDTH = 16
 
 # Header: magic, major u16, minor u16, raw alignment u32, reserved (zero) to 64 bytes.
-HEADER_STRUCT = struct.Struct("<8sHHI44x")
+HEADER_STRUCT = struct.Struct("<8sHHI48x")
+HEADER_FIELDS_SIZE = struct.calcsize("<8sHHI")  # bytes [16, 64) are reserved, zero
 # Footer: magic, major, minor, manifest encoding u32, manifest offset u64, stored length u64,
 # decoded length u64, blake3 of the stored manifest (32 bytes), 16 reserved (zero) bytes,
 # and the first 8 bytes of blake3 over the 88 bytes before it.

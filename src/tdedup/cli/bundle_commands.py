@@ -1,0 +1,182 @@
+"""``tdedup pack``, ``unpack``, ``verify`` and ``inspect``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn,
+                           TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+from ..format.bundle_reader import Bundle
+from ..format.pack import pack as pack_models
+from ..format.unpack import unpack as unpack_bundle
+from ..format.unpack import verify as verify_bundle
+from . import app
+from .common import guarded, human_bytes, stderr_console, stdout_console
+
+
+@contextmanager
+def phased_progress(quiet: bool = False):
+    """A progress callback ``(phase, advance, total)`` drawing one bar per phase on stderr."""
+    console = stderr_console()
+    if quiet or not console.is_terminal:
+        yield lambda phase, n, total: None
+        return
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, n: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.advance(tasks[phase], n)
+
+        yield update
+
+
+@app.command()
+@guarded
+def pack(
+    paths: Annotated[list[str], typer.Argument(help="Models: files or folders, as PATH or NAME=PATH.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
+    level: Annotated[int, typer.Option("--level", min=1, max=22, help="zstd level.")] = 3,
+    delta: Annotated[str, typer.Option("--delta", help="auto: store near-identical tensors as base + delta; off: never.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Write one deduplicated bundle holding every model given."""
+    with phased_progress(quiet) as progress:
+        r = pack_models(paths, output, level=level, delta=delta, progress=progress)
+    if as_json:
+        print(json.dumps({"bundle": str(r.path), "models": r.models,
+                          "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
+                          "distinct_tensor_bytes": r.distinct_tensor_bytes,
+                          "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
+                          "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
+        return
+    out = stdout_console()
+    speed = r.logical_bytes / r.seconds if r.seconds else 0
+    out.print(f"packed {len(r.models)} models into {r.path}")
+    out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle {human_bytes(r.bundle_bytes)}"
+              f"  ({r.ratio:.2f}x smaller)")
+    out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
+              + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
+
+
+@app.command()
+@guarded
+def unpack(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
+    dest: Annotated[Path, typer.Argument(help="Folder to restore into: DEST/NAME/<original paths>.")],
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Restore only this model (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty DEST (only the bundle's own files are replaced).")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Restore every original file byte for byte (sha256 checked)."""
+    with phased_progress(quiet) as progress:
+        r = unpack_bundle(bundle, dest, models=model, force=force, progress=progress)
+    speed = r.bytes / r.seconds if r.seconds else 0
+    stdout_console().print(f"restored {r.files} files of {len(r.models)} models "
+                           f"({human_bytes(r.bytes)}) into {r.dest} in {r.seconds:.2f} s "
+                           f"({human_bytes(speed)}/s); every sha256 matches")
+
+
+@app.command()
+@guarded
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Decode every blob, check every hash and every file's sha256."""
+    with phased_progress(quiet) as progress:
+        r = verify_bundle(bundle, progress=progress)
+    stdout_console().print(f"ok: {r.blobs} blobs ({human_bytes(r.stored_bytes)} stored), "
+                           f"{r.files} files ({human_bytes(r.logical_bytes)}) verified in "
+                           f"{r.seconds:.2f} s")
+
+
+def inspect_dict(b: Bundle) -> dict:
+    """What ``inspect --json`` prints: models, files, sharing, encodings, sizes."""
+    blobs = b.manifest.blobs
+    uses = Counter(t.hash for m in b.manifest.models for f in m.files for t in f.tensors)
+    by_enc: dict[str, dict[str, int]] = {}
+    for rec in blobs.values():
+        e = by_enc.setdefault(rec.encoding.name.lower(), {"blobs": 0, "stored_bytes": 0,
+                                                          "decoded_bytes": 0})
+        e["blobs"] += 1
+        e["stored_bytes"] += rec.stored_length
+        e["decoded_bytes"] += rec.decoded_length
+    models = []
+    for m in b.manifest.models:
+        hashes = [t.hash for f in m.files for t in f.tensors]
+        shared = sum(blobs[h].decoded_length for h in hashes if uses[h] > 1)
+        models.append({
+            "name": m.name, "layout": m.layout, "files": len(m.files),
+            "file_bytes": m.file_bytes, "tensors": len(hashes), "tensor_bytes": m.tensor_bytes,
+            "shared_tensor_bytes": shared,
+            "delta_tensors": sum(1 for h in hashes if blobs[h].base is not None),
+            "file_list": [{"path": f.path, "size": f.size, "kind": f.kind,
+                           "tensors": len(f.tensors), "sha256": f.sha256} for f in m.files],
+        })
+    deltas = [{"blob": rec.hash, "base": rec.base, "encoding": rec.encoding.name.lower(),
+               "decoded_bytes": rec.decoded_length, "stored_bytes": rec.stored_length,
+               "ratio": round(rec.decoded_length / rec.stored_length, 3)
+               if rec.stored_length else None}
+              for rec in blobs.values() if rec.base is not None]
+    return {"bundle": str(b.path), "bundle_bytes": b.size,
+            "format_version": list(b.manifest.format_version),
+            "tool_version": b.manifest.tool_version, "models": models,
+            "blobs": len(blobs), "encodings": by_enc, "deltas": deltas,
+            "summary": b.manifest.summary}
+
+
+@app.command()
+@guarded
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+) -> None:
+    """Show what a bundle holds: models, files, sharing, encodings, sizes."""
+    with Bundle(bundle) as b:
+        info = inspect_dict(b)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    out = stdout_console()
+    out.print(f"{info['bundle']}: format {'.'.join(map(str, info['format_version']))}, "
+              f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, written by "
+              f"tdedup {info['tool_version']}")
+    t = Table(title="models")
+    for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensors",
+                "delta tensors"):
+        t.add_column(col, justify="left" if col in ("model", "layout") else "right")
+    for m in info["models"]:
+        t.add_row(m["name"], m["layout"], str(m["files"]), str(m["tensors"]),
+                  human_bytes(m["file_bytes"]), human_bytes(m["shared_tensor_bytes"]),
+                  str(m["delta_tensors"]))
+    out.print(t)
+    e = Table(title="encodings")
+    for col in ("encoding", "blobs", "decoded", "stored", "ratio"):
+        e.add_column(col, justify="left" if col == "encoding" else "right")
+    for name, v in sorted(info["encodings"].items()):
+        ratio = v["decoded_bytes"] / v["stored_bytes"] if v["stored_bytes"] else 1.0
+        e.add_row(name, str(v["blobs"]), human_bytes(v["decoded_bytes"]),
+                  human_bytes(v["stored_bytes"]), f"{ratio:.2f}x")
+    out.print(e)
+    if info["deltas"]:
+        d = Table(title=f"deltas ({len(info['deltas'])}, largest first)")
+        for col in ("blob", "base", "encoding", "decoded", "stored", "ratio"):
+            d.add_column(col)
+        for x in sorted(info["deltas"], key=lambda x: -x["decoded_bytes"])[:15]:
+            d.add_row(x["blob"][:12], x["base"][:12], x["encoding"],
+                      human_bytes(x["decoded_bytes"]), human_bytes(x["stored_bytes"]),
+                      f"{x['ratio']}x")
+        out.print(d)
+

@@ -1,0 +1,275 @@
+"""Low-level bundle reader: validate header, footer and manifest; lazy, mapped blob reads.
+
+Reading follows the numbered steps of spec/FORMAT.md §Reading: header, footer (with its
+own checksum), manifest (checksum of the stored bytes before it is decompressed), then
+blobs on demand. Raw blobs come back as zero-copy views of the file's map; others are
+decoded (delta blobs after their base) and kept in a small byte-bounded cache so that a
+blob shared by several files is decoded once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+
+from ..analyzers.hashing import hash_bytes
+from ..errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
+                      TdedupError, UnsupportedVersionError)
+from .bundle_constants import (FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE, FOOTER_MAGIC,
+                               FOOTER_SIZE, FORMAT_MAJOR, HEADER_SIZE, HEADER_STRUCT, MAGIC,
+                               MAX_MANIFEST_BYTES, BlobEncoding, ManifestEncoding)
+from .codecs import decode, zstd_decompress
+from .manifest import BlobRecord, FileEntry, Manifest, ModelEntry, TensorEntry
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class Bundle:
+    """An open ``.tdd`` bundle. Use :func:`open_bundle`; close it (or use ``with``)."""
+
+    def __init__(self, path: str | os.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES
+                 ) -> None:
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise BundleError(f"cannot open: {e.strerror or e}", path=self.path) from e
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size < HEADER_SIZE + FOOTER_SIZE:
+                raise BundleFormatError(f"truncated bundle ({self.size} bytes)")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.view = memoryview(self._mm)
+            self.manifest = self._read_manifest()
+        except TdedupError as e:
+            self.close()
+            if e.path is None:
+                e.path = str(self.path)
+                e.args = (e.message,)
+            raise
+        except (OSError, ValueError) as e:
+            self.close()
+            raise BundleFormatError(f"cannot read the bundle: {e}", path=self.path) from e
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._lock = threading.Lock()
+
+    # -- structure ----------------------------------------------------------------------
+
+    def _read_manifest(self) -> Manifest:
+        magic, major, minor, alignment = HEADER_STRUCT.unpack_from(self.view, 0)
+        if magic != MAGIC:
+            raise BundleFormatError("not a tdedup bundle (bad magic)")
+        if major != FORMAT_MAJOR:
+            raise UnsupportedVersionError(
+                f"bundle format {major}.{minor} is not readable by this tdedup (reads "
+                f"{FORMAT_MAJOR}.x); upgrade tdedup")
+        foot = self.size - FOOTER_SIZE
+        body = self.view[foot:foot + FOOTER_BODY_STRUCT.size]
+        fmagic, fmajor, _fminor, enc, m_off, m_len, m_dec, m_sum = \
+            FOOTER_BODY_STRUCT.unpack_from(body)
+        if fmagic != FOOTER_MAGIC:
+            raise BundleFormatError("no footer at the end: truncated, or the write never "
+                                    "finished")
+        check = bytes(self.view[foot + FOOTER_BODY_STRUCT.size:self.size])
+        if blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE] != check:
+            raise IntegrityError("footer checksum mismatch (corrupted footer)")
+        if fmajor != major:
+            raise BundleFormatError("header and footer disagree on the format version")
+        if m_off < HEADER_SIZE or m_off + m_len != foot:
+            raise BundleFormatError(f"footer points at a manifest at [{m_off}, {m_off + m_len}) "
+                                    f"which does not end where the footer starts ({foot})")
+        if m_dec > MAX_MANIFEST_BYTES:
+            raise BundleFormatError(f"manifest of {m_dec} bytes is over the "
+                                    f"{MAX_MANIFEST_BYTES}-byte limit")
+        self.manifest_offset = m_off
+        stored = self.view[m_off:m_off + m_len]
+        if blake3.blake3(stored).digest() != m_sum:
+            raise IntegrityError("manifest checksum mismatch (corrupted manifest)")
+        try:
+            menc = ManifestEncoding(enc)
+        except ValueError:
+            raise BundleFormatError(f"unknown manifest encoding {enc}") from None
+        raw = (zstd_decompress(stored, m_dec, "manifest") if menc is ManifestEncoding.ZSTD_JSON
+               else bytes(stored))
+        if len(raw) != m_dec:
+            raise BundleFormatError("manifest length disagrees with the footer")
+        manifest = Manifest.from_json_bytes(raw, data_end=m_off)
+        if manifest.alignment != alignment:
+            raise BundleFormatError("header and manifest disagree on the alignment")
+        return manifest
+
+    # -- lookups ------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.manifest.models]
+
+    def model(self, name: str) -> ModelEntry:
+        try:
+            return self.manifest.model(name)
+        except KeyError:
+            raise ModelNotFoundError(
+                f"no model {name!r} in the bundle (it has: {', '.join(self.model_names)})",
+                path=self.path) from None
+
+    def blob(self, digest: str) -> BlobRecord:
+        try:
+            return self.manifest.blobs[digest]
+        except KeyError:
+            raise BundleFormatError(f"blob {digest[:16]} is not in the bundle",
+                                    path=self.path) from None
+
+    def models_using(self, digest: str) -> list[str]:
+        """Models with a tensor or file whose bytes depend on blob ``digest``."""
+        blobs = self.manifest.blobs
+
+        def depends(h: str) -> bool:
+            seen = 0
+            while h is not None and seen < 64:
+                if h == digest:
+                    return True
+                h = blobs[h].base if h in blobs else None
+                seen += 1
+            return False
+
+        return [m.name for m in self.manifest.models
+                if any(depends(f.layout) or any(depends(t.hash) for t in f.tensors)
+                       for f in m.files)]
+
+    def _corrupt(self, digest: str, problem: str) -> IntegrityError:
+        users = self.models_using(digest)
+        where = f" (used by {', '.join(users)})" if users else ""
+        return IntegrityError(f"blob {digest[:16]}{where}: {problem}", path=self.path)
+
+    # -- blob reads ---------------------------------------------------------------------
+
+    def stored_bytes(self, rec: BlobRecord) -> memoryview:
+        return self.view[rec.offset:rec.offset + rec.stored_length]
+
+    def check_stored(self, rec: BlobRecord) -> None:
+        """Raise :class:`IntegrityError` if the blob's stored bytes fail their checksum."""
+        if hash_bytes(self.stored_bytes(rec)) != rec.checksum:
+            raise self._corrupt(rec.hash, "stored bytes fail their checksum (corrupted)")
+
+    def read_blob(self, digest: str, *, verify: bool = False, _depth: int = 0):
+        """The decoded bytes of a blob (bytes-like; raw blobs are views of the map).
+
+        With ``verify`` the stored checksum is checked before decoding and the decoded
+        hash after, for this blob and every base it needs.
+        """
+        rec = self.blob(digest)
+        if rec.encoding is BlobEncoding.RAW:
+            data = self.stored_bytes(rec)
+            if verify and hash_bytes(data) != digest:
+                raise self._corrupt(digest, "bytes do not match their hash (corrupted)")
+            return data
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                self._cache.move_to_end(digest)
+                return hit
+        if verify:
+            self.check_stored(rec)
+        base = None
+        if rec.base is not None:
+            base = self.read_blob(rec.base, verify=verify, _depth=_depth + 1)
+        try:
+            data = decode(rec.encoding, self.stored_bytes(rec), rec.decoded_length, base=base,
+                          what=f"blob {digest[:16]}")
+        except IntegrityError as e:
+            raise self._corrupt(digest, e.problem.split(": ", 1)[-1]) from e
+        if verify and hash_bytes(data) != digest:
+            raise self._corrupt(digest, "decoded bytes do not match their hash (corrupted)")
+        self._remember(digest, data)
+        return data
+
+    def _remember(self, digest: str, data) -> None:
+        n = memoryview(data).nbytes
+        if n > self._cache_limit // 4:
+            return
+        with self._lock:
+            self._cache[digest] = data
+            self._cache_bytes += n
+            while self._cache_bytes > self._cache_limit:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= memoryview(old).nbytes
+
+    def verify_blob(self, digest: str) -> None:
+        """Check one blob fully: stored checksum, decode, decoded hash."""
+        rec = self.blob(digest)
+        self.check_stored(rec)
+        self.read_blob(digest, verify=True)
+
+    # -- files and tensors --------------------------------------------------------------
+
+    def iter_file_chunks(self, f: FileEntry, *, verify: bool = False) -> Iterator:
+        """The original file's bytes in order: non-tensor runs and tensor blobs."""
+        layout = memoryview(self.read_blob(f.layout, verify=verify)).cast("B")
+        lpos = cursor = 0
+        for t in f.tensors:
+            gap = t.offset - cursor
+            if gap:
+                yield layout[lpos:lpos + gap]
+                lpos += gap
+            if t.length:
+                yield self.read_blob(t.hash, verify=verify)
+            cursor = t.end
+        if lpos < len(layout):
+            yield layout[lpos:]
+
+    def read_file(self, model: str, path: str) -> bytes:
+        """The whole original file (small files: configs, tokenizers)."""
+        for f in self.model(model).files:
+            if f.path == path:
+                return b"".join(bytes(c) for c in self.iter_file_chunks(f))
+        raise ModelNotFoundError(f"model {model!r} has no file {path!r}", path=self.path)
+
+    def tensors(self, model: str) -> Iterator[tuple[FileEntry, TensorEntry]]:
+        for f in self.model(model).files:
+            for t in f.tensors:
+                yield f, t
+
+    def read_tensor(self, model: str, name: str, *, verify: bool = False):
+        """One tensor's stored bytes, decoding only the blobs it needs."""
+        for _, t in self.tensors(model):
+            if t.name == name:
+                return self.read_blob(t.hash, verify=verify)
+        raise ModelNotFoundError(f"model {model!r} has no tensor {name!r}", path=self.path)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_cache", None) is not None:
+            self._cache.clear()
+        view = getattr(self, "view", None)
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass  # a caller still holds a zero-copy view; the map closes with it
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        self._file.close()
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle for lazy reads: one model's tensors without decoding the others."""
+    return Bundle(path)

@@ -1,0 +1,139 @@
+"""Low-level bundle writer: header, aligned blobs as they come, manifest, footer.
+
+Blobs are appended as they are produced, so nothing has to be held in memory beyond the
+blob in hand; the manifest goes last with a fixed-size footer that points at it. The
+bundle is written to a temporary name in the target's folder, fsynced, and only then
+renamed over the target, so an interrupted write never leaves a file at the target path
+(and an existing bundle there is replaced atomically or left untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import blake3
+
+from ..analyzers.hashing import hash_bytes
+from ..errors import OutputError
+from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
+                               FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, HEADER_STRUCT, MAGIC,
+                               RAW_ALIGNMENT, BlobEncoding, ManifestEncoding)
+from .codecs import zstd_compress
+from .manifest import BlobRecord, Manifest
+
+_ZEROS = bytes(RAW_ALIGNMENT)
+
+
+def temp_path_for(target: Path) -> Path:
+    """A hidden temporary name beside ``target`` (same file system, so rename is atomic)."""
+    return target.with_name(f".{target.name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class BundleWriter:
+    """Append blobs, then :meth:`finish` with the manifest. Use as a context manager:
+    leaving the block with an exception removes the temporary file."""
+
+    def __init__(self, target: str | os.PathLike, *, alignment: int = RAW_ALIGNMENT) -> None:
+        self.target = Path(target)
+        self.alignment = alignment
+        self.tmp = temp_path_for(self.target)
+        self.blobs: dict[str, BlobRecord] = {}
+        try:
+            self.f = open(self.tmp, "xb")
+        except OSError as e:
+            raise OutputError(f"cannot create the bundle: {e.strerror or e}",
+                              path=self.target) from e
+        self.pos = 0
+        self._write(HEADER_STRUCT.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, alignment))
+        self.finished = False
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.finished:
+            self.abort()
+
+    def _write(self, data) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise OutputError(f"writing the bundle failed: {e.strerror or e}",
+                              path=self.target) from e
+        self.pos += memoryview(data).nbytes
+
+    def _pad_to(self, alignment: int) -> None:
+        pad = -self.pos % alignment
+        while pad:
+            n = min(pad, len(_ZEROS))
+            self._write(_ZEROS[:n])
+            pad -= n
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self.blobs
+
+    def add_blob(self, digest: str, encoding: BlobEncoding, stored, decoded_length: int, *,
+                 base: str | None = None) -> BlobRecord:
+        """Append one blob (its stored bytes) and record it; a known digest is a no-op."""
+        if digest in self.blobs:
+            return self.blobs[digest]
+        self._pad_to(self.alignment if encoding is BlobEncoding.RAW else BLOB_ALIGNMENT)
+        stored_len = memoryview(stored).nbytes
+        checksum = digest if encoding is BlobEncoding.RAW else hash_bytes(stored)
+        rec = BlobRecord(digest, encoding, self.pos, stored_len, decoded_length, checksum, base)
+        self._write(stored)
+        self.blobs[digest] = rec
+        return rec
+
+    def finish(self, manifest: Manifest, *, level: int = 3) -> int:
+        """Write manifest and footer, fsync, rename over the target. Returns the size."""
+        manifest.blobs = self.blobs
+        manifest.alignment = self.alignment
+        raw = manifest.dumps()
+        stored = zstd_compress(raw, level)
+        self._pad_to(BLOB_ALIGNMENT)
+        offset = self.pos
+        self._write(stored)
+        body = FOOTER_BODY_STRUCT.pack(FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR,
+                                       int(ManifestEncoding.ZSTD_JSON), offset, len(stored),
+                                       len(raw), blake3.blake3(stored).digest())
+        self._write(body + blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE])
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.target)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"finishing the bundle failed: {e.strerror or e}",
+                              path=self.target) from e
+        fsync_dir(self.target.parent)
+        self.finished = True
+        return self.pos
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is untouched."""
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+        self.finished = True

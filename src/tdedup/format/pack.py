@@ -1,0 +1,227 @@
+"""``pack``: write one deduplicated bundle from a set of models.
+
+Two passes over the inputs, both streaming through mmap:
+
+1. index every model and hash every tensor (blake3), while a second thread computes each
+   original file's sha256;
+2. encode each distinct content once (base-plus-delta where the planner found a close
+   base, else the smallest of byte-plane zstd / zstd / raw) on a small thread pool, and
+   append the blobs in order; then each file's non-tensor bytes; then the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..analyzers.hashing import HashedTensor, hash_bytes, mapped
+from ..analyzers.scan import ScannedModels, hash_models, index_models
+from ..errors import UsageError
+from .bundle_constants import BlobEncoding
+from .bundle_writer import BundleWriter
+from .codecs import DEFAULT_LEVEL, encode, zstd_compress
+from .dtypes import element_width
+from .manifest import FileEntry, Manifest, ModelEntry, TensorEntry
+from .model_source import ModelArg
+from .records import SourceFile
+
+# Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
+MIN_SAVING = 0.01
+# Below this size, trying every encoding in full is cheaper than guessing.
+SMALL_BLOB = 1 << 20
+# Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
+WINDOW_PER_WORKER = 3
+SHA_CHUNK = 8 << 20
+
+Progress = Callable[[str, int, int], None]  # (phase, advance, phase_total)
+
+
+@dataclass(slots=True)
+class PackResult:
+    """What ``pack`` wrote, with the figures its summary prints."""
+
+    path: Path
+    models: list[str]
+    logical_bytes: int  # sum of the original files' sizes
+    tensor_bytes: int
+    distinct_tensor_bytes: int
+    bundle_bytes: int
+    seconds: float
+    encodings: dict[str, int] = field(default_factory=dict)  # blob count per encoding
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.bundle_bytes if self.bundle_bytes else 1.0
+
+
+def choose_encoding(data, width: int, level: int, *, base=None,
+                    delta: BlobEncoding | None = None) -> tuple[BlobEncoding, object, bool]:
+    """Encode ``data`` with the smallest candidate; returns (encoding, stored, used_base).
+
+    Byte planes win on floats, plain zstd on bytes; both are tried in full only on small
+    blobs. A delta against ``base`` is tried when given. Raw is kept unless compression
+    saves at least ``MIN_SAVING``, so incompressible blobs stay mmap-able.
+    """
+    n = memoryview(data).nbytes
+    candidates: list[tuple[int, BlobEncoding, object, bool]] = []
+    if width > 1 and n % width == 0:
+        stored = encode(BlobEncoding.BYTEPLANE_ZSTD, data, width=width, level=level)
+        candidates.append((len(stored), BlobEncoding.BYTEPLANE_ZSTD, stored, False))
+    if width == 1 or n <= SMALL_BLOB or n % width:
+        stored = zstd_compress(data, level)
+        candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
+    if delta is not None and base is not None:
+        stored = encode(delta, data, width=width, level=level, base=base)
+        candidates.append((len(stored), delta, stored, True))
+    size, enc, stored, used_base = min(candidates, key=lambda c: c[0])
+    if size > n * (1 - MIN_SAVING) and not (used_base and size < n):
+        return BlobEncoding.RAW, data, False
+    return enc, stored, used_base
+
+
+def _layout_bytes(f: SourceFile, view) -> bytes:
+    """A file's non-tensor bytes (header, metadata, padding; whole file if no tensors)."""
+    parts, cursor = [], 0
+    for t in f.tensors:
+        parts.append(view[cursor:t.offset])
+        cursor = max(cursor, t.end)
+    parts.append(view[cursor:f.size])
+    return b"".join(parts)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with mapped(path) as view:
+        for i in range(0, len(view), SHA_CHUNK):
+            h.update(view[i:i + SHA_CHUNK])
+    return h.hexdigest()
+
+
+def _plan_deltas(scanned: ScannedModels, delta: str, level: int) -> dict:
+    if delta == "off":
+        return {}
+    if delta != "auto":
+        raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
+    try:
+        from ..analyzers.delta_planning import choose_bases
+    except ImportError:  # the planner is optional in this build
+        return {}
+    return choose_bases(scanned, level=level)
+
+
+def _blob_order(firsts: dict, deltas: dict) -> list:
+    """Distinct contents in first-occurrence order, every base before its deltas."""
+    order, placed = [], set()
+
+    def place(key, depth=0):
+        if key in placed:
+            return
+        choice = deltas.get(key)
+        if choice is not None and depth < 64:
+            place(choice.base, depth + 1)
+        placed.add(key)
+        order.append(key)
+
+    for key in firsts:
+        place(key)
+    return order
+
+
+def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
+         delta: str = "auto", workers: int = 2, progress: Progress | None = None
+         ) -> PackResult:
+    """Write a bundle holding every model in ``paths`` (``PATH`` or ``NAME=PATH``).
+
+    Identical tensors are stored once, near-identical ones as base plus delta
+    (``delta="auto"``), the rest compressed losslessly at zstd ``level``.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    report = progress or (lambda phase, n, total: None)
+    models = index_models(paths)
+    all_files = [f for m in models for f in m.files]
+    total_tensor = sum(m.tensor_bytes for m in models)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        sha_futures = {id(f): pool.submit(_sha256_file, f.abs_path) for f in all_files}
+        scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
+        deltas = _plan_deltas(scanned, delta, level)
+        firsts = scanned.first_occurrences()
+        order = _blob_order(firsts, deltas)
+        distinct = sum(k[1] for k in firsts)
+
+        with ExitStack() as stack, BundleWriter(output) as writer:
+            views: dict[Path, memoryview] = {}
+
+            def view_of(path: Path):
+                if path not in views:
+                    views[path] = stack.enter_context(mapped(path))
+                return views[path]
+
+            def source(h: HashedTensor):
+                path, off, length = scanned.locate(h)
+                return view_of(path)[off:off + length]
+
+            def job(key):
+                h = firsts[key]
+                data = source(h)
+                choice = deltas.get(key)
+                base = source(firsts[choice.base]) if choice is not None else None
+                enc, stored, used = choose_encoding(
+                    data, element_width(h.record.dtype), level, base=base,
+                    delta=choice.encoding if choice is not None else None)
+                return key, enc, stored, (choice.base[0] if used else None)
+
+            pending: list[Future] = []
+            window = WINDOW_PER_WORKER * max(1, workers)
+            counts: dict[str, int] = {}
+
+            def drain(limit: int) -> None:
+                while len(pending) > limit:
+                    key, enc, stored, base = pending.pop(0).result()
+                    writer.add_blob(key[0], enc, stored, key[1], base=base)
+                    counts[enc.name.lower()] = counts.get(enc.name.lower(), 0) + 1
+                    report("packing", key[1], distinct)
+
+            for key in order:
+                pending.append(pool.submit(job, key))
+                drain(window)
+            drain(0)
+
+            manifest_models = []
+            for m in models:
+                entries = []
+                digests = {(h.record.file, h.record.name): h.digest for h in scanned.hashed[m.name]}
+                for f in m.files:
+                    layout = _layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+                    digest = hash_bytes(layout)
+                    if digest not in writer:
+                        stored = zstd_compress(layout, level)
+                        if len(stored) < len(layout):
+                            writer.add_blob(digest, BlobEncoding.ZSTD, stored, len(layout))
+                        else:
+                            writer.add_blob(digest, BlobEncoding.RAW, layout, len(layout))
+                    tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
+                                           digests[(t.file, t.name)])
+                               for t in f.tensors]
+                    info = {k: v for k, v in f.info.items() if isinstance(v, (str, int, float))}
+                    entries.append(FileEntry(f.rel_path, f.size,
+                                             sha_futures[id(f)].result(), f.kind.value,
+                                             digest, tensors, info))
+                manifest_models.append(ModelEntry(m.name, m.layout, entries))
+            logical = sum(f.size for f in all_files)
+            summary = {"models": len(models), "logical_bytes": logical,
+                       "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,
+                       "stored_blob_bytes": sum(b.stored_length for b in writer.blobs.values()),
+                       "encodings": counts}
+            size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
+                                          summary=summary), level=level)
+    return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,
+                      time.perf_counter() - t0, counts)
+

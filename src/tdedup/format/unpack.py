@@ -1,0 +1,203 @@
+"""``unpack`` and ``verify``: restore original files byte for byte; check every hash.
+
+``unpack`` checks everything it can *before* it writes a byte: the manifest (paths
+included), the zero padding, and the stored checksum of every blob the chosen models
+need. Each file is then written to a temporary name beside its target while its sha256
+is computed, compared with the manifest, fsynced and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
+from .bundle_constants import HEADER_FIELDS_SIZE, HEADER_SIZE
+from .bundle_reader import Bundle
+from .bundle_writer import fsync_dir, temp_path_for
+from .manifest import FileEntry, ModelEntry
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(slots=True)
+class UnpackResult:
+    dest: Path
+    models: list[str]
+    files: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    blobs: int
+    files: int
+    stored_bytes: int
+    logical_bytes: int
+    seconds: float
+
+
+def check_padding(bundle: Bundle) -> None:
+    """Every byte not in a blob, the manifest, header fields or footer must be zero.
+
+    The checksums cover blobs, manifest and footer; this covers the rest, so that a
+    flipped byte *anywhere* in a bundle is found.
+    """
+    view = bundle.view
+    reserved = view[HEADER_FIELDS_SIZE:HEADER_SIZE]
+    if any(reserved):
+        raise IntegrityError("reserved header bytes are not zero (corrupted header)",
+                             path=bundle.path)
+    spans = sorted((b.offset, b.offset + b.stored_length) for b in bundle.manifest.blobs.values())
+    m_off = bundle.manifest_offset
+    cursor = HEADER_SIZE
+    for start, end in [*spans, (m_off, m_off)]:
+        if start > cursor and any(view[cursor:start]):
+            raise IntegrityError(f"padding bytes at [{cursor}, {start}) are not zero "
+                                 "(corrupted)", path=bundle.path)
+        cursor = max(cursor, end)
+
+
+def blobs_needed(bundle: Bundle, models: Iterable[ModelEntry]) -> list[str]:
+    """Every blob the models' files need, delta bases included, each once."""
+    seen: dict[str, None] = {}
+    for m in models:
+        for f in m.files:
+            for digest in [f.layout, *(t.hash for t in f.tensors)]:
+                while digest is not None and digest not in seen:
+                    seen[digest] = None
+                    digest = bundle.blob(digest).base
+    return list(seen)
+
+
+def _target_checks(dest: Path, models: list[ModelEntry], force: bool) -> None:
+    """Refuse symlinked paths and, without ``force``, a non-empty destination."""
+    if dest.is_symlink():
+        raise UnsafePathError("the destination is a symbolic link", path=dest)
+    if dest.exists() and not dest.is_dir():
+        raise OutputError("the destination exists and is not a folder", path=dest)
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise OutputExistsError("the destination folder is not empty",
+                                path=dest, hint="pass --force to write into it; files that "
+                                "are not in the bundle are never replaced")
+    root = dest.resolve() if dest.exists() else None
+    for m in models:
+        for f in m.files:
+            target = dest / m.name / f.path
+            # Each existing component must be a real folder (the last a regular file),
+            # never a link that could lead outside dest.
+            p = dest
+            for part in (m.name, *f.path.split("/")):
+                p = p / part
+                if p.is_symlink():
+                    raise UnsafePathError(f"{m.name}/{f.path} would be written through the "
+                                          f"symbolic link {p}", path=dest)
+            if root is not None and target.exists():
+                if not target.resolve().is_relative_to(root):
+                    raise UnsafePathError(f"{m.name}/{f.path} resolves outside the "
+                                          "destination", path=dest)
+                if not target.is_file():
+                    raise OutputError(f"{m.name}/{f.path} exists and is not a file", path=dest)
+
+
+def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> int:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(target)
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "xb") as out:
+            for chunk in bundle.iter_file_chunks(f):
+                h.update(chunk)
+                out.write(chunk)
+                advance(memoryview(chunk).nbytes)
+            out.flush()
+            if h.hexdigest() != f.sha256:
+                raise IntegrityError(f"restored {target.name} fails its sha256 "
+                                     "(corrupted bundle)", path=bundle.path)
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return f.size
+
+
+def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
+           models: Sequence[str] | None = None, force: bool = False, workers: int = 2,
+           progress: Progress | None = None) -> UnpackResult:
+    """Restore each model under ``dest/NAME/`` with its original relative paths.
+
+    Every restored file's sha256 is checked; a file that fails is removed, never left in
+    place. Raises :class:`OutputExistsError` if ``dest`` holds files and not ``force``.
+    """
+    t0 = time.perf_counter()
+    dest = Path(dest)
+    report = progress or (lambda phase, n, total: None)
+    with Bundle(bundle_path) as bundle:
+        chosen = [bundle.model(n) for n in (models or bundle.model_names)]
+        _target_checks(dest, chosen, force)
+        check_padding(bundle)
+        needed = blobs_needed(bundle, chosen)
+        stored_total = sum(bundle.blob(d).stored_length for d in needed)
+        for d in needed:
+            bundle.check_stored(bundle.blob(d))
+            report("checking", bundle.blob(d).stored_length, stored_total)
+        total = sum(m.file_bytes for m in chosen)
+        jobs = [(f, dest / m.name / f.path) for m in chosen for f in m.files]
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create: {e.strerror or e}", path=dest) from e
+        advance = lambda n: report("restoring", n, total)  # noqa: E731
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(_restore_file, bundle, f, t, advance) for f, t in jobs]
+            written = 0
+            errors: list[BaseException] = []
+            for fut in futures:
+                try:
+                    written += fut.result()
+                except BaseException as e:  # finish the others, then raise the first
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        for folder in {t.parent for _, t in jobs}:
+            fsync_dir(folder)
+    return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
+                        time.perf_counter() - t0)
+
+
+def verify(bundle_path: str | os.PathLike, *, files: bool = True,
+           progress: Progress | None = None) -> VerifyResult:
+    """Check a bundle completely: structure, padding, every blob's checksum and hash, and
+    (``files``) every original file's sha256 as it would be restored."""
+    t0 = time.perf_counter()
+    report = progress or (lambda phase, n, total: None)
+    with Bundle(bundle_path) as bundle:
+        check_padding(bundle)
+        blobs = bundle.manifest.blobs
+        stored = sum(b.stored_length for b in blobs.values())
+        for digest, rec in blobs.items():
+            bundle.verify_blob(digest)
+            report("blobs", rec.stored_length, stored)
+        logical = 0
+        if files:
+            total = sum(m.file_bytes for m in bundle.manifest.models)
+            for m in bundle.manifest.models:
+                for f in m.files:
+                    h = hashlib.sha256()
+                    for chunk in bundle.iter_file_chunks(f):
+                        h.update(chunk)
+                    if h.hexdigest() != f.sha256:
+                        raise IntegrityError(f"model {m.name!r} file {f.path!r} would not "
+                                             "restore to its sha256", path=bundle.path)
+                    logical += f.size
+                    report("files", f.size, total)
+    return VerifyResult(len(blobs), sum(len(m.files) for m in bundle.manifest.models), stored,
+                        logical, time.perf_counter() - t0)
+
