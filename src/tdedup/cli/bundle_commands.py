@@ -14,6 +14,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColu
 from rich.table import Table
 
 from ..format.bundle_reader import Bundle
+from ..format.codecs import DEFAULT_LEVEL
 from ..format.pack import pack as pack_models
 from ..format.unpack import unpack as unpack_bundle
 from ..format.unpack import verify as verify_bundle
@@ -46,7 +47,7 @@ def phased_progress(quiet: bool = False):
 def pack(
     paths: Annotated[list[str], typer.Argument(help="Models: files or folders, as PATH or NAME=PATH.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
-    level: Annotated[int, typer.Option("--level", min=1, max=22, help="zstd level.")] = 3,
+    level: Annotated[int, typer.Option("--level", min=-7, max=22, help="zstd level (1 is both smaller and faster than 3 on float planes).")] = DEFAULT_LEVEL,
     delta: Annotated[str, typer.Option("--delta", help="auto: store near-identical tensors as base + delta; off: never.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,

@@ -106,25 +106,52 @@ def _target_checks(dest: Path, models: list[ModelEntry], force: bool) -> None:
                     raise OutputError(f"{m.name}/{f.path} exists and is not a file", path=dest)
 
 
-def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> int:
+def _write_atomically(target: Path, fill: Callable[[object], None]) -> None:
+    """Create ``target`` via a temporary file that ``fill(file)`` writes; fsync; rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(target)
-    h = hashlib.sha256()
     try:
         with open(tmp, "xb") as out:
-            for chunk in bundle.iter_file_chunks(f):
-                h.update(chunk)
-                out.write(chunk)
-                advance(memoryview(chunk).nbytes)
+            fill(out)
             out.flush()
-            if h.hexdigest() != f.sha256:
-                raise IntegrityError(f"restored {target.name} fails its sha256 "
-                                     "(corrupted bundle)", path=bundle.path)
             os.fsync(out.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> int:
+    """Write one original file from the bundle, checking its sha256 before the rename."""
+
+    def fill(out) -> None:
+        h = hashlib.sha256()
+        for chunk in bundle.iter_file_chunks(f):
+            h.update(chunk)
+            out.write(chunk)
+            advance(memoryview(chunk).nbytes)
+        if h.hexdigest() != f.sha256:
+            raise IntegrityError(f"restored {f.path} fails its sha256 (corrupted bundle)",
+                                 path=bundle.path)
+
+    _write_atomically(target, fill)
+    return f.size
+
+
+def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> int:
+    """A second file with the same sha256 as one already restored: a kernel-side copy."""
+
+    def fill(out) -> None:
+        with open(source, "rb") as src:
+            remaining = f.size
+            while remaining:
+                n = os.copy_file_range(src.fileno(), out.fileno(), remaining)
+                if n == 0:
+                    raise IntegrityError(f"{source} shrank while being copied")
+                remaining -= n
+        advance(f.size)
+
+    _write_atomically(target, fill)
     return f.size
 
 
@@ -155,17 +182,31 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
         except OSError as e:
             raise OutputError(f"cannot create: {e.strerror or e}", path=dest) from e
         advance = lambda n: report("restoring", n, total)  # noqa: E731
+        # Files with the same content are restored once and then copied by the kernel.
+        first: dict[tuple[str, int], Path] = {}
+        copies = []
+        originals = []
+        for f, t in jobs:
+            key = (f.sha256, f.size)
+            if key in first and f.size and hasattr(os, "copy_file_range"):
+                copies.append((first[key], f, t))
+            else:
+                first.setdefault(key, t)
+                originals.append((f, t))
+        written = 0
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(_restore_file, bundle, f, t, advance) for f, t in jobs]
-            written = 0
-            errors: list[BaseException] = []
-            for fut in futures:
-                try:
-                    written += fut.result()
-                except BaseException as e:  # finish the others, then raise the first
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+            for batch in ([pool.submit(_restore_file, bundle, f, t, advance)
+                           for f, t in originals],
+                          [pool.submit(_copy_file, src, f, t, advance)
+                           for src, f, t in copies]):
+                errors: list[BaseException] = []
+                for fut in batch:
+                    try:
+                        written += fut.result()
+                    except BaseException as e:  # finish the others, then raise the first
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
         for folder in {t.parent for _, t in jobs}:
             fsync_dir(folder)
     return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
