@@ -20,6 +20,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import CheckpointFormatError
@@ -32,30 +33,85 @@ DEFAULT_ALIGNMENT = 32
 # A GGUF split part: name-00001-of-00003.gguf (llama.cpp's gguf-split convention).
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
-# Fixed sizes of scalar value types, keyed by gguf-py's enum.
-_SCALAR_FORMAT: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b",
-    GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q",
-    GGUFValueType.FLOAT64: "d",
-}
-_SCALAR_SIZE = {k: struct.calcsize("<" + v) for k, v in _SCALAR_FORMAT.items()}
+# Fixed-size value types, keyed by gguf-py's enum, as precompiled little-endian structs.
+_SCALAR: dict[GGUFValueType, struct.Struct] = {
+    vtype: struct.Struct("<" + fmt) for vtype, fmt in {
+        GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b",
+        GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+        GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+        GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+        GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q",
+        GGUFValueType.FLOAT64: "d",
+    }.items()}
+_U32, _U64 = _SCALAR[GGUFValueType.UINT32], _SCALAR[GGUFValueType.UINT64]
 # Metadata we keep (cheap, small) for reports; everything else is skipped.
 _KEPT_KEYS = {"general.architecture", "general.name", "general.alignment",
               "general.file_type", "split.count", "split.no"}
-# Header reads grow in chunks; refuse absurd headers long before memory is at risk.
+# Refuse absurd strings long before memory is at risk.
 _MAX_STRING = 1 << 30
+_MAX_NESTING = 8
+# Header bytes read at once. Vocabulary arrays are scanned a window at a time; a window is
+# never more than _MAX_WINDOW bytes so a corrupted count cannot make us read the whole file.
+_CHUNK = 1 << 20
+_MAX_WINDOW = 1 << 23
 
 
 def ggml_type_name(type_id: int) -> str:
+    """Name of a ggml tensor type (``"Q4_1"``) from its numeric id."""
     return GGMLQuantizationType(type_id).name
 
 
 def ggml_nbytes(type_id: int, n_elements: int) -> int:
+    """Stored bytes of ``n_elements`` elements of a ggml type (whole blocks)."""
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
     return n_elements // block * type_size
+
+
+def _string_run(buf: bytes, start: int, stop: int, count: int) -> tuple[int, int]:
+    """Skip up to ``count`` GGUF strings lying wholly in ``buf[start:stop]``.
+
+    A vocabulary is tens of thousands of ``(u64 length, bytes)`` records, and walking them
+    one by one in Python costs ~25 ms a file, as much as hashing 100 MB. Tokens are short,
+    so almost every length field is one nonzero byte and seven zero bytes. We find every
+    position that looks like that, compute where such a record would end, and jump over
+    whole runs where "record i ends where candidate i+1 starts". Every step is thus checked
+    against the real length field, so a false candidate (zero bytes inside a token) is
+    never taken for a record; where the chain leaves the candidates (a string of 256 bytes
+    or more) we step once exactly and pick the chain up again. Returns ``(strings skipped,
+    new offset in buf)``; it stops at the first record that crosses ``stop``.
+    """
+    a = np.frombuffer(buf, np.uint8, count=stop - start, offset=start)
+    width = len(a)
+    if width < 8:
+        return 0, start
+    zero = a == 0
+    short = zero[1:width - 6].copy()  # short[p]: bytes p+1 .. p+7 are zero
+    for k in range(2, 8):
+        short &= zero[k:width - 7 + k]
+    starts = np.flatnonzero(short)
+    ends = starts + 8 + a[starts]
+    breaks = np.flatnonzero(ends[:-1] != starts[1:])
+    pos = done = 0
+    while done < count:
+        i = int(np.searchsorted(starts, pos))
+        if i == len(starts) or starts[i] != pos:  # not a short string: one exact step
+            if pos + 8 > width:
+                break
+            end = pos + 8 + _U64.unpack_from(buf, start + pos)[0]
+            if end > width:
+                break
+            pos, done = end, done + 1
+            continue
+        j = int(np.searchsorted(breaks, i))
+        last = int(breaks[j]) if j < len(breaks) else len(starts) - 1
+        steps = min(last - i + 1, count - done)
+        if ends[i + steps - 1] > width:  # only a run's final record can cross the window
+            steps -= 1
+            if not steps:
+                break
+        pos = int(ends[i + steps - 1])
+        done += steps
+    return done, start + pos
 
 
 class _Cursor:
@@ -67,27 +123,45 @@ class _Cursor:
         self.base = 0  # file offset of buf[0]
         self.pos = 0  # file offset of the next read
 
-    def _need(self, n: int, what: str) -> memoryview:
+    def _truncated(self, n: int, what: str) -> CheckpointFormatError:
+        return CheckpointFormatError(
+            f"truncated GGUF file: {what} at byte {self.pos} needs {n} bytes, file has "
+            f"{self.size}", path=self.path)
+
+    def _fill(self, n: int, what: str) -> int:
+        """Make ``[pos, pos + n)`` available in ``buf``; return where it starts there."""
         if n < 0 or self.pos + n > self.size:
-            raise CheckpointFormatError(
-                f"truncated GGUF file: {what} at byte {self.pos} needs {n} bytes, file has "
-                f"{self.size}", path=self.path)
+            raise self._truncated(n, what)
         start = self.pos - self.base
         if start + n > len(self.buf):
             self.f.seek(self.pos)
-            self.buf = self.f.read(max(n, 1 << 20))
+            self.buf = self.f.read(max(n, _CHUNK))
             self.base, start = self.pos, 0
+            if len(self.buf) < n:  # the file shrank under us
+                raise self._truncated(n, what)
+        return start
+
+    def _need(self, n: int, what: str) -> memoryview:
+        start = self._fill(n, what)
         self.pos += n
         return memoryview(self.buf)[start:start + n]
 
+    def scalar(self, st: struct.Struct, what: str):
+        start = self._fill(st.size, what)
+        self.pos += st.size
+        return st.unpack_from(self.buf, start)[0]
+
     def unpack(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self._need(struct.calcsize("<" + fmt), what))
+        st = struct.Struct("<" + fmt)
+        start = self._fill(st.size, what)
+        self.pos += st.size
+        return st.unpack_from(self.buf, start)
 
     def u32(self, what: str) -> int:
-        return self.unpack("I", what)[0]
+        return self.scalar(_U32, what)
 
     def u64(self, what: str) -> int:
-        return self.unpack("Q", what)[0]
+        return self.scalar(_U64, what)
 
     def string(self, what: str) -> str:
         n = self.u64(what)
@@ -102,10 +176,22 @@ class _Cursor:
 
     def skip(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise CheckpointFormatError(
-                f"truncated GGUF file: {what} at byte {self.pos} needs {n} bytes, file has "
-                f"{self.size}", path=self.path)
+            raise self._truncated(n, what)
         self.pos += n
+
+    def skip_strings(self, count: int, what: str) -> None:
+        """Skip ``count`` strings, a window of the file at a time."""
+        while count >= 32:  # a scan costs ~50 µs before it pays off
+            window = min(self.size - self.pos, _MAX_WINDOW, 32 * count + 4096)
+            start = self._fill(window, what)
+            done, end = _string_run(self.buf, start, start + window, count)
+            self.pos += end - start
+            count -= done
+            if count and not done:  # one string larger than the window, or a truncation
+                self.skip(self.u64(what), what)
+                count -= 1
+        for _ in range(count):
+            self.skip(self.u64(what), what)
 
     def value_type(self, what: str) -> GGUFValueType:
         raw = self.u32(what)
@@ -115,12 +201,13 @@ class _Cursor:
             raise CheckpointFormatError(f"{what}: unknown GGUF value type {raw}",
                                         path=self.path) from None
 
-    def value(self, vtype: GGUFValueType, what: str, keep: bool):
+    def value(self, vtype: GGUFValueType, what: str, keep: bool, depth: int = 0):
         """Read (keep=True) or skip one value; returns the value or None."""
-        if vtype in _SCALAR_FORMAT:
+        st = _SCALAR.get(vtype)
+        if st is not None:
             if keep:
-                return self.unpack(_SCALAR_FORMAT[vtype], what)[0]
-            self.skip(_SCALAR_SIZE[vtype], what)
+                return self.scalar(st, what)
+            self.skip(st.size, what)
             return None
         if vtype == GGUFValueType.STRING:
             if keep:
@@ -130,14 +217,21 @@ class _Cursor:
         # ARRAY: element type, count, elements. Fixed-size elements skip in one step.
         etype = self.value_type(what)
         count = self.u64(what)
-        if etype in _SCALAR_SIZE:
-            self.skip(count * _SCALAR_SIZE[etype], what)
-        else:
-            if count > self.size:  # each element takes at least one byte
-                raise CheckpointFormatError(f"{what}: array of {count} elements cannot fit "
-                                            "in the file", path=self.path)
+        st = _SCALAR.get(etype)
+        if st is not None:
+            self.skip(count * st.size, what)
+            return None
+        if count > self.size - self.pos:  # each element takes at least one byte
+            raise CheckpointFormatError(f"{what}: array of {count} elements cannot fit "
+                                        "in the file", path=self.path)
+        if etype == GGUFValueType.STRING:
+            self.skip_strings(count, what)
+        else:  # arrays of arrays: rare, small; bounded so a crafted file cannot recurse
+            if depth >= _MAX_NESTING:
+                raise CheckpointFormatError(f"{what}: arrays nested over {_MAX_NESTING} deep",
+                                            path=self.path)
             for _ in range(count):
-                self.value(etype, what, keep=False)
+                self.value(etype, what, keep=False, depth=depth + 1)
         return None
 
 

@@ -69,6 +69,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointFormatError(f"malformed safetensors header: {e}", path=path) from e
+    except RecursionError:  # a crafted header of deeply nested brackets
+        raise CheckpointFormatError("malformed safetensors header: nested too deeply",
+                                    path=path) from None
     if not isinstance(header, dict):
         raise CheckpointFormatError("malformed safetensors header: not a JSON object", path=path)
     return 8 + n, header
@@ -97,7 +100,7 @@ def read_safetensors(path: Path, *, model: str = "", rel_path: str | None = None
         if not isinstance(entry, dict):
             raise CheckpointFormatError(f"{where}: header entry is not an object", path=path)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise CheckpointFormatError(f"{where}: unknown dtype {dtype!r}", path=path)
         if not (isinstance(shape, list)
                 and all(type(d) is int and d >= 0 for d in shape)):
