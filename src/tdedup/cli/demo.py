@@ -1,0 +1,59 @@
+"""``tdedup demo``: build a real model family, then analyze, pack, verify and unpack it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..demo import build_demo_family
+from . import app
+from .analyze import analyze
+from .bundle_commands import inspect, pack, unpack, verify
+from .common import guarded, hint, stderr_console, stdout_console
+
+
+def _step(title: str) -> None:
+    stdout_console().rule(f"[bold]{title}")
+
+
+@app.command()
+@guarded
+def demo(
+    workdir: Annotated[Optional[Path], typer.Argument(help="Folder for the demo's files (default: a new temporary folder).")] = None,
+) -> None:
+    """Train a small model family (numpy, seconds), then analyze, pack, verify, unpack it."""
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tdedup-demo-"))
+    _step("1. build a model family (real gradient steps, saved as safetensors and GGUF)")
+    with stderr_console().status("training base, full and frozen fine-tunes..."):
+        family = build_demo_family(root / "models")
+    out = stdout_console()
+    for name, (first, last) in family.losses.items():
+        out.print(f"  {name}: loss {first:.4f} -> {last:.4f}")
+    paths = [f"{name}={path}" for name, path in family.models.items()]
+    out.print("  models: " + ", ".join(f"{n} ({p.relative_to(root)})"
+                                       for n, p in family.models.items()))
+
+    _step("2. tdedup analyze")
+    analyze(paths=paths)
+    bundle = root / "family.tdd"
+    _step(f"3. tdedup pack -o {bundle}")
+    pack(paths=paths, output=bundle, quiet=True)
+    _step("4. tdedup inspect")
+    inspect(bundle=bundle)
+    _step("5. tdedup verify")
+    verify(bundle=bundle, quiet=True)
+    _step("6. tdedup unpack (every file byte for byte, sha256 checked)")
+    unpack(bundle=bundle, dest=root / "restored", quiet=True)
+    try:
+        import torch  # noqa: F401
+
+        from .load import load as load_cmd
+    except ImportError:
+        hint("install the torch extra (pip install 'tdedup[torch]') to try tdedup.load")
+    else:
+        _step("7. tdedup load --device cpu (each distinct tensor in memory once)")
+        load_cmd(bundle=bundle, device="cpu")
+    out.print(f"\nall files are in {root}")
