@@ -21,9 +21,10 @@ import blake3
 from ..analyzers.hashing import hash_bytes
 from ..errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
                       TdedupError, UnsupportedVersionError)
-from .bundle_constants import (FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE, FOOTER_MAGIC,
-                               FOOTER_SIZE, FORMAT_MAJOR, HEADER_SIZE, HEADER_STRUCT, MAGIC,
-                               MAX_MANIFEST_BYTES, BlobEncoding, ManifestEncoding)
+from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
+                               FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, HEADER_SIZE,
+                               HEADER_STRUCT, MAGIC, MAX_MANIFEST_BYTES, BlobEncoding,
+                               ManifestEncoding)
 from .codecs import decode, zstd_decompress
 from .manifest import BlobRecord, FileEntry, Manifest, ModelEntry, TensorEntry
 
@@ -67,22 +68,31 @@ class Bundle:
         magic, major, minor, alignment = HEADER_STRUCT.unpack_from(self.view, 0)
         if magic != MAGIC:
             raise BundleFormatError("not a tdedup bundle (bad magic)")
-        if major != FORMAT_MAJOR:
+        foot = self.size - FOOTER_SIZE
+        body = self.view[foot:foot + FOOTER_BODY_STRUCT.size]
+        fmagic, fmajor, fminor, enc, m_off, m_len, m_dec, m_sum = \
+            FOOTER_BODY_STRUCT.unpack_from(body)
+        check = bytes(self.view[foot + FOOTER_BODY_STRUCT.size:self.size])
+        footer_ok = (fmagic == FOOTER_MAGIC
+                     and blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE] == check)
+        if major != FORMAT_MAJOR and not (footer_ok and fmajor == FORMAT_MAJOR):
+            # Another major may lay out its footer differently: judge by the header alone.
             raise UnsupportedVersionError(
                 f"bundle format {major}.{minor} is not readable by this tdedup (reads "
                 f"{FORMAT_MAJOR}.x); upgrade tdedup")
-        foot = self.size - FOOTER_SIZE
-        body = self.view[foot:foot + FOOTER_BODY_STRUCT.size]
-        fmagic, fmajor, _fminor, enc, m_off, m_len, m_dec, m_sum = \
-            FOOTER_BODY_STRUCT.unpack_from(body)
         if fmagic != FOOTER_MAGIC:
             raise BundleFormatError("no footer at the end: truncated, or the write never "
                                     "finished")
-        check = bytes(self.view[foot + FOOTER_BODY_STRUCT.size:self.size])
-        if blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE] != check:
+        if not footer_ok:
             raise IntegrityError("footer checksum mismatch (corrupted footer)")
-        if fmajor != major:
-            raise BundleFormatError("header and footer disagree on the format version")
+        # The footer is checksummed, the header is not: a header that disagrees with a
+        # sound footer is corrupted (a flipped bit, not a newer format).
+        if (fmajor, fminor) != (major, minor):
+            raise IntegrityError(f"header says format {major}.{minor} but the footer says "
+                                 f"{fmajor}.{fminor} (corrupted header)")
+        if m_off % BLOB_ALIGNMENT:
+            raise BundleFormatError(f"manifest offset {m_off} is not a multiple of "
+                                    f"{BLOB_ALIGNMENT}")
         if m_off < HEADER_SIZE or m_off + m_len != foot:
             raise BundleFormatError(f"footer points at a manifest at [{m_off}, {m_off + m_len}) "
                                     f"which does not end where the footer starts ({foot})")
@@ -104,6 +114,8 @@ class Bundle:
         manifest = Manifest.from_json_bytes(raw, data_end=m_off)
         if manifest.alignment != alignment:
             raise BundleFormatError("header and manifest disagree on the alignment")
+        if tuple(manifest.format_version) != (major, minor):
+            raise BundleFormatError("header and manifest disagree on the format version")
         return manifest
 
     # -- lookups ------------------------------------------------------------------------
@@ -215,6 +227,8 @@ class Bundle:
         layout = memoryview(self.read_blob(f.layout, verify=verify)).cast("B")
         lpos = cursor = 0
         for t in f.tensors:
+            if not t.length:  # empty tensors hold no bytes and may sit at any offset
+                continue
             gap = t.offset - cursor
             if gap:
                 yield layout[lpos:lpos + gap]

@@ -54,7 +54,8 @@ def zstd_decompress(frame, expected: int, what: str = "blob") -> bytes:
             f"{what}: zstd frame declares {declared} bytes, more than the {expected} declared "
             "for it")
     try:
-        out = _decompressor().decompress(frame, max_output_size=expected)
+        out = _decompressor().decompress(frame, max_output_size=expected,
+                                         allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"{what}: zstd data is corrupted ({e})") from None
     if len(out) != expected:

@@ -222,8 +222,10 @@ class _Parser:
         need = alignment if enc is BlobEncoding.RAW else BLOB_ALIGNMENT
         if rec.offset % need:
             raise _fail(f"{what}: offset {rec.offset} is not a multiple of {need}")
-        if enc is BlobEncoding.RAW and rec.stored_length != rec.decoded_length:
-            raise _fail(f"{what}: raw blob with stored length != decoded length")
+        if enc is BlobEncoding.RAW and (rec.stored_length != rec.decoded_length
+                                        or rec.checksum != rec.hash):
+            raise _fail(f"{what}: raw blob whose stored length or checksum differs from its "
+                        "decoded length or hash")
         if enc.is_delta != (rec.base is not None):
             raise _fail(f"{what}: a delta blob needs a base, and only a delta blob has one")
         # A compressed blob can decode to more than it stores, but not absurdly so: the
@@ -247,6 +249,9 @@ class _Parser:
             while cur is not None and cur not in depth:
                 if cur in chain:
                     raise _fail(f"delta chain through blob {cur[:16]} is a cycle")
+                if len(chain) > MAX_DELTA_DEPTH:  # stop walking long (crafted) chains early
+                    raise _fail(f"delta chain of blob {h[:16]} is more than {MAX_DELTA_DEPTH} "
+                                "deep")
                 chain.append(cur)
                 rec = blobs.get(cur)
                 if rec is None:
@@ -309,7 +314,9 @@ class _Parser:
             te = TensorEntry(self.get(t, "name", str, tw), self.get(t, "dtype", str, tw), shape,
                              self.get(t, "offset", int, tw), self.get(t, "length", int, tw),
                              self.hash(t, "hash", tw))
-            if te.offset < end or te.end > size:
+            # Non-empty tensors come in file order without overlap; an empty one holds no
+            # bytes, so only its offset is range-checked (a writer may put it anywhere).
+            if (te.length and te.offset < end) or te.end > size:
                 raise _fail(f"{tw}: bytes [{te.offset}, {te.end}) overlap the previous tensor or "
                             f"lie past the file's {size} bytes")
             blob = blobs.get(te.hash)
@@ -318,7 +325,7 @@ class _Parser:
             if blob.decoded_length != te.length:
                 raise _fail(f"{tw}: blob {te.hash[:16]} decodes to {blob.decoded_length} bytes, "
                             f"the tensor has {te.length}")
-            end = te.end
+            end = te.end if te.length else end
             tensors.append(te)
         gap = size - sum(t.length for t in tensors)
         if blobs[layout].decoded_length != gap:
