@@ -16,6 +16,7 @@ from rich.table import Table
 from ..format.bundle_reader import Bundle
 from ..format.codecs import DEFAULT_LEVEL
 from ..format.pack import pack as pack_models
+from ..format.unpack import check_padding
 from ..format.unpack import unpack as unpack_bundle
 from ..format.unpack import verify as verify_bundle
 from . import app
@@ -146,6 +147,11 @@ def inspect(
 ) -> None:
     """Show what a bundle holds: models, files, sharing, encodings, sizes."""
     with Bundle(bundle) as b:
+        # Cheap integrity checks (no decoding): zero padding and every blob's stored
+        # checksum, so that inspect never describes a corrupted bundle as sound.
+        check_padding(b)
+        for rec in b.manifest.blobs.values():
+            b.check_stored(rec)
         info = inspect_dict(b)
     if as_json:
         print(json.dumps(info, indent=2))
