@@ -22,20 +22,35 @@ from ..format.records import ModelSource
 from .hashing import ContentKey, HashedTensor
 
 
+# Bumped when a field of ``OverlapReport.to_dict`` changes meaning or disappears; adding a
+# field keeps the version (docs/analyze-json.md).
+SCHEMA_VERSION = 1
+
+
 @dataclass(slots=True)
 class ModelSummary:
+    """One model's totals: every tensor occurrence counts, split into shared and unique."""
+
     name: str
     path: str
     layout: str
     files: int
+    weight_files: int
     tensors: int
     tensor_bytes: int
+    shared_tensors: int
     shared_bytes: int
     unique_bytes: int
+
+    @property
+    def shared_fraction(self) -> float:
+        return self.shared_bytes / self.tensor_bytes if self.tensor_bytes else 0.0
 
 
 @dataclass(slots=True)
 class PairOverlap:
+    """Distinct contents that two models both hold (``a`` before ``b`` in model order)."""
+
     a: str
     b: str
     shared_bytes: int
@@ -44,6 +59,8 @@ class PairOverlap:
 
 @dataclass(slots=True)
 class Occurrence:
+    """Where one copy of a shared content sits: model, file, tensor name and its view."""
+
     model: str
     file: str
     name: str
@@ -63,13 +80,23 @@ class SharedGroup:
     occurrences: list[Occurrence] = field(default_factory=list)
 
     @property
+    def views(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The distinct (dtype, shape) views of these bytes, in order of appearance."""
+        return list(dict.fromkeys((o.dtype, tuple(o.shape)) for o in self.occurrences))
+
+    @property
     def views_differ(self) -> bool:
-        """True when byte-identical occurrences disagree on dtype or shape."""
-        return len({(o.dtype, tuple(o.shape)) for o in self.occurrences}) > 1
+        """True when byte-identical occurrences disagree on dtype or shape.
+
+        Empty tensors are left out: zero bytes match every view, which tells nothing.
+        """
+        return self.bytes > 0 and len(self.views) > 1
 
 
 @dataclass(slots=True)
 class OverlapReport:
+    """Everything ``tdedup analyze`` reports; ``to_dict`` is its JSON form."""
+
     models: list[ModelSummary]
     pairs: list[PairOverlap]
     groups: list[SharedGroup]
@@ -77,6 +104,7 @@ class OverlapReport:
     distinct_tensor_bytes: int
     total_tensors: int
     distinct_tensors: int
+    _pair_index: dict[tuple[str, str], PairOverlap] = field(default_factory=dict, repr=False)
 
     @property
     def dedup_ratio(self) -> float:
@@ -94,24 +122,49 @@ class OverlapReport:
         return [g for g in self.groups if g.views_differ]
 
     def pair(self, a: str, b: str) -> PairOverlap | None:
-        for p in self.pairs:
-            if {p.a, p.b} == {a, b}:
-                return p
-        return None
+        """The overlap of two models, in either order (None for a model with itself)."""
+        if not self._pair_index:
+            for p in self.pairs:
+                self._pair_index[(p.a, p.b)] = self._pair_index[(p.b, p.a)] = p
+        return self._pair_index.get((a, b))
+
+    def shared_matrix(self) -> list[list[int]]:
+        """Shared bytes of every ordered pair, in model order; the diagonal holds 0."""
+        names = [m.name for m in self.models]
+        return [[0 if a == b else self.pair(a, b).shared_bytes for b in names] for a in names]
 
     def to_dict(self) -> dict:
+        """The documented JSON form (docs/analyze-json.md)."""
+        from .. import __version__
+
+        size = {m.name: m.tensor_bytes for m in self.models}
         return {
+            "schema_version": SCHEMA_VERSION,
+            "tdedup_version": __version__,
             "models": [asdict(m) for m in self.models],
             "total_tensor_bytes": self.total_tensor_bytes,
             "distinct_tensor_bytes": self.distinct_tensor_bytes,
+            "saved_bytes": self.saved_bytes,
+            "dedup_ratio": round(self.dedup_ratio, 6),
             "total_tensors": self.total_tensors,
             "distinct_tensors": self.distinct_tensors,
-            "dedup_ratio": round(self.dedup_ratio, 6),
-            "saved_bytes": self.saved_bytes,
-            "pairs": [asdict(p) for p in self.pairs],
+            "pairs": [{**asdict(p),
+                       "a_fraction": _fraction(p.shared_bytes, size[p.a]),
+                       "b_fraction": _fraction(p.shared_bytes, size[p.b])}
+                      for p in self.pairs],
             "groups": [{**asdict(g), "views_differ": g.views_differ} for g in self.groups],
-            "view_mismatches": [g.hash for g in self.view_mismatches],
+            "view_mismatches": [
+                {"hash": g.hash, "bytes": g.bytes,
+                 "views": [{"dtype": d, "shape": list(s),
+                            "models": sorted({o.model for o in g.occurrences
+                                              if (o.dtype, tuple(o.shape)) == (d, s)})}
+                           for d, s in g.views]}
+                for g in self.view_mismatches],
         }
+
+
+def _fraction(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
 
 
 def compute_overlap(models: list[ModelSource],
@@ -127,10 +180,11 @@ def compute_overlap(models: list[ModelSource],
     for m in models:
         hs = hashed[m.name]
         total = sum(h.record.length for h in hs)
-        shared = sum(h.record.length for h in hs if len(models_of[h.key]) > 1)
-        summaries.append(ModelSummary(m.name, str(m.path), m.layout, len(m.files), len(hs),
-                                      total, shared, total - shared))
-
+        shared = [h for h in hs if len(models_of[h.key]) > 1]
+        shared_bytes = sum(h.record.length for h in shared)
+        summaries.append(ModelSummary(m.name, str(m.path), m.layout, len(m.files),
+                                      len(m.weight_files), len(hs), total, len(shared),
+                                      shared_bytes, total - shared_bytes))
     names = [m.name for m in models]
     pair_bytes: dict[tuple[str, str], list[int]] = {
         (a, b): [0, 0] for i, a in enumerate(names) for b in names[i + 1:]}

@@ -1,30 +1,95 @@
-"""``tdedup analyze``: what a set of checkpoints shares."""
+"""``tdedup analyze``: what a set of checkpoints shares.
+
+stdout carries exactly one rendering: rich tables (default), JSON (``--json``) or
+Markdown (``--markdown -``); a Markdown file can be written beside either. Progress,
+warnings and the threshold verdict go to stderr.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from ..analyzers.overlap import compute_overlap
+from ..analyzers.overlap import OverlapReport, compute_overlap
 from ..analyzers.scan import hash_models, index_models
+from ..errors import OutputError, UsageError, display_path
+from ..format.records import FileKind, ModelSource
 from . import app
-from .common import byte_progress, guarded, stdout_console
+from .analyze_render import markdown_report, print_report
+from .common import EXIT_THRESHOLD, byte_progress, guarded, stdout_console, warn
+
+# Weight files of other formats that a folder may hold: their tensors are not counted,
+# which the user should know before trusting a low ratio.
+_UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".onnx", ".msgpack")
+
+
+def warn_unread_weights(models: list[ModelSource]) -> None:
+    """Warn, per model, about weight files in formats analyze does not read."""
+    for m in models:
+        unread = [f.rel_path for f in m.files
+                  if f.kind is FileKind.OTHER and f.rel_path.lower().endswith(_UNREAD_WEIGHTS)]
+        if unread:
+            more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+            warn(f"{m.name}: {unread[0]}{more} not analyzed (only safetensors and GGUF "
+                 "tensors are read)")
+
+
+def write_markdown(target: str, text: str) -> None:
+    """Write the Markdown report to a file, or to stdout for ``-``."""
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(target)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write the Markdown report: {e.strerror or e}",
+                          path=display_path(path)) from e
+
+
+def analyze_paths(paths: list[str]) -> OverlapReport:
+    """Index, hash (with a progress bar on stderr) and compare the given models."""
+    models = index_models(paths)
+    warn_unread_weights(models)
+    with byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
+        scanned = hash_models(models, advance)
+    return compute_overlap(scanned.models, scanned.hashed)
 
 
 @app.command()
 @guarded
 def analyze(
-    paths: Annotated[list[str], typer.Argument(help="Models: files or folders, as PATH or NAME=PATH.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    paths: Annotated[list[str], typer.Argument(
+        help="Models: .safetensors or .gguf files (a split GGUF by any part), sharded or "
+             "Diffusers folders, any folder; as PATH or NAME=PATH.",
+        show_default=False)],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the report as JSON on stdout (docs/analyze-json.md).")] = False,
+    markdown: Annotated[Optional[str], typer.Option(
+        "--markdown", metavar="FILE",
+        help="Also write a Markdown report (for a CI job summary); '-' for stdout.")] = None,
+    min_dedup_ratio: Annotated[Optional[float], typer.Option(
+        "--min-dedup-ratio", metavar="X", min=0.0,
+        help="Exit 1, after the report, when the dedup ratio is below X.")] = None,
+    top: Annotated[int, typer.Option(
+        "--top", min=0, help="How many of the largest shared tensors to list.")] = 10,
 ) -> None:
-    """Report the tensors a set of checkpoints shares."""
-    models = index_models(paths)
-    with byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
-        scanned = hash_models(models, advance)
-    report = compute_overlap(scanned.models, scanned.hashed)
+    """Report the tensors a set of checkpoints shares, and what storing them once saves."""
+    if as_json and markdown == "-":
+        raise UsageError("--json and --markdown - both write to stdout; give --markdown a "
+                         "file name")
+    report = analyze_paths(paths)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        stdout_console().print(report.to_dict())
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    elif markdown != "-":
+        print_report(report, stdout_console(), top=top)
+    if markdown is not None:
+        write_markdown(markdown, markdown_report(report, top=top, min_ratio=min_dedup_ratio))
+    if min_dedup_ratio is not None and report.dedup_ratio < min_dedup_ratio:
+        print(f"tdedup: dedup ratio {report.dedup_ratio:.3f} is below --min-dedup-ratio "
+              f"{min_dedup_ratio:g}", file=sys.stderr)
+        raise typer.Exit(EXIT_THRESHOLD)

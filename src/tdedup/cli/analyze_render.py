@@ -1,0 +1,208 @@
+"""How ``tdedup analyze`` shows a report to people: rich tables, or Markdown for CI.
+
+Both renderings show the same sections (models, pair matrix, largest shared groups,
+view mismatches, totals) from one :class:`OverlapReport`; the terminal shows the totals
+last, where they stay in view, Markdown first, where a CI summary is read from the top.
+The JSON form is ``OverlapReport.to_dict``.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ..analyzers.overlap import OverlapReport, SharedGroup
+from .common import human_bytes
+
+# Tensor names listed per group before "+N more": a group of 18 copies would not fit.
+_NAMES_SHOWN = 3
+
+
+def _pct(part: int, whole: int) -> str:
+    """A share as a whole percent, never rounded to look like none or all of it."""
+    if not whole:
+        return "-"
+    pct = 100 * part / whole
+    if 0 < pct < 1:
+        return "<1%"
+    if 99 < pct < 100:
+        return ">99%"
+    return f"{pct:.0f}%"
+
+
+def _ratio(report: OverlapReport) -> str:
+    return f"{report.dedup_ratio:.2f}x"
+
+
+def totals_rows(report: OverlapReport) -> list[tuple[str, str]]:
+    """(label, value) lines of the totals section."""
+    return [
+        ("models", str(len(report.models))),
+        ("tensors", f"{report.total_tensors} ({report.distinct_tensors} distinct)"),
+        ("logical tensor bytes", human_bytes(report.total_tensor_bytes)),
+        ("distinct tensor bytes", human_bytes(report.distinct_tensor_bytes)),
+        ("dedup ratio", _ratio(report)),
+        ("a deduplicated store saves", f"{human_bytes(report.saved_bytes)} "
+                                       f"({_pct(report.saved_bytes, report.total_tensor_bytes)})"),
+    ]
+
+
+def group_names(group: SharedGroup) -> str:
+    """``name (model, model)`` for each distinct tensor name of a group, shortened."""
+    by_name: dict[str, list[str]] = {}
+    for o in group.occurrences:
+        models = by_name.setdefault(o.name, [])
+        if o.model not in models:
+            models.append(o.model)
+    parts = [f"{name} ({', '.join(models)})" for name, models in by_name.items()]
+    if len(parts) > _NAMES_SHOWN:
+        parts = parts[:_NAMES_SHOWN] + [f"+{len(parts) - _NAMES_SHOWN} more"]
+    return "; ".join(parts)
+
+
+def view_list(group: SharedGroup) -> str:
+    """``F16[32] in a, b; BF16[32] in c``: the views of byte-identical tensors."""
+    out = []
+    for dtype, shape in group.views:
+        models = dict.fromkeys(o.model for o in group.occurrences
+                               if (o.dtype, tuple(o.shape)) == (dtype, shape))
+        out.append(f"{dtype}{list(shape)} in {', '.join(models)}")
+    return "; ".join(out)
+
+
+def _shown_groups(report: OverlapReport, top: int) -> list[SharedGroup]:
+    # Groups of empty tensors save nothing and would only crowd the list.
+    return [g for g in report.groups if g.saved_bytes > 0][:top]
+
+
+def _matrix_cell(report: OverlapReport, a: str, b: str, size: int) -> tuple[int, str]:
+    shared = report.pair(a, b).shared_bytes
+    return shared, _pct(shared, size)
+
+
+# -- rich -----------------------------------------------------------------------------
+
+
+def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> None:
+    """Print the report as rich tables (to the data console: stdout)."""
+    totals = Table(title="Totals", show_header=False, title_justify="left")
+    totals.add_column(style="bold")
+    totals.add_column(justify="right")
+    for label, value in totals_rows(report):
+        totals.add_row(label, value)
+
+    models = Table(title="Models", title_justify="left")
+    for col, just in (("#", "right"), ("model", "left"), ("layout", "left"),
+                      ("tensors", "right"), ("tensor bytes", "right"),
+                      ("shared", "right"), ("unique", "right"), ("shared %", "right")):
+        models.add_column(col, justify=just)
+    for i, m in enumerate(report.models, 1):
+        models.add_row(str(i), m.name, m.layout, str(m.tensors), human_bytes(m.tensor_bytes),
+                       human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
+                       _pct(m.shared_bytes, m.tensor_bytes))
+    console.print(models)
+
+    if len(report.models) > 1:
+        matrix = Table(title="Shared bytes between models (row % = share of the row "
+                             "model's tensor bytes)", title_justify="left")
+        matrix.add_column("")
+        for i in range(1, len(report.models) + 1):
+            matrix.add_column(f"#{i}", justify="right")
+        for i, a in enumerate(report.models, 1):
+            cells = []
+            for b in report.models:
+                if a.name == b.name:
+                    cells.append("-")
+                    continue
+                shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
+                cells.append(f"{pct}\n{human_bytes(shared)}" if shared else "·")
+            matrix.add_row(f"#{i} {a.name}", *cells)
+        console.print(matrix)
+
+    shown = _shown_groups(report, top)
+    if shown:
+        groups = Table(title=f"Largest shared tensors (top {len(shown)} of "
+                             f"{sum(g.saved_bytes > 0 for g in report.groups)})",
+                       title_justify="left")
+        for col, just in (("size", "right"), ("copies", "right"), ("saves", "right"),
+                          ("tensor (models)", "left")):
+            groups.add_column(col, justify=just)
+        for g in shown:
+            groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
+                           group_names(g))
+        console.print(groups)
+
+    mismatches = report.view_mismatches
+    if mismatches:
+        table = Table(title="Byte-identical tensors stored as different dtypes or shapes",
+                      title_justify="left")
+        for col, just in (("hash", "left"), ("size", "right"), ("views", "left")):
+            table.add_column(col, justify=just)
+        for g in mismatches:
+            table.add_row(g.hash[:12], human_bytes(g.bytes), view_list(g))
+        console.print(table)
+    console.print(totals)  # last, where a terminal leaves it in view
+
+
+# -- markdown -------------------------------------------------------------------------
+
+
+def _md(text: str) -> str:
+    """Escape what would break a Markdown table cell or start formatting."""
+    for ch in ("\\", "|", "*", "_", "`", "<", ">"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _md_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(header)))
+             + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def markdown_report(report: OverlapReport, *, top: int = 10,
+                    min_ratio: float | None = None) -> str:
+    """The report as GitHub-flavoured Markdown, fit for a CI job summary."""
+    out = ["## tdedup analyze", ""]
+    if min_ratio is not None:
+        ok = report.dedup_ratio >= min_ratio
+        out += [f"**{'Passed' if ok else 'Failed'}**: dedup ratio {_ratio(report)} "
+                f"{'>=' if ok else '<'} required {min_ratio:g}x", ""]
+    out += _md_table(["total", "value"], [[a, _md(b)] for a, b in totals_rows(report)], {1})
+    out += ["", "### Models", ""]
+    out += _md_table(
+        ["#", "model", "layout", "tensors", "tensor bytes", "shared", "unique", "shared %"],
+        [[str(i), _md(m.name), m.layout, str(m.tensors), human_bytes(m.tensor_bytes),
+          human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
+          _pct(m.shared_bytes, m.tensor_bytes)] for i, m in enumerate(report.models, 1)],
+        {0, 3, 4, 5, 6, 7})
+    if len(report.models) > 1:
+        out += ["", "### Shared bytes between models", "",
+                "Row %: share of the row model's tensor bytes that the column model also "
+                "holds.", ""]
+        rows = []
+        for i, a in enumerate(report.models, 1):
+            cells = [f"#{i} {_md(a.name)}"]
+            for b in report.models:
+                if a.name == b.name:
+                    cells.append("-")
+                else:
+                    shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
+                    cells.append(f"{human_bytes(shared)} ({pct})" if shared else "0")
+            rows.append(cells)
+        out += _md_table(["model"] + [f"#{i}" for i in range(1, len(report.models) + 1)],
+                         rows, set(range(1, len(report.models) + 1)))
+    shown = _shown_groups(report, top)
+    if shown:
+        out += ["", f"### Largest shared tensors (top {len(shown)})", ""]
+        out += _md_table(["size", "copies", "saves", "tensor (models)"],
+                         [[human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
+                           _md(group_names(g))] for g in shown], {0, 1, 2})
+    if report.view_mismatches:
+        out += ["", "### Byte-identical tensors stored as different dtypes or shapes", ""]
+        out += _md_table(["hash", "size", "views"],
+                         [[f"`{g.hash[:12]}`", human_bytes(g.bytes), _md(view_list(g))]
+                          for g in report.view_mismatches], {1})
+    return "\n".join(out) + "\n"
