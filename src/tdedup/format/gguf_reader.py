@@ -276,7 +276,8 @@ def _parse(cur: _Cursor, model: str, rel: str) -> SourceFile:
         if val is not None:
             info[key] = val
     alignment = info.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    # llama.cpp and gguf-py's writer accept only powers of two; so do we.
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise CheckpointFormatError(f"general.alignment {alignment!r} is not a power of two",
                                     path=path)
     raw_tensors = []

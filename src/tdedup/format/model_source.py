@@ -92,7 +92,13 @@ def _walk(folder: Path) -> list[Path]:
     Hidden entries are caches and VCS data (``.cache/huggingface``, ``.git``), not model.
     """
     out: list[Path] = []
+    seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
     for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out.extend(Path(root) / f for f in sorted(files)
                    if not f.startswith(".") and (Path(root) / f).is_file())
