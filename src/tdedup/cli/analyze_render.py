@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..analyzers.overlap import OverlapReport, SharedGroup
 from .common import human_bytes
@@ -83,28 +84,34 @@ def _matrix_cell(report: OverlapReport, a: str, b: str, size: int) -> tuple[int,
 # -- rich -----------------------------------------------------------------------------
 
 
+def _section(console: Console, title: str, note: str = "") -> None:
+    # A heading line rather than a table title: rich wraps titles to the table's width.
+    console.print(Text(title, style="bold") + (Text(f"  ({note})", style="dim") if note
+                                               else Text()))
+
+
 def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> None:
     """Print the report as rich tables (to the data console: stdout)."""
-    totals = Table(title="Totals", show_header=False, title_justify="left")
+    totals = Table(show_header=False)
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     for label, value in totals_rows(report):
         totals.add_row(label, value)
 
-    models = Table(title="Models", title_justify="left")
+    models = Table()
     for col, just in (("#", "right"), ("model", "left"), ("layout", "left"),
                       ("tensors", "right"), ("tensor bytes", "right"),
                       ("shared", "right"), ("unique", "right"), ("shared %", "right")):
-        models.add_column(col, justify=just)
+        models.add_column(col, justify=just, no_wrap=just == "right")
     for i, m in enumerate(report.models, 1):
         models.add_row(str(i), m.name, m.layout, str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
                        _pct(m.shared_bytes, m.tensor_bytes))
+    _section(console, "Models")
     console.print(models)
 
     if len(report.models) > 1:
-        matrix = Table(title="Shared bytes between models (row % = share of the row "
-                             "model's tensor bytes)", title_justify="left")
+        matrix = Table()
         matrix.add_column("")
         for i in range(1, len(report.models) + 1):
             matrix.add_column(f"#{i}", justify="right")
@@ -117,30 +124,33 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                 shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
                 cells.append(f"{pct}\n{human_bytes(shared)}" if shared else "·")
             matrix.add_row(f"#{i} {a.name}", *cells)
+        _section(console, "Shared bytes between models",
+                 "row %: share of the row model's tensor bytes that the column model holds")
         console.print(matrix)
 
     shown = _shown_groups(report, top)
     if shown:
-        groups = Table(title=f"Largest shared tensors (top {len(shown)} of "
-                             f"{sum(g.saved_bytes > 0 for g in report.groups)})",
-                       title_justify="left")
+        groups = Table()
         for col, just in (("size", "right"), ("copies", "right"), ("saves", "right"),
                           ("tensor (models)", "left")):
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
                            group_names(g))
+        _section(console, f"Largest shared tensors (top {len(shown)} of "
+                          f"{sum(g.saved_bytes > 0 for g in report.groups)})")
         console.print(groups)
 
     mismatches = report.view_mismatches
     if mismatches:
-        table = Table(title="Byte-identical tensors stored as different dtypes or shapes",
-                      title_justify="left")
+        table = Table()
         for col, just in (("hash", "left"), ("size", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
             table.add_row(g.hash[:12], human_bytes(g.bytes), view_list(g))
+        _section(console, "Byte-identical tensors stored as different dtypes or shapes")
         console.print(table)
+    _section(console, "Totals")
     console.print(totals)  # last, where a terminal leaves it in view
 
 
