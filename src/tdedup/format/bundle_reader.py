@@ -156,10 +156,11 @@ class Bundle:
                 if any(depends(f.layout) or any(depends(t.hash) for t in f.tensors)
                        for f in m.files)]
 
-    def _corrupt(self, digest: str, problem: str) -> IntegrityError:
+    def _corrupt(self, digest: str, problem: str, cls: type = IntegrityError
+                 ) -> IntegrityError:
         users = self.models_using(digest)
         where = f" (used by {', '.join(users)})" if users else ""
-        return IntegrityError(f"blob {digest[:16]}{where}: {problem}", path=self.path)
+        return cls(f"blob {digest[:16]}{where}: {problem}", path=self.path)
 
     # -- blob reads ---------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class Bundle:
             data = decode(rec.encoding, self.stored_bytes(rec), rec.decoded_length, base=base,
                           what=f"blob {digest[:16]}")
         except IntegrityError as e:
-            raise self._corrupt(digest, e.problem.split(": ", 1)[-1]) from e
+            raise self._corrupt(digest, e.problem.split(": ", 1)[-1], type(e)) from e
         if verify and hash_bytes(data) != digest:
             raise self._corrupt(digest, "decoded bytes do not match their hash (corrupted)")
         self._remember(digest, data)
