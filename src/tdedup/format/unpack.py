@@ -155,6 +155,20 @@ def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> int:
     return f.size
 
 
+def _run_all(pool: ThreadPoolExecutor, calls: list[tuple]) -> int:
+    """Run every call on the pool, wait for all, raise the first error; sum the results."""
+    futures = [pool.submit(*call) for call in calls]
+    total, errors = 0, []
+    for fut in futures:
+        try:
+            total += fut.result()
+        except BaseException as e:  # let the others finish (and clean up) first
+            errors.append(e)
+    if errors:
+        raise errors[0]
+    return total
+
+
 def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
            models: Sequence[str] | None = None, force: bool = False, workers: int = 2,
            progress: Progress | None = None) -> UnpackResult:
@@ -193,20 +207,12 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             else:
                 first.setdefault(key, t)
                 originals.append((f, t))
-        written = 0
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for batch in ([pool.submit(_restore_file, bundle, f, t, advance)
-                           for f, t in originals],
-                          [pool.submit(_copy_file, src, f, t, advance)
-                           for src, f, t in copies]):
-                errors: list[BaseException] = []
-                for fut in batch:
-                    try:
-                        written += fut.result()
-                    except BaseException as e:  # finish the others, then raise the first
-                        errors.append(e)
-                if errors:
-                    raise errors[0]
+            # Copies read the originals, so they start only once every original is done.
+            written = _run_all(pool, [(_restore_file, bundle, f, t, advance)
+                                      for f, t in originals])
+            written += _run_all(pool, [(_copy_file, src, f, t, advance)
+                                       for src, f, t in copies])
         for folder in {t.parent for _, t in jobs}:
             fsync_dir(folder)
     return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
