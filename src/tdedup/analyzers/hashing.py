@@ -19,8 +19,10 @@ import blake3
 from ..errors import InputError
 from ..format.records import ModelSource, SourceFile, TensorRecord
 
-# Below this, blake3's thread pool costs more than it saves.
-THREADED_MIN_BYTES = 1 << 20
+# Below this, blake3's thread pool costs more than it saves. Measured on the corpus
+# (bench/analyze.py --profile): 1 MiB left MiniLM's 590 kB attention matrices on one core
+# and cost ~15% of the hashing pass; 64 KiB and 0 were alike.
+THREADED_MIN_BYTES = 1 << 16
 
 ContentKey = tuple[str, int]
 

