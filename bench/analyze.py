@@ -10,8 +10,8 @@ re-save and an F32 GGUF with a 50k-token vocabulary) in a temporary folder.
 Both passes run in this process, alternately, after one warm-up pass, so both read from
 the page cache:
 
-- analyze: what the CLI runs, ``analyze_paths`` (read every header, hash every tensor,
-  compare) plus ``json.dumps`` of the report;
+- analyze: what ``tdedup analyze --json`` runs, ``analyze_paths`` (read every header,
+  hash every tensor, compare) and ``render_json``;
 - bare: for each weight file, mmap it and blake3 (all cores) each tensor's byte range,
   the ranges listed beforehand; nothing else.
 
@@ -36,7 +36,7 @@ import blake3
 import numpy as np
 
 from tdedup.analyzers.scan import index_models
-from tdedup.cli.analyze import analyze_paths
+from tdedup.cli.analyze import analyze_paths, render_json
 
 
 def corpus_args(root: Path) -> list[str] | None:
@@ -118,7 +118,7 @@ def analyze_pass(args: list[str]) -> dict[str, float]:
     t0 = time.perf_counter()
     report = analyze_paths(args)
     t1 = time.perf_counter()
-    json.dumps(report.to_dict())
+    render_json(report)
     t2 = time.perf_counter()
     return {"analyze": t2 - t0, "json": t2 - t1}
 
