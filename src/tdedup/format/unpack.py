@@ -155,6 +155,15 @@ def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> int:
     return f.size
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, deepest first, where they are empty."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (a file restored before the failure) or already gone
+
+
 def _run_all(pool: ThreadPoolExecutor, calls: list[tuple]) -> int:
     """Run every call on the pool, wait for all, raise the first error; sum the results."""
     futures = [pool.submit(*call) for call in calls]
@@ -191,9 +200,15 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             report("checking", bundle.blob(d).stored_length, stored_total)
         total = sum(m.file_bytes for m in chosen)
         jobs = [(f, dest / m.name / f.path) for m in chosen for f in m.files]
+        # Folders this run creates, so that a failed run removes them again.
+        created = sorted({p for _, t in jobs for p in (t.parent, *t.parent.parents)
+                          if not p.exists() and (p == dest or dest in p.parents)},
+                         key=lambda p: len(p.parts))
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            for folder in created:
+                folder.mkdir(exist_ok=True)
         except OSError as e:
+            _remove_empty(created)
             raise OutputError(f"cannot create: {e.strerror or e}", path=dest) from e
         advance = lambda n: report("restoring", n, total)  # noqa: E731
         # Files with the same content are restored once and then copied by the kernel.
@@ -207,12 +222,16 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             else:
                 first.setdefault(key, t)
                 originals.append((f, t))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            # Copies read the originals, so they start only once every original is done.
-            written = _run_all(pool, [(_restore_file, bundle, f, t, advance)
-                                      for f, t in originals])
-            written += _run_all(pool, [(_copy_file, src, f, t, advance)
-                                       for src, f, t in copies])
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                # Copies read the originals, so they start only once every original is done.
+                written = _run_all(pool, [(_restore_file, bundle, f, t, advance)
+                                          for f, t in originals])
+                written += _run_all(pool, [(_copy_file, src, f, t, advance)
+                                           for src, f, t in copies])
+        except BaseException:
+            _remove_empty(created)
+            raise
         for folder in {t.parent for _, t in jobs}:
             fsync_dir(folder)
     return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
