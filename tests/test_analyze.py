@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from factory import FROZEN_PREFIXES, make_safetensors, random_tensors

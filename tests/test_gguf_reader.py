@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factory import DEFAULT_VOCAB, make_gguf, make_split_gguf, random_tensors
+from factory import DEFAULT_VOCAB, make_gguf, random_tensors
 from tdedup.errors import CheckpointFormatError
 from tdedup.format import gguf_reader
 from tdedup.format.gguf_reader import read_gguf

@@ -42,10 +42,6 @@ class ModelSummary:
     shared_bytes: int
     unique_bytes: int
 
-    @property
-    def shared_fraction(self) -> float:
-        return self.shared_bytes / self.tensor_bytes if self.tensor_bytes else 0.0
-
 
 @dataclass(slots=True)
 class PairOverlap:
@@ -108,12 +104,14 @@ class OverlapReport:
 
     @property
     def dedup_ratio(self) -> float:
+        """Logical over distinct tensor bytes; 1.0 when there are no tensor bytes."""
         if self.distinct_tensor_bytes == 0:
             return 1.0
         return self.total_tensor_bytes / self.distinct_tensor_bytes
 
     @property
     def saved_bytes(self) -> int:
+        """What a store holding each distinct content once saves over storing all."""
         return self.total_tensor_bytes - self.distinct_tensor_bytes
 
     @property

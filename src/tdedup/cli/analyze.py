@@ -99,6 +99,10 @@ def analyze(
     if as_json and markdown == "-":
         raise UsageError("--json and --markdown - both write to stdout; give --markdown a "
                          "file name")
+    if markdown not in (None, "-") and not Path(markdown).resolve().parent.is_dir():
+        # Fail before hashing gigabytes, not after.
+        raise OutputError("cannot write the Markdown report: no such folder",
+                          path=display_path(markdown))
     report = analyze_paths(paths)
     if as_json:
         sys.stdout.write(render_json(report))
