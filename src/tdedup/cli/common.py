@@ -30,9 +30,16 @@ def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here; hand it to ``guarded`` so that every output path (rich or
+        # print) ends the same way when the reader of stdout goes away.
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
     """Console for data (tables, JSON): stdout. Created per call so tests can capture it."""
-    return Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False)
+    return _Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False)
 
 
 def stderr_console() -> Console:
@@ -67,6 +74,12 @@ def guarded(fn: F) -> F:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            # The reader of stdout went away (`tdedup analyze --json | head`): not an error
+            # of ours. Point stdout at /dev/null so the interpreter's final flush is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(EXIT_OK) from None
         except TdedupError as e:
             report_error(e)
             raise typer.Exit(EXIT_ERROR) from None

@@ -10,6 +10,7 @@ renamed over the target, so an interrupted write never leaves a file at the targ
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from .codecs import zstd_compress
 from .manifest import BlobRecord, Manifest
 
 _ZEROS = bytes(RAW_ALIGNMENT)
+
+
+# Matches the names temp_path_for makes (readers skip such leftovers of a killed write).
+TEMP_NAME_RE = re.compile(r"^\..+\.tdedup-\d+-[0-9a-f]{8}\.tmp$")
 
 
 def temp_path_for(target: Path) -> Path:

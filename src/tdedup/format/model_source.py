@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
+from .bundle_writer import TEMP_NAME_RE
 from .gguf_reader import GGUF_MAGIC, SPLIT_RE, read_gguf
 from .records import FileKind, ModelSource, SourceFile
 from .safetensors_reader import read_safetensors
@@ -87,10 +88,8 @@ def _split_parts(path: Path) -> list[Path] | None:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Every regular file below ``folder`` (symlinks followed), hidden entries skipped.
-
-    Hidden entries are caches and VCS data (``.cache/huggingface``, ``.git``), not model.
-    """
+    """Every regular file below ``folder`` (symlinks followed), hidden folders and the
+    temporary files of interrupted tdedup writes skipped."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -100,8 +99,10 @@ def _walk(folder: Path) -> list[Path]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # Hidden *files* are part of a model (.gitattributes ships with every hub repo);
+        # hidden *folders* are caches and VCS data (.cache/huggingface, .git).
         out.extend(Path(root) / f for f in sorted(files)
-                   if not f.startswith(".") and (Path(root) / f).is_file())
+                   if not TEMP_NAME_RE.match(f) and (Path(root) / f).is_file())
     return out
 
 
