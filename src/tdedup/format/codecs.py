@@ -41,8 +41,9 @@ def zstd_compress(data, level: int = DEFAULT_LEVEL) -> bytes:
     return _compressor(level).compress(data)
 
 
-def zstd_decompress(frame, expected: int, what: str = "blob") -> bytes:
-    """Decompress one frame that must decode to exactly ``expected`` bytes."""
+def check_frame_size(frame, expected: int, what: str = "blob") -> int:
+    """The content size a zstd frame declares; refuses frames that declare none or more
+    than ``expected`` (checked before any memory is allocated for the output)."""
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
@@ -53,6 +54,12 @@ def zstd_decompress(frame, expected: int, what: str = "blob") -> bytes:
         raise DecompressionBombError(
             f"{what}: zstd frame declares {declared} bytes, more than the {expected} declared "
             "for it")
+    return declared
+
+
+def zstd_decompress(frame, expected: int, what: str = "blob") -> bytes:
+    """Decompress one frame that must decode to exactly ``expected`` bytes."""
+    check_frame_size(frame, expected, what)
     try:
         out = _decompressor().decompress(frame, max_output_size=expected,
                                          allow_extra_data=False)
@@ -85,7 +92,9 @@ def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
     return head + b"".join(frames)
 
 
-def byteplane_decompress(stored, expected: int, what: str = "blob") -> np.ndarray:
+def byteplane_frames(stored, expected: int, what: str = "blob") -> tuple[int, list[slice]]:
+    """The width of a byte-plane blob and where each plane's frame lies in ``stored``
+    (only the table at its start is read)."""
     mv = memoryview(stored)
     if len(mv) < _PLANE_COUNT.size:
         raise IntegrityError(f"{what}: byte-plane blob too short")
@@ -99,11 +108,18 @@ def byteplane_decompress(stored, expected: int, what: str = "blob") -> np.ndarra
                for j in range(width)]
     if pos + sum(lengths) != len(mv):
         raise IntegrityError(f"{what}: byte-plane frames do not add up to the stored length")
-    planes = []
-    for j, n in enumerate(lengths):
-        planes.append(zstd_decompress(mv[pos:pos + n], expected // width,
-                                      f"{what} (plane {j})"))
+    frames = []
+    for n in lengths:
+        frames.append(slice(pos, pos + n))
         pos += n
+    return width, frames
+
+
+def byteplane_decompress(stored, expected: int, what: str = "blob") -> np.ndarray:
+    mv = memoryview(stored)
+    width, frames = byteplane_frames(mv, expected, what)
+    planes = [zstd_decompress(mv[f], expected // width, f"{what} (plane {j})")
+              for j, f in enumerate(frames)]
     return join_planes(planes, expected, width)
 
 
