@@ -44,7 +44,19 @@ class BlobEncoding(IntEnum):
     """How a blob's stored bytes turn into its decoded bytes.
 
     0-15 are self-contained encodings; 16-31 are delta encodings, which need the decoded
-    bytes of the blob named by the record's ``base``.
+    bytes of the blob named by the record's ``base`` (layouts in ``delta_codecs``):
+
+    - ``XOR_BYTEPLANE_ZSTD``: byte planes of ``data XOR base``;
+    - ``SUB_BYTEPLANE_ZSTD``: byte planes of ``data - base`` on unsigned integers of the
+      element width (1, 2, 4 or 8 bytes);
+    - ``ZIGZAG_SUB_BYTEPLANE_ZSTD`` (18): the same difference zigzagged, so that small
+      negative differences keep the high planes zero;
+    - ``DECAY_SUB_BYTEPLANE_ZSTD`` (19): ``c``, ``k``, then byte planes of ``zigzag(data - P)``,
+      ``P`` = the F32 base multiplied ``k`` times by ``c`` (AdamW weight decay of rows that
+      got no gradient; ``k = 1`` a rescale);
+    - ``LOWRANK_SUB_BYTEPLANE_ZSTD`` (20): rows, cols, rank, factors ``U``, ``V``, then byte
+      planes of ``zigzag(data - P)``, ``P = float32(base + U @ V)`` summed in float64 (a
+      merged LoRA).
     """
 
     RAW = 0
@@ -52,6 +64,9 @@ class BlobEncoding(IntEnum):
     BYTEPLANE_ZSTD = 2
     XOR_BYTEPLANE_ZSTD = 16
     SUB_BYTEPLANE_ZSTD = 17
+    ZIGZAG_SUB_BYTEPLANE_ZSTD = 18
+    DECAY_SUB_BYTEPLANE_ZSTD = 19
+    LOWRANK_SUB_BYTEPLANE_ZSTD = 20
 
     @property
     def is_delta(self) -> bool:
@@ -63,7 +78,8 @@ class BlobEncoding(IntEnum):
 
 
 PLANE_ENCODINGS = frozenset({BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.XOR_BYTEPLANE_ZSTD,
-                             BlobEncoding.SUB_BYTEPLANE_ZSTD})
+                             BlobEncoding.SUB_BYTEPLANE_ZSTD,
+                             BlobEncoding.ZIGZAG_SUB_BYTEPLANE_ZSTD})
 
 
 class ManifestEncoding(IntEnum):
