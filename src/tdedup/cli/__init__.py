@@ -19,7 +19,7 @@ def _root() -> None:
 
 
 # Each module registers its commands on ``app`` when imported.
-from . import analyze, bundle_commands, demo  # noqa: E402,F401
+from . import analyze, bundle_commands, demo, load  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,55 @@
+"""``tdedup load``: load a bundle's models onto a torch device and report the memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from . import app
+from .common import guarded, human_bytes, stdout_console
+
+
+@app.command()
+@guarded
+def load(
+    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="cpu, cuda, cuda:N, or auto (cuda when available).")] = "auto",
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Load only this model (repeatable).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Check every blob's hash before its tensors are used.")] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Quantized GGUF tensors as float32.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Load every model (each distinct tensor once) and print what it takes in memory."""
+    from ..loaders.torch import load as load_bundle
+
+    loaded = load_bundle(bundle, device=device, models=model, verify=verify,
+                         dequantize=dequantize)
+    s = loaded.stats
+    if as_json:
+        print(json.dumps({"bundle": str(bundle), "device": str(loaded.device),
+                          "models": {n: {"tensors": len(loaded[n]), "logical_bytes": b}
+                                     for n, b in s.models.items()},
+                          "logical_bytes": s.logical_bytes, "device_bytes": s.device_bytes,
+                          "mapped_bytes": s.mapped_bytes, "saved_bytes": s.saved_bytes,
+                          "distinct_blobs": s.distinct_blobs,
+                          "seconds": round(s.seconds, 4)}, indent=2))
+        return
+    out = stdout_console()
+    t = Table(title=None)
+    t.add_column("model")
+    t.add_column("tensors", justify="right")
+    t.add_column("logical bytes", justify="right")
+    for name, nbytes in s.models.items():
+        t.add_row(name, str(len(loaded[name])), human_bytes(nbytes))
+    out.print(t)
+    ratio = s.logical_bytes / s.device_bytes if s.device_bytes else 1.0
+    mapped = (f" ({human_bytes(s.mapped_bytes)} of it mapped from the bundle)"
+              if s.mapped_bytes else "")
+    out.print(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s")
+    out.print(f"  logical {human_bytes(s.logical_bytes)} -> device "
+              f"{human_bytes(s.device_bytes)}{mapped}: saved {human_bytes(s.saved_bytes)} "
+              f"({ratio:.2f}x less)")

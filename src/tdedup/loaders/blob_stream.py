@@ -1,0 +1,202 @@
+"""Decode a bundle blob chunk by chunk into buffers the caller provides.
+
+The torch loader decodes every distinct blob *straight into its final storage* (a slice
+of one host arena on CPU, a pinned staging chunk on its way to a GPU), so no decoded copy
+of a blob is ever held twice. Compressed bytes are read through a private map of the
+bundle and the pages behind the read position are dropped from the process as decoding
+goes (``MADV_DONTNEED``), so that peak memory stays near the decoded bytes alone.
+
+A :class:`BlobReader` yields a blob's decoded bytes in order: ``readinto(out)`` fills
+``out`` (a uint8 numpy array) with the next ``len(out)`` bytes; ``finish()`` checks that
+the stored stream ended exactly there. Byte-plane blobs need ``len(out)`` to be a
+multiple of their width, which any multiple of 16 bytes is.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import numpy as np
+import zstandard
+
+from ..errors import IntegrityError
+from ..format.bundle_constants import MAX_PLANE_WIDTH, BlobEncoding
+from ..format.codecs import byteplane_frames, check_frame_size
+from ..format.manifest import BlobRecord
+
+PAGE = mmap.PAGESIZE
+#: Compressed bytes handed to zstd at a time (and the granularity pages are dropped at).
+READ_SIZE = 1 << 18
+#: Elements decoded per plane before they are interleaved into the output.
+PLANE_CHUNK = 1 << 18
+
+_local = threading.local()
+
+
+def _scratch() -> np.ndarray:
+    """Per-thread plane buffers, reused: fresh memory would cost a page fault per 4 KiB."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None:
+        buf = _local.scratch = np.empty((MAX_PLANE_WIDTH, PLANE_CHUNK), np.uint8)
+    return buf
+
+
+def _decompressors(n: int) -> list[zstandard.ZstdDecompressor]:
+    """``n`` per-thread decompression contexts: one per concurrently open plane stream
+    (two streams on one context corrupt each other)."""
+    pool = _local.__dict__.setdefault("dctx", [])
+    while len(pool) < n:
+        pool.append(zstandard.ZstdDecompressor())
+    return pool[:n]
+
+
+class MappedSource:
+    """File-like, zero-copy reads of ``[start, start + length)`` of a map.
+
+    Pages wholly inside the range and behind the previous read are dropped from the
+    process once zstd has consumed them (``release=True``): the page cache keeps them,
+    the process's resident set does not.
+    """
+
+    def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int, *,
+                 release: bool = True) -> None:
+        self.mm, self.view = mm, view
+        self.start, self.pos, self.end = start, start, start + length
+        self.release = release and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+        self.dropped = -(-start // PAGE) * PAGE  # first page we may drop
+        self.last = start  # start of the previous read: zstd may still hold it
+
+    def read(self, n: int = -1) -> memoryview:
+        if n < 0:
+            n = self.end - self.pos
+        n = min(n, self.end - self.pos)
+        self.drop_until(self.last)
+        self.last = self.pos
+        out = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def drop_until(self, upto: int) -> None:
+        if not self.release:
+            return
+        stop = min(upto, self.end) // PAGE * PAGE
+        if stop > self.dropped:
+            self.mm.madvise(mmap.MADV_DONTNEED, self.dropped, stop - self.dropped)
+            self.dropped = stop
+
+    def close(self) -> None:
+        self.drop_until(self.end)
+
+
+class BlobReader:
+    """Sequential decoded bytes of one blob (see the module docstring)."""
+
+    width = 1
+
+    def readinto(self, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Raise :class:`IntegrityError` if the stored stream does not end here."""
+
+
+class RawReader(BlobReader):
+    def __init__(self, source: MappedSource) -> None:
+        self.source = source
+
+    def readinto(self, out: np.ndarray) -> None:
+        out[:] = np.frombuffer(self.source.read(len(out)), np.uint8)
+
+    def finish(self) -> None:
+        self.source.close()
+
+
+class ZstdReader(BlobReader):
+    """One zstd frame that must decode to exactly ``expected`` bytes."""
+
+    def __init__(self, source: MappedSource, expected: int, what: str,
+                 dctx: zstandard.ZstdDecompressor) -> None:
+        head = source.view[source.start:min(source.end, source.start + 32)]
+        declared = check_frame_size(head, expected, what)
+        if declared != expected:
+            raise IntegrityError(f"{what}: zstd frame declares {declared} bytes, expected "
+                                 f"{expected}")
+        self.source, self.what = source, what
+        self.reader = dctx.stream_reader(source, read_size=READ_SIZE)
+
+    def readinto(self, out) -> None:
+        mv = memoryview(out).cast("B")
+        got, n = 0, len(mv)
+        try:
+            while got < n:
+                k = self.reader.readinto(mv[got:])
+                if k == 0:
+                    raise IntegrityError(f"{self.what}: zstd data ends early (corrupted)")
+                got += k
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{self.what}: zstd data is corrupted ({e})") from None
+
+    def finish(self) -> None:
+        try:
+            extra = self.reader.read(1)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{self.what}: zstd data is corrupted ({e})") from None
+        if extra:
+            raise IntegrityError(f"{self.what}: zstd frame holds more than its declared size")
+        self.source.close()
+
+
+class PlaneReader(BlobReader):
+    """A byte-plane blob: ``width`` zstd frames, element ``i``'s byte ``j`` in plane ``j``."""
+
+    def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
+                 release: bool = True) -> None:
+        stored = view[rec.offset:rec.offset + rec.stored_length]
+        self.width, frames = byteplane_frames(stored, rec.decoded_length, what)
+        plane = rec.decoded_length // self.width
+        self.planes = [
+            ZstdReader(MappedSource(mm, view, rec.offset + f.start, f.stop - f.start,
+                                    release=release), plane, f"{what} (plane {j})", dctx)
+            for j, (f, dctx) in enumerate(zip(frames, _decompressors(self.width)))]
+
+    def readinto(self, out: np.ndarray) -> None:
+        w = self.width
+        rows = out.reshape(-1, w)
+        scratch = _scratch()
+        for i in range(0, len(rows), PLANE_CHUNK):
+            k = min(PLANE_CHUNK, len(rows) - i)
+            for j, plane in enumerate(self.planes):
+                plane.readinto(scratch[j, :k])
+                rows[i:i + k, j] = scratch[j, :k]
+
+    def finish(self) -> None:
+        for plane in self.planes:
+            plane.finish()
+
+
+#: Encodings a :class:`BlobReader` decodes by itself, and the delta encodings whose
+#: stored form is just a byte-plane residual, applied to the base by the loader: ``xor``
+#: (data = base ^ r), ``add`` (data = base + r on unsigned integers of the plane width),
+#: ``zigzag-add`` (data = base + unzigzag(r)). Other delta encodings (predictions before
+#: the residual) are decoded by :func:`tdedup.format.codecs.decode`.
+STREAMED = frozenset({BlobEncoding.RAW, BlobEncoding.ZSTD, BlobEncoding.BYTEPLANE_ZSTD})
+DELTA_OPS = {enc: op for name, op in (("XOR_BYTEPLANE_ZSTD", "xor"),
+                                      ("SUB_BYTEPLANE_ZSTD", "add"),
+                                      ("ZIGZAG_SUB_BYTEPLANE_ZSTD", "zigzag-add"))
+             if (enc := BlobEncoding.__members__.get(name)) is not None}
+
+
+def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
+                release: bool = True) -> BlobReader:
+    """A reader of ``rec``'s decoded bytes (for a delta blob: of its residual)."""
+    if rec.encoding is BlobEncoding.RAW:
+        return RawReader(MappedSource(mm, view, rec.offset, rec.stored_length,
+                                      release=release))
+    if rec.encoding is BlobEncoding.ZSTD:
+        return ZstdReader(MappedSource(mm, view, rec.offset, rec.stored_length,
+                                       release=release),
+                          rec.decoded_length, what, _decompressors(1)[0])
+    if rec.encoding is BlobEncoding.BYTEPLANE_ZSTD or rec.encoding in DELTA_OPS:
+        return PlaneReader(mm, view, rec, what, release=release)
+    raise ValueError(f"{what}: encoding {rec.encoding.name} is not streamed")

@@ -1,0 +1,90 @@
+"""``tdedup.load`` on CUDA: pinned staging, deltas finished on the device, verification,
+rebuilt models. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tdedup  # noqa: E402
+from tdedup.errors import IntegrityError  # noqa: E402
+from tdedup.format.bundle_constants import BlobEncoding  # noqa: E402
+from tdedup.loaders import torch as tl  # noqa: E402
+
+from bundle_helpers import flip  # noqa: E402
+from test_load import (as_bytes, assert_matches_safetensors, pack,  # noqa: E402
+                       pack_with_deltas)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def small_staging(monkeypatch):
+    """Staging buffers of 4 KiB: every blob crosses several chunks and both buffers."""
+    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(tl._Stager, "_cache", {})
+
+
+def test_cuda_bit_for_bit_and_shared(tmp_path, bert_family, gguf_family, small_staging):
+    bundle = pack(tmp_path, {**bert_family, "gguf": gguf_family["q8_0"],
+                             "gguf32": gguf_family["f32"]})
+    cpu = tdedup.load(bundle, device="cpu")
+    gpu = tdedup.load(bundle, device="cuda")
+    assert gpu.device.type == "cuda"
+    for name in cpu:
+        assert cpu[name].keys() == gpu[name].keys()
+        for key, t in cpu[name].items():
+            g = gpu[name][key]
+            assert g.is_cuda and g.dtype == t.dtype and g.shape == t.shape, key
+            assert as_bytes(g) == as_bytes(t), (name, key)
+    for key, t in gpu["base"].items():
+        assert gpu["resaved"][key].data_ptr() == t.data_ptr()
+    assert gpu.stats.device_bytes == cpu.stats.device_bytes
+    assert gpu.stats.logical_bytes == cpu.stats.logical_bytes
+    deq = tdedup.load(bundle, device="cuda", models=["gguf"], dequantize=True)
+    ref = tdedup.load(bundle, device="cpu", models=["gguf"], dequantize=True)
+    for key, t in ref["gguf"].items():
+        assert torch.equal(deq["gguf"][key].cpu(), t), key
+
+
+DELTAS = [e for e in BlobEncoding if e.is_delta]
+
+
+@pytest.mark.parametrize("encoding", DELTAS, ids=[e.name for e in DELTAS])
+def test_cuda_deltas(tmp_path, bert_family, monkeypatch, small_staging, encoding):
+    bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch, encoding)
+    for verify in (False, True):
+        loaded = tdedup.load(bundle, device="cuda", verify=verify)
+        assert_matches_safetensors(loaded["finetune"],
+                                   bert_family["finetune"] / "model.safetensors")
+
+
+def test_cuda_verify_finds_corruption(tmp_path, bert_family):
+    bundle = pack(tmp_path, {"base": bert_family["base"]})
+    with tdedup.open_bundle(bundle) as b:
+        rec = max(b.manifest.blobs.values(), key=lambda r: r.decoded_length)
+    flip(bundle, rec.offset + rec.stored_length - 1)
+    with pytest.raises(IntegrityError):
+        tdedup.load(bundle, device="cuda", verify=True)
+
+
+def test_cuda_rebuilt_bert_matches_cpu(tmp_path, bert_family):
+    pytest.importorskip("transformers")
+    from tdedup.loaders.transformers import from_bundle
+
+    bundle = pack(tmp_path, {"base": bert_family["base"], "frozen": bert_family["frozen"]})
+    gpu = tdedup.load(bundle, device="cuda")
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for name in ("base", "frozen"):
+        m = from_bundle(gpu, name)
+        assert all(p.is_cuda for p in m.parameters()) and all(b.is_cuda for b in m.buffers())
+        ref = from_bundle(bundle, name, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=ids.cuda()).last_hidden_state.cpu(),
+                                       ref(input_ids=ids).last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+    a = from_bundle(gpu, "base").embeddings.word_embeddings.weight
+    b = from_bundle(gpu, "frozen").embeddings.word_embeddings.weight
+    assert a.data_ptr() == b.data_ptr()
