@@ -90,9 +90,11 @@ class MappedSource:
 
 
 class BlobReader:
-    """Sequential decoded bytes of one blob (see the module docstring)."""
+    """Sequential decoded bytes of one blob (see the module docstring). Every
+    ``readinto`` but the last must fill a multiple of ``unit`` bytes."""
 
     width = 1
+    unit = 1
 
     def readinto(self, out: np.ndarray) -> None:
         raise NotImplementedError
@@ -148,15 +150,16 @@ class ZstdReader(BlobReader):
 
 
 class PlaneReader(BlobReader):
-    """A byte-plane blob: ``width`` zstd frames, element ``i``'s byte ``j`` in plane ``j``."""
+    """A byte-plane blob: ``width`` zstd frames, element ``i``'s byte ``j`` in plane ``j``
+    (stored at ``[start, start + length)`` of the map, ``expected`` bytes decoded)."""
 
-    def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
-                 release: bool = True) -> None:
-        stored = view[rec.offset:rec.offset + rec.stored_length]
-        self.width, frames = byteplane_frames(stored, rec.decoded_length, what)
-        plane = rec.decoded_length // self.width
+    def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
+                 expected: int, what: str, *, release: bool = True) -> None:
+        self.width, frames = byteplane_frames(view[start:start + length], expected, what)
+        self.unit = self.width
+        plane = expected // self.width
         self.planes = [
-            ZstdReader(MappedSource(mm, view, rec.offset + f.start, f.stop - f.start,
+            ZstdReader(MappedSource(mm, view, start + f.start, f.stop - f.start,
                                     release=release), plane, f"{what} (plane {j})", dctx)
             for j, (f, dctx) in enumerate(zip(frames, _decompressors(self.width)))]
 
@@ -175,16 +178,96 @@ class PlaneReader(BlobReader):
             plane.finish()
 
 
+class DeltaReader(BlobReader):
+    """A delta blob finished on the host, chunk by chunk: its byte-plane residual is
+    decoded into ``out``, then combined with the base's bytes for that range, with
+    ``delta_codecs``' own kernels (XOR; addition on unsigned integers of the plane width,
+    of the residual as stored or unzigzagged; for ``DECAY_SUB`` and ``LOWRANK_SUB``, to a
+    prediction made from the base: AdamW's weight decay, a merged LoRA). No temporary
+    larger than a chunk is made. ``base(start, stop)``: the base's bytes (uint8 array).
+    """
+
+    def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, base,
+                 *, release: bool = True) -> None:
+        from ..format import delta_codecs as dc
+
+        n, enc = rec.decoded_length, rec.encoding
+        stored = view[rec.offset:rec.offset + rec.stored_length]
+        self.base, self.pos, self.dc = base, 0, dc
+        self.predict = None  # (base bytes, start) -> predicted bytes; None: the base itself
+        self.op = DELTA_OPS.get(enc, "zigzag-add")
+        skip = need = unit = 0
+        if enc is BlobEncoding.DECAY_SUB_BYTEPLANE_ZSTD:
+            head = dc._DECAY_HEAD
+            if len(stored) < head.size:
+                raise IntegrityError(f"{what}: decay delta header truncated")
+            c_bits, k = head.unpack_from(stored, 0)
+            c = float(np.array(c_bits, dtype=np.uint32).view(np.float32))
+            if not dc._decay_ok(c, k) or (k and n % 4):
+                raise IntegrityError(f"{what}: bad decay prediction (c={c!r}, k={k})")
+            if k:
+                self.predict = lambda b, start: dc.decay_predict(b, c, k)
+                need = 4
+            skip = head.size
+        elif enc is BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD:
+            head = dc._LOWRANK_HEAD
+            if len(stored) < head.size:
+                raise IntegrityError(f"{what}: low-rank delta header truncated")
+            rows, cols, rank, flen = head.unpack_from(stored, 0)
+            skip = head.size + flen
+            if rank:
+                if (rows * cols * 4 != n or rank > min(dc.MAX_RANK, rows, cols)
+                        or skip > len(stored)):
+                    raise IntegrityError(f"{what}: bad low-rank header ({rows}x{cols}, "
+                                         f"rank {rank})")
+                factors = dc.byteplane_decompress(stored[head.size:skip],
+                                                  (rows + cols) * rank * 4,
+                                                  f"{what} (factors)").view(np.float32)
+                u = factors[:rows * rank].reshape(rows, rank)
+                v = factors[rows * rank:].reshape(rank, cols)
+                row = cols * 4
+                self.predict = lambda b, start: dc.lowrank_predict(
+                    b, u[start // row:(start + len(b)) // row], v)
+                need, unit = 4, row  # predictions are made a row at a time
+            elif flen:
+                raise IntegrityError(f"{what}: rank-0 low-rank delta with factors")
+        elif enc not in DELTA_OPS:
+            raise ValueError(f"{what}: encoding {enc.name} is not streamed")
+        self.residual = PlaneReader(mm, view, rec.offset + skip, rec.stored_length - skip, n,
+                                    what, release=release)
+        self.width = self.residual.width
+        if self.op != "xor" and (self.width not in dc.SUB_WIDTHS
+                                 or (need and self.width != need)):
+            raise IntegrityError(f"{what}: residual width {self.width} not allowed here")
+        self.unit = unit or self.width
+
+    def readinto(self, out: np.ndarray) -> None:
+        self.residual.readinto(out)
+        base = self.base(self.pos, self.pos + len(out))
+        if self.op == "xor":
+            np.bitwise_xor(out, base, out=out)
+        else:
+            pred = base if self.predict is None else self.predict(base, self.pos)
+            self.dc.add_residual_(out, pred, self.width, zigzag=self.op == "zigzag-add")
+        self.pos += len(out)
+
+    def finish(self) -> None:
+        self.residual.finish()
+
+
 #: Encodings a :class:`BlobReader` decodes by itself, and the delta encodings whose
-#: stored form is just a byte-plane residual, applied to the base by the loader: ``xor``
-#: (data = base ^ r), ``add`` (data = base + r on unsigned integers of the plane width),
-#: ``zigzag-add`` (data = base + unzigzag(r)). Other delta encodings (predictions before
-#: the residual) are decoded by :func:`tdedup.format.codecs.decode`.
+#: stored form is just a byte-plane residual (``PlaneReader`` reads it; a GPU can finish
+#: it): ``xor`` (data = base ^ r), ``add`` (data = base + r on unsigned integers of the
+#: plane width), ``zigzag-add`` (data = base + unzigzag(r)). :class:`DeltaReader` reads
+#: those and the ``PREDICTED`` ones on the host; any other encoding is left to
+#: :func:`tdedup.format.codecs.decode`.
 STREAMED = frozenset({BlobEncoding.RAW, BlobEncoding.ZSTD, BlobEncoding.BYTEPLANE_ZSTD})
 DELTA_OPS = {enc: op for name, op in (("XOR_BYTEPLANE_ZSTD", "xor"),
                                       ("SUB_BYTEPLANE_ZSTD", "add"),
                                       ("ZIGZAG_SUB_BYTEPLANE_ZSTD", "zigzag-add"))
              if (enc := BlobEncoding.__members__.get(name)) is not None}
+PREDICTED = frozenset(enc for name in ("DECAY_SUB_BYTEPLANE_ZSTD", "LOWRANK_SUB_BYTEPLANE_ZSTD")
+                      if (enc := BlobEncoding.__members__.get(name)) is not None)
 
 
 def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
@@ -198,5 +281,6 @@ def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
                                        release=release),
                           rec.decoded_length, what, _decompressors(1)[0])
     if rec.encoding is BlobEncoding.BYTEPLANE_ZSTD or rec.encoding in DELTA_OPS:
-        return PlaneReader(mm, view, rec, what, release=release)
+        return PlaneReader(mm, view, rec.offset, rec.stored_length, rec.decoded_length, what,
+                           release=release)
     raise ValueError(f"{what}: encoding {rec.encoding.name} is not streamed")

@@ -49,7 +49,8 @@ from ..format.bundle_constants import BlobEncoding
 from ..format.bundle_reader import Bundle
 from ..format.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
 from ..format.codecs import decode
-from .blob_stream import DELTA_OPS, STREAMED, BlobReader, MappedSource, open_reader
+from .blob_stream import (DELTA_OPS, PREDICTED, STREAMED, BlobReader, DeltaReader,
+                          MappedSource, open_reader)
 
 try:
     import torch
@@ -73,6 +74,8 @@ GGML_TYPED = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 ARENA_ALIGN = 256
 #: Bytes per pinned staging buffer (two are used in turn).
 STAGING_BYTES = 32 << 20
+#: Bytes decoded per step on the host (bounds the temporaries of predicted deltas).
+HOST_CHUNK = 1 << 20
 
 
 def require_torch():
@@ -350,8 +353,11 @@ class _Stager:
         """Decode the reader's bytes chunk by chunk into ``dest`` (a device uint8 tensor)."""
         n = len(dest)
         pos = 0
+        step = STAGING_BYTES // reader.unit * reader.unit
+        if not step:
+            raise LoadError(f"a {reader.unit}-byte row does not fit the staging buffer")
         while pos < n:
-            k = min(STAGING_BYTES, n - pos)
+            k = min(step, n - pos)
             ev = self.events[self.turn]
             if ev is not None:
                 ev.synchronize()  # that buffer's last copy is done: it can be refilled
@@ -383,6 +389,7 @@ class _Placer:
     def __init__(self, bundle: Bundle, device, *, verify: bool, workers: int) -> None:
         self.bundle, self.device, self.verify, self.workers = bundle, device, verify, workers
         self.blobs: dict[str, object] = {}  # hash -> uint8 tensor of its decoded bytes
+        self.viewed: list[tuple[int, int]] = []  # byte ranges of the map that tensors view
         with open(bundle.path, "rb") as f:
             if os.fstat(f.fileno()).st_size != bundle.size:
                 raise LoadError("the bundle changed while it was being opened",
@@ -409,15 +416,28 @@ class _Placer:
         if digest != rec.hash:
             raise self.corrupt(rec, "decoded bytes do not match their hash (corrupted)")
 
-    def reader(self, rec: BlobRecord) -> BlobReader:
-        if rec.encoding in STREAMED or rec.encoding in DELTA_OPS:
-            try:
+    def reader(self, rec: BlobRecord, base_bytes=None, *, device_combine: bool = False
+               ) -> BlobReader:
+        """A reader of ``rec``'s decoded bytes. Deltas are finished by the reader, from
+        ``base_bytes(start, stop)`` (default: the placed base's bytes, on the host); with
+        ``device_combine``, a ``DELTA_OPS`` delta reads as its residual, for
+        :meth:`finish_delta`."""
+        try:
+            if rec.encoding in STREAMED or (device_combine and rec.encoding in DELTA_OPS):
                 return open_reader(self.mm, self.view, rec, self.what(rec))
-            except IntegrityError as e:
-                raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
-        # A delta with a prediction before its residual (or an encoding not streamed
-        # here): decoded whole on the host by the format's codecs, from the placed base.
-        base = None if rec.base is None else self.blobs[rec.base].cpu().numpy()
+            if rec.encoding in DELTA_OPS or rec.encoding in PREDICTED:
+                if base_bytes is None:
+                    base = self.blobs[rec.base]
+                    base_bytes = lambda a, b: base[a:b].cpu().numpy()  # noqa: E731
+                return DeltaReader(self.mm, self.view, rec, self.what(rec), base_bytes)
+        except IntegrityError as e:
+            raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
+        # An encoding not streamed here: decoded whole on the host by the format's
+        # codecs, from the placed base.
+        base = None
+        if rec.base is not None:
+            base = (base_bytes(0, rec.decoded_length) if base_bytes is not None
+                    else self.blobs[rec.base].cpu().numpy())
         source = MappedSource(self.mm, self.view, rec.offset, rec.stored_length)
         try:
             data = decode(rec.encoding, source.read(), rec.decoded_length, base=base,
@@ -428,16 +448,11 @@ class _Placer:
             source.close()
         return _ArrayReader(data)
 
-    def finish_delta(self, rec: BlobRecord, out, reader: BlobReader, stager=None) -> None:
-        if rec.base is None or isinstance(reader, _ArrayReader):
-            return  # not a delta, or the bundle reader already applied it
-        base = self.blobs[rec.base]
-        if base.device != out.device:
-            base = base.to(out.device)
-        if stager is not None:
-            stager.combine(out, base, DELTA_OPS[rec.encoding], reader.width)
-        else:
-            combine(out, base, DELTA_OPS[rec.encoding], reader.width)
+    def finish_delta(self, rec: BlobRecord, out, reader: BlobReader, stager: _Stager) -> None:
+        """Apply a residual uploaded as is to its base, on the device."""
+        if rec.encoding not in DELTA_OPS or isinstance(reader, DeltaReader):
+            return  # not a delta, or one its reader already finished
+        stager.combine(out, self.blobs[rec.base], DELTA_OPS[rec.encoding], reader.width)
 
     # -- host ------------------------------------------------------------------------
 
@@ -449,6 +464,7 @@ class _Placer:
                 self.blobs[rec.hash] = torch.frombuffer(self.mm, dtype=torch.uint8,
                                                         count=rec.decoded_length,
                                                         offset=rec.offset)
+                self.viewed.append((rec.offset, rec.offset + rec.decoded_length))
                 if self.verify:
                     self.check_decoded(rec, hash_bytes(self.blobs[rec.hash].numpy()))
             else:
@@ -468,6 +484,19 @@ class _Placer:
                 for rec in group:
                     self.decode_host(rec)
 
+    def drop_pages(self) -> None:
+        """Drop from the process every page of the map that no tensor views (headers and
+        tables read while decoding): the page cache keeps them, the resident set not."""
+        if not (hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")):
+            return
+        page = mmap.PAGESIZE
+        cursor = 0
+        for start, end in sorted(self.viewed) + [(len(self.mm), len(self.mm))]:
+            stop = start // page * page
+            if stop > cursor:
+                self.mm.madvise(mmap.MADV_DONTNEED, cursor, stop - cursor)
+            cursor = max(cursor, -(-end // page) * page)
+
     def depth(self, rec: BlobRecord) -> int:
         d = 0
         while rec.base is not None:
@@ -479,12 +508,14 @@ class _Placer:
         self.check_stored(rec)
         out = self.blobs[rec.hash]
         reader = self.reader(rec)
+        array = out.numpy()
+        step = max(reader.unit, HOST_CHUNK // reader.unit * reader.unit)
         try:
-            reader.readinto(out.numpy())
+            for i in range(0, len(array), step):
+                reader.readinto(array[i:i + step])
             reader.finish()
         except IntegrityError as e:
             raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
-        self.finish_delta(rec, out, reader)
         if self.verify:
             self.check_decoded(rec, hash_bytes(out.numpy()))
 
@@ -512,12 +543,25 @@ class _Placer:
         with stager.lock:
             self._upload_all(stager, recs)
 
+    def _device_bytes(self, stager: _Stager, digest: str | None):
+        """``(start, stop) -> host copy of that range of a device blob``, ordered after
+        the blob's own upload on the staging stream."""
+        if digest is None:
+            return None
+
+        def fetch(start: int, stop: int) -> np.ndarray:
+            with torch.cuda.stream(stager.stream):
+                return self.blobs[digest][start:stop].to("cpu").numpy()
+
+        return fetch
+
     def _upload_all(self, stager: _Stager, recs: list[BlobRecord]) -> None:
         try:
             for rec in recs:  # already ordered: bases first
                 self.check_stored(rec)
                 dest = self.blobs[rec.hash]
-                reader = self.reader(rec)
+                reader = self.reader(rec, self._device_bytes(stager, rec.base),
+                                     device_combine=True)
                 hasher = (blake3.blake3(max_threads=blake3.blake3.AUTO)
                           if self.verify and rec.base is None else None)
                 try:
@@ -610,6 +654,7 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
         else:
             placer.place_host(device_recs)
         placer.place_host([r for r in order if r.hash not in on_device])
+        placer.drop_pages()
         files = {m.name: list(m.files) for m in chosen}
 
     state, info, stats = _build_tensors(uses, quant, placer.blobs, dev, dequantize,
