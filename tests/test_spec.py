@@ -25,7 +25,7 @@ from tdedup.errors import BundleFormatError, UnsafePathError
 from tdedup.format import bundle_constants as C
 from tdedup.format.bundle_constants import BlobEncoding, ManifestEncoding
 from tdedup.format.codecs import byteplane_compress
-from tdedup.format.manifest import Manifest, check_relative_path
+from tdedup.format.manifest import MAX_ZSTD_RATIO, Manifest, check_relative_path
 from tdedup.format.records import FileKind
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"
@@ -107,15 +107,18 @@ def test_max_decoded_length_is_what_the_parser_enforces():
     limit = number(next(r["Value"] for r in table("2. Constants")
                         if code(r["Name"]) == "MAX_DECODED_LENGTH"))
 
+    # Enough stored bytes that the size could be real (see MAX_ZSTD_RATIO).
+    stored = limit // MAX_ZSTD_RATIO + 1
+
     def manifest(decoded: int) -> bytes:
-        blob = {"hash": "a" * 64, "encoding": 1, "offset": 64, "stored_length": 0,
+        blob = {"hash": "a" * 64, "encoding": 1, "offset": 64, "stored_length": stored,
                 "decoded_length": decoded, "checksum": "b" * 64}
         return json.dumps({"format": "tdedup-bundle", "format_version": [1, 0],
                            "alignment": 4096, "models": [], "blobs": [blob]}).encode()
 
-    Manifest.from_json_bytes(manifest(limit), data_end=128)
+    Manifest.from_json_bytes(manifest(limit), data_end=64 + stored)
     with pytest.raises(BundleFormatError, match="implausible"):
-        Manifest.from_json_bytes(manifest(limit + 1), data_end=128)
+        Manifest.from_json_bytes(manifest(limit + 1), data_end=64 + stored)
 
 
 def test_enum_tables():

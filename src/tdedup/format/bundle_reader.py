@@ -26,7 +26,8 @@ from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_
                                HEADER_STRUCT, MAGIC, MAX_MANIFEST_BYTES, BlobEncoding,
                                ManifestEncoding)
 from .codecs import decode, zstd_decompress
-from .manifest import BlobRecord, FileEntry, Manifest, ModelEntry, TensorEntry
+from .manifest import (MAX_ZSTD_RATIO, BlobRecord, FileEntry, Manifest, ModelEntry,
+                       TensorEntry)
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -99,6 +100,9 @@ class Bundle:
         if m_dec > MAX_MANIFEST_BYTES:
             raise BundleFormatError(f"manifest of {m_dec} bytes is over the "
                                     f"{MAX_MANIFEST_BYTES}-byte limit")
+        if m_dec > MAX_ZSTD_RATIO * m_len:
+            raise BundleFormatError(f"a manifest of {m_len} stored bytes cannot decode to "
+                                    f"{m_dec} bytes")
         self.manifest_offset = m_off
         stored = self.view[m_off:m_off + m_len]
         if blake3.blake3(stored).digest() != m_sum:

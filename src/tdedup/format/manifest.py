@@ -19,6 +19,10 @@ from .bundle_constants import (FORMAT_MAJOR, FORMAT_MINOR, MAX_DELTA_DEPTH, RAW_
 from .records import FileKind
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+#: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is
+#: an RLE block (3-byte header + 1 byte) of at most 128 KiB, so no frame, and no blob made
+#: of frames (every encoding but RAW), decodes to more than 131072 / 4 times its size.
+MAX_ZSTD_RATIO = 32768
 SHA256_RE = HASH_RE
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMAT_NAME = "tdedup-bundle"
@@ -122,10 +126,22 @@ class Manifest:
     def from_json_bytes(cls, raw: bytes, *, data_end: int) -> "Manifest":
         """Parse and validate. ``data_end`` is where the blob area ends (the manifest)."""
         try:
-            doc = json.loads(raw.decode("utf-8"))
+            doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError) as e:
             raise BundleFormatError(f"manifest is not valid JSON ({e})") from None
+        except RecursionError:  # crafted: thousands of nested brackets
+            raise BundleFormatError("manifest is not valid JSON (nested too deeply)") from None
         return _Parser(data_end).manifest(doc)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook: a manifest must not repeat a key (spec §6)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return d
 
 
 def check_relative_path(path: str, what: str) -> None:
@@ -226,6 +242,12 @@ class _Parser:
                                         or rec.checksum != rec.hash):
             raise _fail(f"{what}: raw blob whose stored length or checksum differs from its "
                         "decoded length or hash")
+        # Refuse sizes no stored bytes could fill before anyone allocates them.
+        if enc is not BlobEncoding.RAW and (
+                not rec.stored_length
+                or rec.decoded_length > MAX_ZSTD_RATIO * rec.stored_length):
+            raise _fail(f"{what}: {rec.stored_length} stored bytes cannot decode to "
+                        f"{rec.decoded_length} bytes")
         if enc.is_delta != (rec.base is not None):
             raise _fail(f"{what}: a delta blob needs a base, and only a delta blob has one")
         # A compressed blob can decode to more than it stores, but not absurdly so: the
