@@ -27,9 +27,9 @@ from ..format.manifest import BlobRecord
 
 PAGE = mmap.PAGESIZE
 #: Compressed bytes handed to zstd at a time (and the granularity pages are dropped at).
-READ_SIZE = 1 << 18
+READ_SIZE = 1 << 16
 #: Elements decoded per plane before they are interleaved into the output.
-PLANE_CHUNK = 1 << 18
+PLANE_CHUNK = 1 << 17
 
 _local = threading.local()
 
