@@ -174,7 +174,7 @@ class _Parser:
             raise _fail(f"{what} lacks {key!r}")
         v = d[key]
         if typ is int:
-            ok = type(v) is int and v >= 0
+            ok = type(v) is int and 0 <= v < 1 << 64  # spec §6: integers fit in 64 bits
         elif typ is list:
             ok = isinstance(v, list)
         else:
@@ -331,7 +331,7 @@ class _Parser:
             tw = f"{what}.tensors[{i}]"
             t = self.obj(t, tw)
             shape = self.get(t, "shape", list, tw)
-            if not all(type(d) is int and d >= 0 for d in shape):
+            if not all(type(d) is int and 0 <= d < 1 << 64 for d in shape):
                 raise _fail(f"{tw}.shape must hold non-negative integers")
             te = TensorEntry(self.get(t, "name", str, tw), self.get(t, "dtype", str, tw), shape,
                              self.get(t, "offset", int, tw), self.get(t, "length", int, tw),

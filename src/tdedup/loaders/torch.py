@@ -28,6 +28,7 @@ in one folder) are the file path, a colon and the name (``q8_0.gguf:blk.0.attn_q
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import posixpath
@@ -44,10 +45,11 @@ import blake3
 import numpy as np
 
 from ..analyzers.hashing import hash_bytes
-from ..errors import IntegrityError, LoadError, TdedupError, UsageError
+from ..errors import BundleFormatError, IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle_constants import BlobEncoding
 from ..format.bundle_reader import Bundle
 from ..format.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
+from ..format.unpack import check_padding
 from ..format.codecs import decode
 from .blob_stream import (DELTA_OPS, PREDICTED, STREAMED, BlobReader, DeltaReader,
                           MappedSource, open_reader)
@@ -634,6 +636,10 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
     with Bundle(path) as bundle:
         names = list(dict.fromkeys(models)) if models else bundle.model_names
         chosen = [bundle.model(n) for n in names]
+        if verify:  # bytes no tensor uses are checked too, so a damaged bundle never loads
+            check_padding(bundle)
+            for f in (f for m in chosen for f in m.files):
+                bundle.check_stored(bundle.blob(f.layout))
         uses = [_Use(m.name, key, f, t) for m in chosen for key, f, t in _keys(m)]
         quant = {id(u): _ggml_blocks(u.tensor.dtype) if u.file.kind == "gguf"
                  and u.tensor.dtype not in GGML_TYPED else None for u in uses}
@@ -685,6 +691,7 @@ def _build_tensors(uses: list[_Use], quant: dict, blobs: dict, dev, dequantize: 
         key = (t.hash, t.dtype, shape, f.kind, deq)
         tensor = made.get(key)
         if tensor is None:
+            _check_fits(t, f, q, None if q is not None else torch_dtype(t.dtype, f.kind))
             if q is not None:
                 qtype, block, type_size = q
                 if deq:
@@ -707,6 +714,23 @@ def _build_tensors(uses: list[_Use], quant: dict, blobs: dict, dev, dequantize: 
     stats.tensors = len(uses)
     stats.device_bytes = dequantized_bytes
     return state, info, stats
+
+
+def _check_fits(t: TensorEntry, f: FileEntry, q, dt) -> None:
+    """Refuse a tensor whose dtype and shape do not describe exactly its bytes (a damaged
+    or hostile manifest) before a view or an allocation is made from them."""
+    shape = tuple(t.shape)
+    if any(d >= 1 << 63 for d in shape):  # torch sizes are int64 (an empty tensor's too)
+        ok = False
+    elif q is not None:
+        block, type_size = q[1], q[2]
+        ok = not shape or (shape[-1] % block == 0 and math.prod(shape[:-1])
+                           * (shape[-1] // block * type_size) == t.length)
+    else:
+        ok = dt is None or math.prod(shape) * dt.itemsize == t.length
+    if not ok:
+        raise BundleFormatError(f"tensor {t.name!r} of {f.path}: {t.dtype} {list(shape)} does "
+                                f"not fit its {t.length} bytes (corrupted manifest)")
 
 
 def _typed(raw, dtype, shape: tuple[int, ...], dev):
