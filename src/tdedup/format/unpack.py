@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
 from .bundle_constants import HEADER_FIELDS_SIZE, HEADER_SIZE
 from .bundle_reader import Bundle
-from .bundle_writer import fsync_dir, temp_path_for
+from .bundle_writer import fsync_dir, open_temp, remove_stale_temps
 from .manifest import FileEntry, ModelEntry
 
 Progress = Callable[[str, int, int], None]
@@ -58,7 +60,7 @@ def check_padding(bundle: Bundle) -> None:
     m_off = bundle.manifest_offset
     cursor = HEADER_SIZE
     for start, end in [*spans, (m_off, m_off)]:
-        if start > cursor and any(view[cursor:start]):
+        if start > cursor and np.frombuffer(view[cursor:start], np.uint8).any():
             raise IntegrityError(f"padding bytes at [{cursor}, {start}) are not zero "
                                  "(corrupted)", path=bundle.path)
         cursor = max(cursor, end)
@@ -107,17 +109,23 @@ def _target_checks(dest: Path, models: list[ModelEntry], force: bool) -> None:
 
 
 def _write_atomically(target: Path, fill: Callable[[object], None]) -> None:
-    """Create ``target`` via a temporary file that ``fill(file)`` writes; fsync; rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(target)
+    """Create ``target`` via a temporary file that ``fill(file)`` writes; fsync; rename.
+    OS errors (disk full, file too large) become :class:`OutputError` naming ``target``."""
     try:
-        with open(tmp, "xb") as out:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp, out = open_temp(target)
+    except OSError as e:
+        raise OutputError(f"cannot create: {e.strerror or e}", path=target) from e
+    try:
+        with out:
             fill(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"writing failed: {e.strerror or e}", path=target) from e
         raise
 
 
@@ -183,8 +191,10 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
            progress: Progress | None = None) -> UnpackResult:
     """Restore each model under ``dest/NAME/`` with its original relative paths.
 
-    Every restored file's sha256 is checked; a file that fails is removed, never left in
-    place. Raises :class:`OutputExistsError` if ``dest`` holds files and not ``force``.
+    Every restored file's sha256 is checked before it takes its name; a run that fails
+    removes the files and folders it created (and leaves files that were there before
+    untouched or replaced by their verified contents). Raises :class:`OutputExistsError`
+    if ``dest`` holds files and not ``force``.
     """
     t0 = time.perf_counter()
     dest = Path(dest)
@@ -200,7 +210,9 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             report("checking", bundle.blob(d).stored_length, stored_total)
         total = sum(m.file_bytes for m in chosen)
         jobs = [(f, dest / m.name / f.path) for m in chosen for f in m.files]
-        # Folders this run creates, so that a failed run removes them again.
+        # Files and folders this run creates, so that a failed run removes them again
+        # (files that were there before are replaced only by their verified contents).
+        fresh = [t for _, t in jobs if not t.exists()]
         created = sorted({p for _, t in jobs for p in (t.parent, *t.parent.parents)
                           if not p.exists() and (p == dest or dest in p.parents)},
                          key=lambda p: len(p.parts))
@@ -210,6 +222,13 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
         except OSError as e:
             _remove_empty(created)
             raise OutputError(f"cannot create: {e.strerror or e}", path=dest) from e
+        # Temporary files that a killed unpack left beside these targets.
+        names: dict[Path, set[str]] = {}
+        for _, t in jobs:
+            names.setdefault(t.parent, set()).add(t.name)
+        for folder, targets in names.items():
+            if folder not in created:
+                remove_stale_temps(folder, targets)
         advance = lambda n: report("restoring", n, total)  # noqa: E731
         # Files with the same content are restored once and then copied by the kernel.
         first: dict[tuple[str, int], Path] = {}
@@ -230,6 +249,8 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                 written += _run_all(pool, [(_copy_file, src, f, t, advance)
                                            for src, f, t in copies])
         except BaseException:
+            for t in fresh:
+                t.unlink(missing_ok=True)
             _remove_empty(created)
             raise
         for folder in {t.parent for _, t in jobs}:
