@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-VOCAB, DIM, HIDDEN = 512, 32, 64
+VOCAB, DIM, HIDDEN = 1024, 64, 256
 
 
 def _model(seed: int):
@@ -114,3 +114,13 @@ def family(root: Path, dtype: str = "float32") -> dict[str, Path]:
         save(name, state(m))
     save("lora", merge_lora(base, "up.weight", rank=4, seed=2))
     return out
+
+
+_FAMILY: dict = {}
+
+
+def shared_family(tmp_path_factory) -> dict[str, Path]:
+    """:func:`family` built once per test session (modules share it; read-only)."""
+    if "f32" not in _FAMILY:
+        _FAMILY["f32"] = family(tmp_path_factory.mktemp("delta-family"))
+    return _FAMILY["f32"]
