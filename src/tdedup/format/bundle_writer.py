@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - not on POSIX
 import blake3
 
 from ..analyzers.hashing import hash_bytes
-from ..errors import OutputError
+from ..errors import BundleError, OutputError
 from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
                                FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, HEADER_STRUCT, MAGIC,
                                RAW_ALIGNMENT, BlobEncoding, ManifestEncoding)
@@ -177,14 +177,23 @@ class BundleWriter:
         self.blobs[digest] = rec
         return rec
 
-    def finish(self, manifest: Manifest, *, level: int = 3) -> int:
-        """Write manifest and footer, fsync, rename over the target. Returns the size."""
+    def finish(self, manifest: Manifest, *, level: int = 3, validate: bool = False) -> int:
+        """Write manifest and footer, fsync, rename over the target. Returns the size.
+
+        ``validate``: parse the manifest as a reader would first and refuse to write a
+        bundle it would not open (pack does; tests that craft hostile bundles do not)."""
         manifest.blobs = self.blobs
         manifest.alignment = self.alignment
         raw = manifest.dumps()
-        stored = zstd_compress(raw, level)
         self._pad_to(BLOB_ALIGNMENT)
         offset = self.pos
+        if validate:  # never leave a bundle behind that a reader would refuse
+            try:
+                Manifest.from_json_bytes(raw, data_end=offset)
+            except BundleError as e:
+                raise OutputError(f"refusing to write an unreadable bundle ({e.problem})",
+                                  path=self.target) from e
+        stored = zstd_compress(raw, level)
         self._write(stored)
         body = FOOTER_BODY_STRUCT.pack(FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR,
                                        int(ManifestEncoding.ZSTD_JSON), offset, len(stored),

@@ -221,7 +221,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                        "stored_blob_bytes": sum(b.stored_length for b in writer.blobs.values()),
                        "encodings": counts}
             size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
-                                          summary=summary), level=level)
+                                          summary=summary), level=level, validate=True)
     return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,
                       time.perf_counter() - t0, counts)
 

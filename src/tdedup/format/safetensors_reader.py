@@ -103,9 +103,9 @@ def read_safetensors(path: Path, *, model: str = "", rel_path: str | None = None
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise CheckpointFormatError(f"{where}: unknown dtype {dtype!r}", path=path)
         if not (isinstance(shape, list)
-                and all(type(d) is int and d >= 0 for d in shape)):
+                and all(type(d) is int and 0 <= d < 1 << 64 for d in shape)):
             raise CheckpointFormatError(f"{where}: shape must be a list of non-negative "
-                                        f"integers, got {shape!r}", path=path)
+                                        f"64-bit integers, got {shape!r}", path=path)
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise CheckpointFormatError(f"{where}: bad data_offsets {offsets!r}", path=path)
