@@ -222,8 +222,8 @@ def test_delta_blobs(tmp_path, bert_family, monkeypatch, encoding):
     with tdedup.open_bundle(bundle) as b:
         used = {r.encoding for r in b.manifest.blobs.values()}
     assert encoding in used
-    for verify in (False, True):
-        loaded = tdedup.load(bundle, device="cpu", verify=verify)
+    for verify, workers in ((False, 1), (True, 3)):  # threads decode one depth at a time
+        loaded = tdedup.load(bundle, device="cpu", verify=verify, workers=workers)
         assert_matches_safetensors(loaded["finetune"],
                                    bert_family["finetune"] / "model.safetensors")
         assert_matches_safetensors(loaded["base"], bert_family["base"] / "model.safetensors")
@@ -265,11 +265,11 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
-        order = tl._blob_order(b, [t.hash for m in b.manifest.models for f in m.files
-                                   for t in f.tensors if t.length])
+        order, depth = tl._blob_order(b, [t.hash for m in b.manifest.models
+                                          for f in m.files for t in f.tensors if t.length])
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
-        placer = tl._Placer(b, torch.device("cpu"), verify=True, workers=1)
+        placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \

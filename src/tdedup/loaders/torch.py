@@ -271,8 +271,10 @@ def _keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
     return [(f"{f.path}:{t.name}" if counts[key] > 1 else key, f, t) for key, f, t in out]
 
 
-def _blob_order(bundle: Bundle, digests: Sequence[str]) -> list[BlobRecord]:
-    """The blobs to place, delta bases included, every base before its deltas."""
+def _blob_order(bundle: Bundle, digests: Sequence[str]
+                ) -> tuple[list[BlobRecord], dict[str, int]]:
+    """The blobs to place, delta bases included, every base before its deltas; and each
+    one's delta depth (0: not a delta)."""
     depth: dict[str, int] = {}
 
     def walk(h: str) -> int:
@@ -285,13 +287,13 @@ def _blob_order(bundle: Bundle, digests: Sequence[str]) -> list[BlobRecord]:
         walk(h)
     recs = [bundle.blob(h) for h in depth]
     recs.sort(key=lambda r: (depth[r.hash], -r.decoded_length))
-    return recs
+    return recs, depth
 
 
 # -- placing blobs --------------------------------------------------------------------
 
 class _ArrayReader(BlobReader):
-    """Decoded bytes already in memory (encodings decoded by the bundle reader)."""
+    """Decoded bytes already in memory (encodings left to the format's codecs)."""
 
     def __init__(self, data) -> None:
         self.data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
@@ -388,8 +390,10 @@ class _Stager:
 class _Placer:
     """Decodes each blob once into its final storage and keeps it as a uint8 tensor."""
 
-    def __init__(self, bundle: Bundle, device, *, verify: bool, workers: int) -> None:
-        self.bundle, self.device, self.verify, self.workers = bundle, device, verify, workers
+    def __init__(self, bundle: Bundle, device, depth: dict[str, int], *, verify: bool,
+                 workers: int) -> None:
+        self.bundle, self.device, self.depth = bundle, device, depth
+        self.verify, self.workers = verify, workers
         self.blobs: dict[str, object] = {}  # hash -> uint8 tensor of its decoded bytes
         self.viewed: list[tuple[int, int]] = []  # byte ranges of the map that tensors view
         with open(bundle.path, "rb") as f:
@@ -476,7 +480,7 @@ class _Placer:
         # Bases before deltas: each depth is decoded before the next starts.
         by_depth: dict[int, list[BlobRecord]] = {}
         for rec in arena_recs:
-            by_depth.setdefault(self.depth(rec), []).append(rec)
+            by_depth.setdefault(self.depth[rec.hash], []).append(rec)
         for level in sorted(by_depth):
             group = by_depth[level]
             if self.workers > 1 and len(group) > 1:
@@ -498,13 +502,6 @@ class _Placer:
             if stop > cursor:
                 self.mm.madvise(mmap.MADV_DONTNEED, cursor, stop - cursor)
             cursor = max(cursor, -(-end // page) * page)
-
-    def depth(self, rec: BlobRecord) -> int:
-        d = 0
-        while rec.base is not None:
-            rec = self.bundle.blob(rec.base)
-            d += 1
-        return d
 
     def decode_host(self, rec: BlobRecord) -> None:
         self.check_stored(rec)
@@ -647,11 +644,11 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
         # the base of a device blob, puts a blob on the device.
         on_device = {u.tensor.hash for u in uses
                      if u.tensor.length and not (dequantize and quant[id(u)])}
-        order = _blob_order(bundle, [u.tensor.hash for u in uses if u.tensor.length])
+        order, depth = _blob_order(bundle, [u.tensor.hash for u in uses if u.tensor.length])
         for rec in reversed(order):
             if rec.hash in on_device and rec.base is not None:
                 on_device.add(rec.base)
-        placer = _Placer(bundle, dev, verify=verify,
+        placer = _Placer(bundle, dev, depth, verify=verify,
                          workers=_default_workers() if workers is None else max(1, workers))
         device_recs = [r for r in order if r.hash in on_device]
         # Device blobs first: a host-only blob may be a delta on a device base.
