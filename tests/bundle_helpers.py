@@ -87,7 +87,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 def model_tree(path: Path) -> dict[str, bytes]:
     """What a model argument restores to: a file (every part of a split GGUF), or a
-    folder's visible files."""
+    folder's files outside hidden folders (hidden files such as .gitattributes count)."""
     m = re.match(r"^(.+)-\d{5}-of-(\d{5})\.gguf$", path.name)
     if path.is_file() and m:  # a split GGUF: every part
         parts = [path.with_name(f"{m[1]}-{i:05d}-of-{m[2]}.gguf")
@@ -96,7 +96,7 @@ def model_tree(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {path.name: path.read_bytes()}
     return {k: v for k, v in tree(path).items()
-            if not any(part.startswith(".") for part in k.split("/"))}
+            if not any(part.startswith(".") for part in k.split("/")[:-1])}
 
 
 def assert_restored(sources: dict[str, Path], dest: Path) -> None:
