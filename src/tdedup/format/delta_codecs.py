@@ -269,9 +269,13 @@ def fit_lowrank(data, base, rows: int, cols: int, max_rank: int = 64,
                 tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """Rank-``r`` factors ``(U, V)`` (F32) of ``data - base`` when that difference has a
     clear gap in its singular values (``sigma_r < tol * sigma_0``, ``r <= max_rank``);
-    empty factors (rank 0) otherwise. Randomised range finder with one power iteration
-    (rounding noise gives a flat tail that a plain finder would leak into the factors):
-    O(rows * cols * r)."""
+    empty factors (rank 0) otherwise.
+
+    The row space comes from a probe of ``2 * max_rank + 16`` rows (:func:`probe_rank`);
+    then ``U = D V^T`` and one least-squares step ``V = (U^T U)^-1 U^T D`` over all rows,
+    by blocks of rows (no float64 copy of the whole tensor): two BLAS passes of rank
+    ``r``, O(rows * cols * r).
+    """
     empty = (np.zeros((rows, 0), np.float32), np.zeros((0, cols), np.float32))
     max_rank = min(max_rank, MAX_RANK, rows // 4, cols // 4)
     if max_rank < 1:
@@ -279,54 +283,84 @@ def fit_lowrank(data, base, rows: int, cols: int, max_rank: int = 64,
     t_bits = np.frombuffer(data, dtype=np.uint32).reshape(rows, cols)
     b_bits = np.frombuffer(base, dtype=np.uint32).reshape(rows, cols)
     probe = np.unique(np.linspace(0, rows - 1, min(rows, 2 * max_rank + 16)).astype(int))
-    r = probe_rank(_diff64(t_bits[probe], b_bits[probe]), max_rank, tol)[0]
+    r, v, _ = probe_rank(_diff64(t_bits[probe], b_bits[probe]), max_rank, tol)
     if r == 0:
         return empty
-    d = _diff64(t_bits, b_bits)
-    g = np.random.default_rng(0).standard_normal((cols, r + 8))
-    q, _ = np.linalg.qr(d @ g)
-    q, _ = np.linalg.qr(d @ (d.T @ q))  # one power step: the noise tail is flat
-    ub, s, vt = np.linalg.svd(q.T @ d, full_matrices=False)
-    u = (q @ ub[:, :r]) * s[:r]
-    return u.astype(np.float32), vt[:r].astype(np.float32)
+    step = max(1, (1 << 20) // cols)
+    u = np.empty((rows, r))
+    utd = np.zeros((r, cols))
+    for r0 in range(0, rows, step):
+        d = _diff64(t_bits[r0:r0 + step], b_bits[r0:r0 + step])
+        u[r0:r0 + step] = _matmul(d, v.T)
+        utd += _matmul(u[r0:r0 + step].T, d)
+    try:
+        v = np.linalg.solve(_matmul(u.T, u), utd)
+    except np.linalg.LinAlgError:
+        pass  # keep the probe's basis
+    return u.astype(np.float32), v.astype(np.float32)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b``; small products through einsum's own loops (waking BLAS threads on a busy
+    machine costs milliseconds per call), large ones through BLAS."""
+    if a.shape[0] * a.shape[1] * b.shape[1] < 1 << 24:
+        return np.einsum("ij,jk->ik", a, b)
+    return a @ b
 
 
 def _diff64(t_bits: np.ndarray, b_bits: np.ndarray) -> np.ndarray:
     """``t - b`` in float64, zero where either side is outside the predicted range."""
     ok = _predictable(t_bits) & _predictable(b_bits)
-    d = t_bits.view(np.float32).astype(np.float64) - b_bits.view(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = t_bits.view(np.float32).astype(np.float64) - b_bits.view(np.float32)
     d[~ok] = 0.0
     return d
 
 
 def probe_rank(d: np.ndarray, max_rank: int,
                tol: float = 1e-4) -> tuple[int, np.ndarray, float]:
-    """Rank-revealing Gram-Schmidt with pivoting on the rows of ``d`` (a probe of a few
-    rows of a delta): ``(r, v, tail)`` where ``r`` is the first step at which every row's
+    """Rank of a probe ``d`` (a few rows of a delta) by Cholesky with pivoting of its row
+    Gram matrix: ``(r, v, tail)`` where ``r`` is the first step at which every row's
     residual norm is below ``tol`` times the largest row norm (0 if none within
-    ``max_rank`` steps), ``v`` (r x cols) an orthonormal basis of those rows, and
+    ``max_rank`` steps), ``v`` (r x cols) an orthonormal basis of the pivot rows, and
     ``tail`` the largest remaining squared residual norm relative to the largest one.
 
-    Plain numpy element-wise passes: on a busy machine a single small BLAS/LAPACK call
-    costs milliseconds in thread wake-ups, more than this whole loop.
+    Only small element-wise numpy passes: on a busy machine a single small BLAS/LAPACK
+    call costs milliseconds in thread wake-ups, more than this whole function.
     """
-    rows = np.array(d, dtype=np.float64)
-    norms = np.einsum("ij,ij->i", rows, rows)
-    top = float(norms.max()) if norms.size else 0.0
+    rows = np.asarray(d, dtype=np.float64)
+    cols = rows.shape[1] if rows.ndim == 2 else 0
+    empty = np.zeros((0, cols))
+    gram = np.einsum("ik,jk->ij", rows, rows)
+    diag = gram.diagonal().copy()
+    top = float(diag.max()) if diag.size else 0.0
     if not top > 0 or not math.isfinite(top):
-        return 0, np.zeros((0, d.shape[1] if d.ndim == 2 else 0)), 0.0
-    basis = []
-    for step in range(min(max_rank, len(rows)) + 1):
-        i = int(np.argmax(norms))
-        if norms[i] < tol * tol * top:
-            return step, np.array(basis).reshape(step, rows.shape[1]), float(norms[i] / top)
-        q = rows[i] / math.sqrt(norms[i])
-        for _ in range(2):  # twice is enough (Kahan): keeps the basis orthogonal
-            coef = np.einsum("ij,j->i", rows, q)
-            rows -= coef[:, None] * q[None, :]
-        basis.append(q)
-        norms = np.einsum("ij,ij->i", rows, rows)
-    return 0, np.zeros((0, rows.shape[1])), float(norms.max() / top)
+        return 0, empty, 0.0
+    factor = np.zeros((len(rows), min(max_rank, len(rows)) + 1))
+    pivots: list[int] = []
+    for step in range(factor.shape[1]):
+        i = int(np.argmax(diag))
+        if diag[i] < tol * tol * top:
+            return step, _orthonormal(rows[pivots]), float(max(diag[i], 0.0) / top)
+        col = (gram[:, i] - np.einsum("ij,j->i", factor[:, :step], factor[i, :step])) \
+            / math.sqrt(diag[i])
+        factor[:, step] = col
+        diag -= col * col
+        diag[i] = 0.0
+        pivots.append(i)
+    return 0, empty, float(max(diag.max(), 0.0) / top)
+
+
+def _orthonormal(rows: np.ndarray) -> np.ndarray:
+    """Gram-Schmidt (twice, Kahan) of a few rows: an orthonormal basis of their span."""
+    out = []
+    for row in rows:
+        q = row.astype(np.float64, copy=True)
+        for _ in range(2):
+            for b in out:
+                q -= np.dot(b, q) * b
+        out.append(q / np.linalg.norm(q))
+    return np.array(out).reshape(len(out), rows.shape[1])
 
 
 # -- encode / decode --------------------------------------------------------------------
