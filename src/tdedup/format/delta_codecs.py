@@ -146,48 +146,72 @@ def _predictable(bits: np.ndarray) -> np.ndarray:
     return (e - np.uint32(PREDICT_EXP_MIN)) <= np.uint32(PREDICT_EXP_MAX - PREDICT_EXP_MIN)
 
 
-def decay_predict(base, c: float, k: int) -> np.ndarray:
-    """The base (F32 bytes) multiplied ``k`` times by float32 ``c``, rounding each step."""
+def decay_chunks(base, c: float, k: int):
+    """Yield ``(start, bits)``: the prediction of the F32 base, ``CHUNK`` elements at a time:
+    each element multiplied ``k`` times by float32 ``c``, rounding each step."""
     bits = np.frombuffer(base, dtype=np.uint32)
-    out = np.array(bits)  # a copy we own
-    if k == 0:
-        return out
-    f = out.view(np.float32)
     cf = np.float32(c)
     with np.errstate(all="ignore"):
-        for i in range(0, len(f), CHUNK):
-            x = f[i:i + CHUNK]
+        for i in range(0, len(bits), CHUNK):
+            b = bits[i:i + CHUNK]
+            out = np.array(b)
+            x = out.view(np.float32)
             for _ in range(k):
                 np.multiply(x, cf, out=x)
-            np.copyto(out[i:i + CHUNK], bits[i:i + CHUNK],
-                      where=~_predictable(bits[i:i + CHUNK]))
-    return out
+            np.copyto(out, b, where=~_predictable(b))
+            yield i, out
 
 
-def lowrank_predict(base, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``float32(base + sum_k u[:, k] * v[k, :])`` (F32 bit patterns), deterministic."""
+def lowrank_chunks(base, u: np.ndarray, v: np.ndarray):
+    """Yield ``(start, bits)``: ``float32(base + sum_k u[:, k] * v[k, :])`` (F32 bit
+    patterns, row-major), a block of rows at a time; deterministic (no BLAS)."""
     rows, rank = u.shape
     cols = v.shape[1]
     bits = np.frombuffer(base, dtype=np.uint32).reshape(rows, cols)
-    out = np.array(bits)
-    if rank == 0:
-        return out.reshape(-1)
     u64, v64 = u.astype(np.float64), v.astype(np.float64)
     step = max(1, LOWRANK_BLOCK // max(cols, 1))
     tmp = np.empty((step, cols), dtype=np.float64)
     with np.errstate(all="ignore"):
         for r0 in range(0, rows, step):
             b = bits[r0:r0 + step]
-            acc = b.view(np.float32).astype(np.float64)
-            t = tmp[:len(acc)]
-            for k in range(rank):
-                np.multiply(u64[r0:r0 + step, k, None], v64[None, k, :], out=t)
-                np.add(acc, t, out=acc)
-            mag = np.abs(acc)
-            ok = _predictable(b) & (mag >= _LOWRANK_MIN) & (mag <= _LOWRANK_MAX)
-            pred = acc.astype(np.float32).view(np.uint32)
-            np.copyto(out[r0:r0 + step], pred, where=ok)
-    return out.reshape(-1)
+            out = np.array(b)
+            if rank:
+                acc = b.view(np.float32).astype(np.float64)
+                t = tmp[:len(acc)]
+                for k in range(rank):
+                    np.multiply(u64[r0:r0 + step, k, None], v64[None, k, :], out=t)
+                    np.add(acc, t, out=acc)
+                mag = np.abs(acc)
+                ok = _predictable(b) & (mag >= _LOWRANK_MIN) & (mag <= _LOWRANK_MAX)
+                np.copyto(out, acc.astype(np.float32).view(np.uint32), where=ok)
+            yield r0 * cols, out.reshape(-1)
+
+
+def _gather(chunks, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint32)
+    for start, part in chunks:
+        out[start:start + len(part)] = part
+    return out
+
+
+def decay_predict(base, c: float, k: int) -> np.ndarray:
+    """The whole decay prediction (F32 bit patterns) of ``base``."""
+    return _gather(decay_chunks(base, c, k), memoryview(base).nbytes // 4)
+
+
+def lowrank_predict(base, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The whole low-rank prediction (F32 bit patterns) of ``base``."""
+    return _gather(lowrank_chunks(base, u, v), u.shape[0] * v.shape[1])
+
+
+def _chunked_residual(data, chunks, n: int) -> np.ndarray:
+    """``zigzag(data - prediction)`` (uint32) from a prediction's chunks."""
+    t = np.frombuffer(data, dtype=np.uint32)
+    out = np.empty(n, dtype=np.uint32)
+    for start, part in chunks:
+        stop = start + len(part)
+        out[start:stop] = sub_residual(t[start:stop], part, 4)
+    return out
 
 
 # -- fitting predictions ----------------------------------------------------------------
@@ -394,9 +418,9 @@ def encode_delta(encoding: BlobEncoding, data, base, *, width: int = 1, level: i
             t_bits, b_bits = _uview(data, 4), _uview(base, 4)
             idx = sample_index(len(t_bits))
             c, k, _ = fit_decay(t_bits[idx], b_bits[idx])
-        pred = decay_predict(base, c, k) if f32 else base
-        return (_DECAY_HEAD.pack(_f32_bits(c), k)
-                + planes_compress(sub_residual(data, pred, w), w, level))
+        res = (_chunked_residual(data, decay_chunks(base, c, k), n // 4) if k
+               else sub_residual(data, base, w))
+        return _DECAY_HEAD.pack(_f32_bits(c), k) + planes_compress(res, w, level)
     if encoding is BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD:
         rows, cols = _matrix(shape, n) if f32 else (0, 0)
         if rows:
@@ -405,12 +429,12 @@ def encode_delta(encoding: BlobEncoding, data, base, *, width: int = 1, level: i
             u, v = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         rank = u.shape[1]
         factors = b""
-        pred = base
+        res = sub_residual(data, base, w)
         if rank:
             factors = planes_compress(np.concatenate([u.reshape(-1), v.reshape(-1)]), 4, level)
-            pred = lowrank_predict(base, u, v)
+            res = _chunked_residual(data, lowrank_chunks(base, u, v), n // 4)
         head = _LOWRANK_HEAD.pack(rows, cols, rank, len(factors))
-        return head + factors + planes_compress(sub_residual(data, pred, w), w, level)
+        return head + factors + planes_compress(res, w, level)
     raise BundleFormatError(f"not a delta encoding: {int(encoding)}")
 
 
@@ -458,8 +482,10 @@ def decode_delta(encoding: BlobEncoding, stored, expected: int, base, *,
         c = float(np.array(c_bits, dtype=np.uint32).view(np.float32))
         if not _decay_ok(c, k) or (k and expected % 4):
             raise IntegrityError(f"{what}: bad decay prediction (c={c!r}, k={k})")
-        pred = decay_predict(base, c, k) if k else base
-        return _residual_add(mv[_DECAY_HEAD.size:], expected, pred, what, need_width=4 if k else 0)
+        if not k:
+            return _residual_add(mv[_DECAY_HEAD.size:], expected, base, what)
+        return _residual_add(mv[_DECAY_HEAD.size:], expected, None, what, need_width=4,
+                             chunks=decay_chunks(base, c, k))
     if encoding is BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD:
         if len(mv) < _LOWRANK_HEAD.size:
             raise IntegrityError(f"{what}: low-rank delta header truncated")
@@ -473,21 +499,27 @@ def decode_delta(encoding: BlobEncoding, stored, expected: int, base, *,
                                        f"{what} (factors)").view(np.float32)
             u = fac[:rows * rank].reshape(rows, rank)
             v = fac[rows * rank:].reshape(rank, cols)
-            pred = lowrank_predict(base, u, v)
-        elif flen:
+            return _residual_add(mv[pos + flen:], expected, None, what, need_width=4,
+                                 chunks=lowrank_chunks(base, u, v))
+        if flen:
             raise IntegrityError(f"{what}: rank-0 low-rank delta with factors")
-        else:
-            pred = base
-        return _residual_add(mv[pos + flen:], expected, pred, what, need_width=4 if rank else 0)
+        return _residual_add(mv[pos:], expected, base, what)
     raise BundleFormatError(f"{what}: not a delta encoding: {int(encoding)}")
 
 
 def _residual_add(stored, expected: int, pred, what: str, need_width: int = 0,
-                  zigzag: bool = True) -> np.ndarray:
-    """Decode a residual byte-plane blob and add it (unzigzagged) to ``pred``."""
+                  zigzag: bool = True, chunks=None) -> np.ndarray:
+    """Decode a residual byte-plane blob and add it (unzigzagged) to the prediction:
+    ``pred`` (bytes-like), or the ``(start, bits)`` F32 ``chunks`` of one."""
     if len(stored) < _PLANE_COUNT.size:
         raise IntegrityError(f"{what}: residual blob too short")
     (width,) = _PLANE_COUNT.unpack_from(stored, 0)
     if width not in SUB_WIDTHS or (need_width and width != need_width):
         raise IntegrityError(f"{what}: residual width {width} not allowed here")
-    return add_residual_(byteplane_decompress(stored, expected, what), pred, width, zigzag)
+    out = byteplane_decompress(stored, expected, what)
+    if chunks is None:
+        return add_residual_(out, pred, width, zigzag)
+    z = out.view(np.uint32)
+    for start, part in chunks:
+        add_residual_(z[start:start + len(part)], part, 4)
+    return out
