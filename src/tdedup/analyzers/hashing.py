@@ -51,8 +51,14 @@ def mapped(path: Path) -> Iterator[memoryview]:
             try:
                 yield view
             finally:
-                view.release()
-                m.close()
+                # Slices may outlive the block (in an exception's frames, a pending job):
+                # then the map closes when the last of them goes, and the error in flight
+                # (disk full, say) is not replaced by a BufferError.
+                try:
+                    view.release()
+                    m.close()
+                except BufferError:
+                    pass
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
 
