@@ -26,11 +26,20 @@ from pathlib import Path
 
 import blake3
 import numpy as np
+import pytest
 import zstandard
 
 from tdedup.format.bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT,
                                             FOOTER_CHECK_SIZE, FOOTER_MAGIC, FOOTER_SIZE,
                                             HEADER_SIZE, MAX_DELTA_DEPTH, ManifestEncoding)
+
+#: Long runs: collected under the ``slow`` marker, and run only when it is asked for
+#: (``pytest -m slow``), since CI runs plain ``pytest``. bench/fuzz.py runs longer still.
+def slow(fn):
+    return pytest.mark.slow(pytest.mark.skipif(
+        "'slow' not in (config.getoption('markexpr') or '')",
+        reason="a long run: pytest -m slow")(fn))
+
 
 # -- a tiny real family ---------------------------------------------------------------
 

@@ -116,6 +116,6 @@ def test_cli_answers_each_flip_with_one_line(copy_of, tmp_path):
                 assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@hh.slow
 def test_verify_finds_every_flipped_bit(copy_of):
     assert misses(copy_of, tdedup.verify, masks=[1 << k for k in range(8)]) == []
