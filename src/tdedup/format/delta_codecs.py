@@ -54,6 +54,8 @@ from .codecs import _PLANE_COUNT, _PLANE_LEN, byteplane_decompress, split_planes
 SUB_WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 #: Most multiplication steps a decay prediction may ask for (decode runs them all).
 MAX_DECAY_STEPS = 256
+#: Multiplication steps (on 256 sampled elements) the search for ``(c, k)`` may spend.
+DECAY_SEARCH_STEPS = 1 << 14
 #: The whole decay factor ``c**k`` stays within 2**+-16, so predictions stay normal.
 MAX_DECAY_LOG2 = 16.0
 #: Highest rank of a low-rank prediction (decode costs 2 x rank passes over the tensor).
@@ -277,11 +279,13 @@ def fit_decay(t_bits: np.ndarray, b_bits: np.ndarray) -> tuple[float, int, int]:
         ulp = 2.0 ** -24 if s < 1 else 2.0 ** -23
         sign = -1.0 if s < 1 else 1.0
         j = max(1, math.floor(abs(ln_s) / ulp / MAX_DECAY_STEPS))
+        budget = DECAY_SEARCH_STEPS
         for j in range(j, j + 1024):
             c = 1.0 + sign * j * ulp
             k0 = round(ln_s / math.log(c))
-            if k0 < 2 or best[0] == len(pb):
+            if k0 < 2 or best[0] == len(pb) or budget < k0:
                 break
+            budget -= k0 + 1
             score(c, max(2, k0 - 1), min(MAX_DECAY_STEPS, k0 + 1))
     _, c, k = best
     pred = decay_predict(bf.view(np.uint32), c, k)
