@@ -11,7 +11,6 @@ import contextlib
 import json
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -202,11 +201,15 @@ def pack_with_deltas(tmp: Path, bert_family: dict, monkeypatch, encoding) -> Pat
     """Pack base and finetune, every changed tensor of finetune forced to be a delta of
     ``encoding`` against base's tensor of the same name (pack keeps it if smaller)."""
     pytest.importorskip("tdedup.format.delta_codecs")
+    from tdedup.analyzers.delta_planning import DeltaChoice
     from tdedup.format import pack as pack_module
+    from tdedup.format.dtypes import element_width
 
     def plan(scanned, delta, level):
         base = {h.record.name: h.key for h in scanned.hashed["base"]}
-        return {h.key: SimpleNamespace(base=base[h.record.name], encoding=encoding)
+        return {h.key: DeltaChoice(base=base[h.record.name], encoding=encoding,
+                                   width=element_width(h.record.dtype), estimated_bytes=0,
+                                   shape=h.record.shape)
                 for h in scanned.hashed["finetune"]
                 if h.record.name in base and base[h.record.name] != h.key}
 

@@ -41,14 +41,12 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 
 import numpy as np
-import zstandard
 
 from ..errors import BundleFormatError, IntegrityError
 from .bundle_constants import BlobEncoding
-from .codecs import _PLANE_COUNT, _PLANE_LEN, byteplane_decompress, split_planes
+from .codecs import _PLANE_COUNT, byteplane_compress, byteplane_decompress
 
 #: The widths a SUB residual may have (unsigned integer views).
 SUB_WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -72,29 +70,9 @@ LOWRANK_BLOCK = 1 << 14
 _DECAY_HEAD = struct.Struct("<II")
 _LOWRANK_HEAD = struct.Struct("<IIII")
 
-_local = threading.local()
-
-
-def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
-    cache = _local.__dict__.setdefault("c", {})
-    if level not in cache:
-        if level < 10:
-            params = zstandard.ZstdCompressionParameters(
-                strategy=zstandard.STRATEGY_FAST, min_match=7, window_log=20, hash_log=6,
-                chain_log=6, search_log=1, write_content_size=True)
-            cache[level] = zstandard.ZstdCompressor(compression_params=params)
-        else:
-            cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    return cache[level]
-
-
 def planes_compress(data, width: int, level: int = 3) -> bytes:
-    """A byte-plane blob (decodable by :func:`codecs.byteplane_decompress`) whose planes are
-    compressed with the residual-tuned zstd settings."""
-    comp = _plane_compressor(level)
-    frames = [comp.compress(p) for p in split_planes(data, width)]
-    head = _PLANE_COUNT.pack(width) + b"".join(_PLANE_LEN.pack(len(f)) for f in frames)
-    return head + b"".join(frames)
+    """A byte-plane blob of a residual (decodable by :func:`codecs.byteplane_decompress`)."""
+    return byteplane_compress(data, width, level)
 
 
 # -- element-wise kernels ---------------------------------------------------------------
@@ -278,9 +256,9 @@ def fit_decay(t_bits: np.ndarray, b_bits: np.ndarray) -> tuple[float, int, int]:
         # k = ln(s) / ln(c). Try the j whose k lies in [2, MAX_DECAY_STEPS], smallest first.
         ulp = 2.0 ** -24 if s < 1 else 2.0 ** -23
         sign = -1.0 if s < 1 else 1.0
-        j = max(1, math.floor(abs(ln_s) / ulp / MAX_DECAY_STEPS))
+        j0 = max(1, math.floor(abs(ln_s) / ulp / MAX_DECAY_STEPS))
         budget = DECAY_SEARCH_STEPS
-        for j in range(j, j + 1024):
+        for j in range(j0, j0 + 1024):
             c = 1.0 + sign * j * ulp
             k0 = round(ln_s / math.log(c))
             if k0 < 2 or best[0] == len(pb) or budget < k0:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..analyzers.delta_planning import DeltaChoice, choose_bases
 from ..analyzers.hashing import HashedTensor, hash_bytes, mapped
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import UsageError
@@ -35,6 +36,9 @@ from .records import SourceFile
 MIN_SAVING = 0.01
 # Below this size, trying every encoding in full is cheaper than guessing.
 SMALL_BLOB = 1 << 20
+# Skip a content's own encodings when the planner estimates its delta below this share
+# of them (its estimates land within ~1% of the encoded sizes; bench/RESULTS.md ## delta).
+DELTA_CLEAR_WIN = 0.8
 # Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
 WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
@@ -61,24 +65,31 @@ class PackResult:
 
 
 def choose_encoding(data, width: int, level: int, *, base=None,
-                    delta: BlobEncoding | None = None) -> tuple[BlobEncoding, object, bool]:
+                    delta: DeltaChoice | None = None) -> tuple[BlobEncoding, object, bool]:
     """Encode ``data`` with the smallest candidate; returns (encoding, stored, used_base).
 
     Byte planes win on floats, plain zstd on bytes; both are tried in full only on small
-    blobs. A delta against ``base`` is tried when given. Raw is kept unless compression
-    saves at least ``MIN_SAVING``, so incompressible blobs stay mmap-able.
+    blobs. The planner's delta against ``base`` is tried when given, and the content's own
+    encodings are skipped when the planner's estimates put the delta far ahead. Raw is
+    kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
+    mmap-able.
     """
     n = memoryview(data).nbytes
     candidates: list[tuple[int, BlobEncoding, object, bool]] = []
-    if width > 1 and n % width == 0:
-        stored = encode(BlobEncoding.BYTEPLANE_ZSTD, data, width=width, level=level)
-        candidates.append((len(stored), BlobEncoding.BYTEPLANE_ZSTD, stored, False))
-    if width == 1 or n <= SMALL_BLOB or n % width:
-        stored = zstd_compress(data, level)
-        candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
     if delta is not None and base is not None:
-        stored = encode(delta, data, width=width, level=level, base=base)
-        candidates.append((len(stored), delta, stored, True))
+        stored = encode(delta.encoding, data, width=width, level=level, base=base,
+                        shape=delta.shape or None)
+        candidates.append((len(stored), delta.encoding, stored, True))
+    delta_clearly_wins = (candidates and delta.self_estimated_bytes
+                          and delta.estimated_bytes < DELTA_CLEAR_WIN * delta.self_estimated_bytes
+                          and candidates[0][0] < n * (1 - MIN_SAVING))
+    if not delta_clearly_wins:
+        if width > 1 and n % width == 0:
+            stored = encode(BlobEncoding.BYTEPLANE_ZSTD, data, width=width, level=level)
+            candidates.append((len(stored), BlobEncoding.BYTEPLANE_ZSTD, stored, False))
+        if width == 1 or n <= SMALL_BLOB or n % width:
+            stored = zstd_compress(data, level)
+            candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
     size, enc, stored, used_base = min(candidates, key=lambda c: c[0])
     if size > n * (1 - MIN_SAVING) and not (used_base and size < n):
         return BlobEncoding.RAW, data, False
@@ -103,15 +114,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _plan_deltas(scanned: ScannedModels, delta: str, level: int) -> dict:
+def _plan_deltas(scanned: ScannedModels, delta: str, level: int
+                 ) -> dict[tuple[str, int], DeltaChoice]:
     if delta == "off":
         return {}
     if delta != "auto":
         raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
-    try:
-        from ..analyzers.delta_planning import choose_bases
-    except ImportError:  # the planner is optional in this build
-        return {}
     return choose_bases(scanned, level=level)
 
 
@@ -174,8 +182,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 choice = deltas.get(key)
                 base = source(firsts[choice.base]) if choice is not None else None
                 enc, stored, used = choose_encoding(
-                    data, element_width(h.record.dtype), level, base=base,
-                    delta=choice.encoding if choice is not None else None)
+                    data, element_width(h.record.dtype), level, base=base, delta=choice)
                 return key, enc, stored, (choice.base[0] if used else None)
 
             pending: list[Future] = []
