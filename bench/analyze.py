@@ -116,7 +116,7 @@ def read_pass(files, chunk: int = 16 << 20) -> None:
 
 def analyze_pass(args: list[str]) -> dict[str, float]:
     t0 = time.perf_counter()
-    report = analyze_paths(args)
+    _, report = analyze_paths(args)
     t1 = time.perf_counter()
     render_json(report)
     t2 = time.perf_counter()

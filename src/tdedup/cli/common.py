@@ -48,11 +48,12 @@ def stderr_console() -> Console:
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"warning: {message}", markup=False, highlight=False)
+    # Plain print: one line that tools can grep, never wrapped at the terminal's width.
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def hint(message: str) -> None:
-    stderr_console().print(f"hint: {message}", markup=False, highlight=False)
+    print(f"hint: {message}", file=sys.stderr)
 
 
 def report_error(err: BaseException) -> None:
