@@ -3,7 +3,8 @@
 ``unpack`` checks everything it can *before* it writes a byte: the manifest (paths
 included), the zero padding, and the stored checksum of every blob the chosen models
 need. Each file is then written to a temporary name beside its target while its sha256
-is computed, compared with the manifest, fsynced and renamed into place.
+is computed and compared with the manifest; once every file is staged, all are fsynced
+and renamed into place (so a failed run replaces nothing).
 """
 
 from __future__ import annotations
@@ -108,9 +109,12 @@ def _target_checks(dest: Path, models: list[ModelEntry], force: bool) -> None:
                     raise OutputError(f"{m.name}/{f.path} exists and is not a file", path=dest)
 
 
-def _write_atomically(target: Path, fill: Callable[[object], None]) -> None:
-    """Create ``target`` via a temporary file that ``fill(file)`` writes; fsync; rename.
-    OS errors (disk full, file too large) become :class:`OutputError` naming ``target``."""
+def _stage(target: Path, fill: Callable[[object], None]) -> Path:
+    """Write ``target``'s contents into a temporary file beside it; return its path.
+
+    No fsync here: the whole run is flushed and renamed in :func:`_commit`, so that the
+    kernel writes back early files while later ones are being decoded. OS errors (disk
+    full, file too large) become :class:`OutputError` naming ``target``."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp, out = open_temp(target)
@@ -119,18 +123,36 @@ def _write_atomically(target: Path, fill: Callable[[object], None]) -> None:
     try:
         with out:
             fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise OutputError(f"writing failed: {e.strerror or e}", path=target) from e
         raise
+    return tmp
 
 
-def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> int:
-    """Write one original file from the bundle, checking its sha256 before the rename."""
+def _fsync_path(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return 0
+
+
+def _commit(pool: ThreadPoolExecutor, staged: list[tuple[Path, Path]]) -> None:
+    """fsync every staged file, then rename each over its target (atomic per file)."""
+    try:
+        _run_all(pool, [(_fsync_path, tmp) for tmp, _ in staged])
+    except OSError as e:
+        raise OutputError(f"flushing the restored files failed: {e.strerror or e}",
+                          path=e.filename) from e
+    for tmp, target in staged:
+        os.replace(tmp, target)
+
+
+def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> Path:
+    """Stage one original file from the bundle, its sha256 checked before it is kept."""
 
     def fill(out) -> None:
         h = hashlib.sha256()
@@ -142,12 +164,11 @@ def _restore_file(bundle: Bundle, f: FileEntry, target: Path, advance) -> int:
             raise IntegrityError(f"restored {f.path} fails its sha256 (corrupted bundle)",
                                  path=bundle.path)
 
-    _write_atomically(target, fill)
-    return f.size
+    return _stage(target, fill)
 
 
-def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> int:
-    """A second file with the same sha256 as one already restored: a kernel-side copy."""
+def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> Path:
+    """Stage a file whose sha256 equals one already staged (``source``): a kernel copy."""
 
     def fill(out) -> None:
         with open(source, "rb") as src:
@@ -159,8 +180,7 @@ def _copy_file(source: Path, f: FileEntry, target: Path, advance) -> int:
                 remaining -= n
         advance(f.size)
 
-    _write_atomically(target, fill)
-    return f.size
+    return _stage(target, fill)
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -172,18 +192,22 @@ def _remove_empty(folders: list[Path]) -> None:
             pass  # not empty (a file restored before the failure) or already gone
 
 
-def _run_all(pool: ThreadPoolExecutor, calls: list[tuple]) -> int:
-    """Run every call on the pool, wait for all, raise the first error; sum the results."""
+def _run_all(pool: ThreadPoolExecutor, calls: list[tuple], done: list | None = None) -> list:
+    """Run every call on the pool and wait for all; results in order (also appended to
+    ``done`` as they succeed, so a caller can clean up after a failure); raise the first
+    error once every call has ended."""
     futures = [pool.submit(*call) for call in calls]
-    total, errors = 0, []
+    results, errors = [], []
     for fut in futures:
         try:
-            total += fut.result()
+            results.append(fut.result())
+            if done is not None:
+                done.append(results[-1])
         except BaseException as e:  # let the others finish (and clean up) first
             errors.append(e)
     if errors:
         raise errors[0]
-    return total
+    return results
 
 
 def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
@@ -229,7 +253,7 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
         for folder, targets in names.items():
             if folder not in created:
                 remove_stale_temps(folder, targets)
-        advance = lambda n: report("restoring", n, total)  # noqa: E731
+        advance = lambda n: report("restoring", n, total)  # noqa: E731 (a closure is clearer)
         # Files with the same content are restored once and then copied by the kernel.
         first: dict[tuple[str, int], Path] = {}
         copies = []
@@ -241,18 +265,25 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             else:
                 first.setdefault(key, t)
                 originals.append((f, t))
+        staged: list[Path] = []
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                # Copies read the originals, so they start only once every original is done.
-                written = _run_all(pool, [(_restore_file, bundle, f, t, advance)
-                                          for f, t in originals])
-                written += _run_all(pool, [(_copy_file, src, f, t, advance)
-                                           for src, f, t in copies])
+                tmps = _run_all(pool, [(_restore_file, bundle, f, t, advance)
+                                       for f, t in originals], staged)
+                tmp_of = {t: tmp for (_, t), tmp in zip(originals, tmps)}
+                # Copies read the staged originals, so they start once those are done.
+                tmps += _run_all(pool, [(_copy_file, tmp_of[src], f, t, advance)
+                                        for src, f, t in copies], staged)
+                _commit(pool, list(zip(tmps, [t for _, t in originals]
+                                       + [t for _, _, t in copies])))
         except BaseException:
+            for tmp in staged:
+                tmp.unlink(missing_ok=True)
             for t in fresh:
                 t.unlink(missing_ok=True)
             _remove_empty(created)
             raise
+        written = sum(f.size for f, _ in jobs)
         for folder in {t.parent for _, t in jobs}:
             fsync_dir(folder)
     return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
