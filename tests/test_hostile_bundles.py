@@ -12,7 +12,10 @@ spec/FORMAT.md §9 and §12 stand between them and the file system or the alloca
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -265,3 +268,97 @@ def test_pack_refuses_to_write_an_unreadable_bundle(tmp_path):
         with pytest.raises(OutputError, match="unreadable bundle"):
             w.finish(bad, validate=True)
     assert list(tmp_path.iterdir()) == []  # no bundle, no temporary file
+
+
+# -- descriptive fields --------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_LOADER, reason="needs torch and tdedup.loaders.torch")
+@pytest.mark.parametrize("shape", [[0], [7], [10**9, 10**9], [2**63], [0, 2**64 - 1], []])
+def test_load_refuses_a_shape_that_does_not_fit_the_bytes(seed, tmp_path, shape):
+    def edit(d, o):
+        for m in d["models"]:
+            for f in m["files"]:
+                for t in f["tensors"]:
+                    if t["length"]:
+                        t["shape"] = shape
+    bundle = hh.rewrite_manifest(seed, tmp_path / "b.tdd", edit)
+    with pytest.raises(BundleFormatError, match="does not fit"):
+        tdedup.load(bundle, "cpu")
+    tdedup.unpack(bundle, tmp_path / "out")  # restoring files does not need shapes
+
+
+# -- spec/FORMAT.md §12: every point has its tests ---------------------------------------
+
+def test_decoded_blobs_are_cached_within_a_byte_bound(seed, doc):
+    with Bundle(seed) as b:
+        b._cache_limit = 600  # a few small blobs' worth
+        for digest in b.manifest.blobs:
+            b.read_blob(digest)
+            assert b._cache_bytes <= b._cache_limit
+
+
+#: Each point of §12 (its bold title) and the tests, by module, that check it.
+SECURITY_TESTS = {
+    "Paths": {"test_hostile_bundles": [
+        "test_unsafe_file_paths_are_refused_before_anything_is_written",
+        "test_unsafe_model_names_are_refused", "test_a_file_below_another_file_is_refused",
+        "test_the_same_path_or_name_twice_is_refused"]},
+    "Symbolic links at unpack": {"test_unpack_safety": [
+        "test_links_out_of_the_destination_are_refused_before_writing",
+        "test_a_link_inside_the_destination_is_refused_too",
+        "test_force_never_writes_through_a_hard_link", "test_a_non_empty_destination_needs_force",
+        "test_force_replaces_only_the_bundles_own_files"]},
+    "Sizes before allocation": {"test_hostile_bundles": [
+        "test_sizes_no_stored_bytes_could_fill_are_refused_before_allocation",
+        "test_the_ratio_bound_admits_the_densest_real_frames",
+        "test_a_manifest_larger_than_its_frame_could_hold_is_refused",
+        "test_blob_ranges_past_the_blob_area_are_refused"]},
+    "Decompression bombs": {"test_hostile_bundles": [
+        "test_decompression_bombs_are_refused_as_soon_as_the_excess_appears",
+        "test_a_frame_that_declares_more_than_the_blob_is_a_bomb"]},
+    "Delta cycles and depth": {"test_hostile_bundles": [
+        "test_bad_delta_chains_are_refused_before_decoding",
+        "test_a_chain_at_the_depth_limit_passes_the_structure_checks"]},
+    "Descriptive fields": {
+        "test_hostile_bundles": ["test_load_refuses_a_shape_that_does_not_fit_the_bytes"],
+        "test_fuzz_bundles": ["test_enumerated_mutations"]},
+    "Integrity before output": {
+        "test_corrupt_exhaustive": ["test_unpack_finds_every_flipped_byte_before_writing",
+                                    "test_load_with_verify_finds_every_flipped_byte"],
+        "test_unpack_safety": ["test_a_failed_run_leaves_what_was_there_and_nothing_of_its_own"]},
+    "Interrupted writes": {
+        "test_interrupted_writes": [
+            "test_killed_pack_leaves_no_bundle_and_a_later_run_succeeds",
+            "test_killed_unpack_leaves_only_complete_files_and_a_later_run_succeeds",
+            "test_pack_out_of_space_is_one_line_and_leaves_nothing",
+            "test_unpack_out_of_space_is_one_line_and_leaves_nothing",
+            "test_stale_temps_of_dead_writers_are_removed_and_others_kept"],
+        "test_hostile_bundles": ["test_pack_refuses_to_write_an_unreadable_bundle"]},
+    "Resource use": {"test_fuzz_bundles": ["test_enumerated_mutations"],  # nesting, dup keys
+                     "test_hostile_bundles": ["test_decoded_blobs_are_cached_within_a_byte_bound",
+                                              "test_manifest_json_limits"]},
+    "Authenticity": {},  # advice to users: nothing a reader can check
+}
+
+
+def test_manifest_json_limits(seed, tmp_path):
+    parts = hh.read_parts(seed)
+    text = json.dumps(parts.manifest)
+    for raw, words in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                       (('{"models": [], ' + text[1:]).encode(), "duplicate key 'models'")):
+        bundle = hh.write_bundle(tmp_path / "b.tdd", parts.prefix, raw)
+        with pytest.raises(BundleFormatError, match=words):
+            Bundle(bundle)
+
+
+def test_every_security_consideration_has_tests():
+    spec = (Path(__file__).parents[1] / "spec" / "FORMAT.md").read_text()
+    start = spec.index("## 12. Security considerations")
+    section = spec[start:spec.index("\n## ", start + 1)]
+    titles = re.findall(r"^- \*\*(.+?)\.\*\*", section, re.M)
+    assert titles == list(SECURITY_TESTS), titles
+    for title, by_module in SECURITY_TESTS.items():
+        for module, names in by_module.items():
+            mod = importlib.import_module(module)
+            for name in names:
+                assert callable(getattr(mod, name, None)), (title, module, name)
