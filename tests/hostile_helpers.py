@@ -620,8 +620,9 @@ def structural_edits(doc: dict):
         yield (f"file path {p!r}", lambda d, o, p=p: set_path(d, (*first_file, "path"), p))
     for n in ("..", ".", "", "/abs", "a/b", "-x", "a" * 200, "CON:", "\u00e9"):
         yield (f"model name {n!r}", lambda d, o, n=n: set_path(d, ("models", 0, "name"), n))
-    yield ("model name twice", lambda d, o: set_path(d, ("models", 1, "name"),
-                                                      d["models"][0]["name"]))
+    if len(doc["models"]) > 1:
+        yield ("model name twice", lambda d, o: set_path(d, ("models", 1, "name"),
+                                                          d["models"][0]["name"]))
     yield ("file listed twice", lambda d, o: d["models"][0]["files"].append(
         copy.deepcopy(d["models"][0]["files"][0])))
 
