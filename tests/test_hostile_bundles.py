@@ -287,6 +287,17 @@ def test_load_refuses_a_shape_that_does_not_fit_the_bytes(seed, tmp_path, shape)
     tdedup.unpack(bundle, tmp_path / "out")  # restoring files does not need shapes
 
 
+@pytest.mark.skipif(not HAVE_LOADER, reason="needs torch and tdedup.loaders.torch")
+def test_load_refuses_two_tensors_of_one_file_with_one_name(seed, doc, tmp_path):
+    """Restoring files does not need unique names; a state dict does: no tensor may be
+    silently dropped."""
+    edit = dict(hh.structural_edits(doc))["duplicate tensor name in a file"]
+    bundle = hh.rewrite_manifest(seed, tmp_path / "b.tdd", edit, append=hh.EDIT_ROOM)
+    with pytest.raises(BundleFormatError, match="two tensors named"):
+        tdedup.load(bundle, "cpu")
+    tdedup.unpack(bundle, tmp_path / "out")
+
+
 # -- spec/FORMAT.md §12: every point has its tests ---------------------------------------
 
 def test_decoded_blobs_are_cached_within_a_byte_bound(seed, doc):
@@ -320,7 +331,8 @@ SECURITY_TESTS = {
         "test_bad_delta_chains_are_refused_before_decoding",
         "test_a_chain_at_the_depth_limit_passes_the_structure_checks"]},
     "Descriptive fields": {
-        "test_hostile_bundles": ["test_load_refuses_a_shape_that_does_not_fit_the_bytes"],
+        "test_hostile_bundles": ["test_load_refuses_a_shape_that_does_not_fit_the_bytes",
+                                 "test_load_refuses_two_tensors_of_one_file_with_one_name"],
         "test_fuzz_bundles": ["test_enumerated_mutations"]},
     "Integrity before output": {
         "test_corrupt_exhaustive": ["test_unpack_finds_every_flipped_byte_before_writing",

@@ -268,7 +268,14 @@ def _keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
     counts: dict[str, int] = {}
     for key, _, _ in out:
         counts[key] = counts.get(key, 0) + 1
-    return [(f"{f.path}:{t.name}" if counts[key] > 1 else key, f, t) for key, f, t in out]
+    keyed = [(f"{f.path}:{t.name}" if counts[key] > 1 else key, f, t) for key, f, t in out]
+    seen: set[str] = set()
+    for key, f, t in keyed:  # one file naming two tensors alike: a tensor would be lost
+        if key in seen:
+            raise BundleFormatError(f"model {m.name!r}: {f.path} has two tensors named "
+                                    f"{t.name!r}")
+        seen.add(key)
+    return keyed
 
 
 def _blob_order(bundle: Bundle, digests: Sequence[str]
