@@ -10,8 +10,8 @@ decompression bombs), and malformed manifest JSON text.
 
 Each case must end in a :class:`TdedupError` or succeed; an ``unpack`` that fails leaves
 no file behind; a failing ``verify`` means a failing ``unpack``; the CLI answers with one
-line and exit 2. Cases per run (CI, ~15 s): ~6,000 enumerated and ~900 hypothesis
-examples; ``bench/fuzz.py`` runs the same generators longer.
+line and exit 2. Cases per run (CI, ~15 s): 9,148 enumerated and 900 hypothesis
+examples; ``bench/fuzz.py`` runs the same generators longer (bench/RESULTS.md).
 """
 
 from __future__ import annotations
