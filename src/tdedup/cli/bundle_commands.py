@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn,
-                           TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 from ..format.bundle_reader import Bundle
@@ -20,27 +17,7 @@ from ..format.unpack import check_padding
 from ..format.unpack import unpack as unpack_bundle
 from ..format.unpack import verify as verify_bundle
 from . import app
-from .common import guarded, human_bytes, stderr_console, stdout_console
-
-
-@contextmanager
-def phased_progress(quiet: bool = False):
-    """A progress callback ``(phase, advance, total)`` drawing one bar per phase on stderr."""
-    console = stderr_console()
-    if quiet or not console.is_terminal:
-        yield lambda phase, n, total: None
-        return
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
-                  DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
-        tasks: dict[str, int] = {}
-
-        def update(phase: str, n: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(phase, total=total)
-            progress.advance(tasks[phase], n)
-
-        yield update
+from .common import guarded, human_bytes, phased_progress, stdout_console
 
 
 @app.command()

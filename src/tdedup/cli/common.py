@@ -95,21 +95,35 @@ def guarded(fn: F) -> F:
 
 
 @contextmanager
-def byte_progress(description: str, total: int, *, quiet: bool = False
-                  ) -> Iterator[Callable[[int], None]]:
-    """A bytes progress bar on stderr (bytes/s, ETA); yields ``advance(n)``.
+def phased_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback ``(phase, advance, total)`` drawing one bytes bar per phase on
+    stderr (bytes/s, ETA).
 
     Hidden when stderr is not a terminal or ``quiet`` is set, so logs and pipes stay clean.
     """
     console = stderr_console()
     if quiet or not console.is_terminal:
-        yield lambda n: None
+        yield lambda phase, n, total: None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
                   DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, n: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.advance(tasks[phase], n)
+
+        yield update
+
+
+@contextmanager
+def byte_progress(description: str, total: int, *, quiet: bool = False
+                  ) -> Iterator[Callable[[int], None]]:
+    """One bytes progress bar of :func:`phased_progress`; yields ``advance(n)``."""
+    with phased_progress(quiet) as update:
+        yield lambda n: update(description, n, total)
 
 
 def human_bytes(n: float) -> str:
