@@ -153,7 +153,7 @@ def profile(args: list[str], files, repeat: int) -> None:
     if ggufs:
         import gguf
 
-        from tdedup.format.gguf_reader import read_gguf
+        from tdedup.format.checkpoints.gguf_file import read_gguf
         biggest = max(ggufs, key=lambda p: p.stat().st_size)
         ours = statistics.median(timed(read_gguf, biggest) for _ in range(repeat))
         theirs = timed(gguf.GGUFReader, biggest)

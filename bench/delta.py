@@ -35,9 +35,10 @@ import numpy as np
 from tdedup.analyzers.delta_planning import TensorBytes, plan_deltas, plane_width
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.format import codecs
-from tdedup.format.bundle_constants import BlobEncoding as E
-from tdedup.format.delta_codecs import (decode_delta, encode_delta, planes_compress,
-                                        sub_residual)
+from tdedup.format.codecs import byteplane
+from tdedup.format.bundle.constants import BlobEncoding as E
+from tdedup.format.codecs.delta import decode_delta, planes_compress, sub_residual
+from tdedup.format.codecs.delta_encode import encode_delta
 
 FAMILY = ["base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged"]
 
@@ -112,12 +113,12 @@ def main() -> int:
     with TensorBytes(scanned) as read:
         for key, h in firsts.items():
             data, w = read(h), plane_width(h)
-            own = codecs.byteplane_compress(data, w, level)
+            own = byteplane.byteplane_compress(data, w, level)
             sizes["a"] += len(own)
             ref = first_model.get(h.record.name)
             if ref is not None and ref.key != key and ref.record.length == key[1]:
                 x = np.bitwise_xor(data, read(ref))
-                sizes["b"] += len(codecs.byteplane_compress(x, w, level))
+                sizes["b"] += len(byteplane.byteplane_compress(x, w, level))
                 sizes["b*"] += len(planes_compress(x, w, level))
             else:
                 sizes["b"] += len(own)
@@ -160,7 +161,7 @@ def main() -> int:
         def enc_job(key):
             h = firsts[key]
             data, w = read(h), plane_width(h)
-            own = codecs.byteplane_compress(data, w, level)
+            own = byteplane.byteplane_compress(data, w, level)
             c = choices.get(key)
             if c is not None:
                 d = encode_delta(c.encoding, data, read(firsts[c.base]), width=c.width,

@@ -36,7 +36,7 @@ import test_fuzz_bundles as tb  # noqa: E402
 import test_fuzz_checkpoints as tc  # noqa: E402
 
 import tdedup  # noqa: E402
-from tdedup.format.records import FileKind  # noqa: E402
+from tdedup.format.checkpoints.records import FileKind  # noqa: E402
 
 CORPUS_FILES = tc.CORPUS_FILES + [("smollm/q4_1.gguf", FileKind.GGUF),
                                   ("minilm/f16.safetensors", FileKind.SAFETENSORS),

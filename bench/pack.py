@@ -38,10 +38,11 @@ import numpy as np
 import zstandard
 
 import tdedup
-from tdedup.analyzers.hashing import mapped
+from tdedup.analyzers.tensor_hashes import mapped
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.format.codecs import DEFAULT_LEVEL, byteplane_compress
-from tdedup.format.dtypes import element_width
+from tdedup.format.codecs import DEFAULT_LEVEL
+from tdedup.format.codecs.byteplane import byteplane_compress
+from tdedup.format.checkpoints.dtypes import element_width
 
 FAMILY = ("base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged")
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from tdedup.format.bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT,
+from tdedup.format.bundle.constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT,
                                             FOOTER_CHECK_SIZE, FOOTER_MAGIC, FOOTER_SIZE,
                                             HEADER_SIZE, MAX_DELTA_DEPTH, ManifestEncoding)
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from factory import make_safetensors
-from tdedup.analyzers.hashing import HashedTensor
+from tdedup.analyzers.tensor_hashes import HashedTensor
 from tdedup.analyzers.overlap import compute_overlap
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.format.records import ModelSource, TensorRecord
+from tdedup.format.checkpoints.records import ModelSource, TensorRecord
 
 # A model is a list of (content id, byte length, dtype) picked from a small pool, so that
 # contents recur within and across models; lengths may be 0.

@@ -18,10 +18,10 @@ from bundle_helpers import flip
 from tdedup.cli import app
 from tdedup.errors import (BundleFormatError, DecompressionBombError, IntegrityError,
                            TdedupError, UnsafePathError)
-from tdedup.format.bundle_constants import (FOOTER_SIZE, HEADER_FIELDS_SIZE, HEADER_SIZE,
+from tdedup.format.bundle.constants import (FOOTER_SIZE, HEADER_FIELDS_SIZE, HEADER_SIZE,
                                             MAX_DELTA_DEPTH, BlobEncoding)
-from tdedup.format.bundle_writer import BundleWriter
-from tdedup.format.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
+from tdedup.format.bundle.writer import BundleWriter
+from tdedup.format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 
 runner = CliRunner()
 

@@ -19,11 +19,12 @@ import tdedup
 from bundle_helpers import (ST_NUMPY, assert_restored, minilm_family, model_tree,
                             safetensors_offsets, sha256_file, tensor_bytes, tree,
                             write_safetensors)
-from tdedup.analyzers.hashing import mapped
+from tdedup.analyzers.tensor_hashes import mapped
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.cli import app
-from tdedup.format.codecs import DEFAULT_LEVEL, byteplane_compress
-from tdedup.format.dtypes import element_width
+from tdedup.format.codecs import DEFAULT_LEVEL
+from tdedup.format.codecs.byteplane import byteplane_compress
+from tdedup.format.checkpoints.dtypes import element_width
 
 
 def roundtrip(tmp: Path, sources: dict[str, Path], **pack_kw) -> tuple[Path, tdedup.PackResult]:
@@ -304,10 +305,10 @@ def test_minilm_bundle_no_larger_than_distinct_byteplane(minilm_bundle):
     assert result.distinct_tensor_bytes < result.tensor_bytes / 2
     if size > baseline:
         try:
-            from tdedup.format import delta_codecs  # noqa: F401
+            from tdedup.format.codecs import delta  # noqa: F401
         except ImportError:
             pytest.xfail(f"bundle {size} B > distinct tensors byte-plane zstd {baseline} B: "
-                         "needs delta encodings (src/tdedup/format/delta_codecs.py absent)")
+                         "needs delta encodings (src/tdedup/format/codecs/delta.py absent)")
     assert size <= baseline, f"bundle {size} B > distinct byte-plane zstd {baseline} B"
 
 

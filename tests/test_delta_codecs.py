@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 from tdedup.errors import BundleFormatError, TdedupError
 from tdedup.format import codecs
-from tdedup.format.bundle_constants import BlobEncoding as E
-from tdedup.format.delta_codecs import (MAX_DECAY_STEPS, decay_predict, decode_delta,
-                                        encode_delta, fit_decay, fit_lowrank, lowrank_predict,
-                                        probe_rank)
+from tdedup.format.codecs import byteplane
+from tdedup.format.bundle.constants import BlobEncoding as E
+from tdedup.format.codecs.delta import (MAX_DECAY_STEPS, decay_predict, decode_delta,
+                                        lowrank_predict)
+from tdedup.format.codecs.delta_encode import encode_delta, fit_decay, fit_lowrank, probe_rank
 
 DELTAS = [e for e in E if e.is_delta]
 PREDICTED = (E.DECAY_SUB_BYTEPLANE_ZSTD, E.LOWRANK_SUB_BYTEPLANE_ZSTD)
@@ -263,7 +264,7 @@ def test_residual_bomb_is_refused():
     """A residual plane whose frame declares more bytes than the blob's size."""
     from tdedup.errors import DecompressionBombError
     base = np.zeros(64, np.uint8)
-    bomb = codecs.byteplane_compress(np.zeros(4096, np.uint8), 1)
+    bomb = byteplane.byteplane_compress(np.zeros(4096, np.uint8), 1)
     for enc in (E.XOR_BYTEPLANE_ZSTD, E.ZIGZAG_SUB_BYTEPLANE_ZSTD):
         with pytest.raises(DecompressionBombError):
             decode_delta(enc, bomb, 64, base)
@@ -283,12 +284,12 @@ def test_wrong_base_and_unknown_encoding():
 
 def test_residual_width_must_suit_the_encoding():
     base = np.zeros(48, np.uint8)
-    three = codecs.byteplane_compress(np.zeros(48, np.uint8), 3)
+    three = byteplane.byteplane_compress(np.zeros(48, np.uint8), 3)
     with pytest.raises(TdedupError, match="width"):
         decode_delta(E.ZIGZAG_SUB_BYTEPLANE_ZSTD, three, 48, base)
     # Width 3 is a valid XOR residual.
     assert not decode_delta(E.XOR_BYTEPLANE_ZSTD, three, 48, base).any()
-    two = codecs.byteplane_compress(np.zeros(48, np.uint8), 2)
+    two = byteplane.byteplane_compress(np.zeros(48, np.uint8), 2)
     head = struct.pack("<II", int(np.float32(0.999).view(np.uint32)), 2)
     with pytest.raises(TdedupError, match="width"):
         decode_delta(E.DECAY_SUB_BYTEPLANE_ZSTD, head + two, 48, base)

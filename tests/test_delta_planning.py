@@ -13,10 +13,11 @@ import factory
 from tdedup.analyzers.delta_planning import (DeltaChoice, TensorBytes, choose_bases,
                                              element_width, plan_deltas, plane_width)
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.format import codecs
-from tdedup.format.bundle_constants import MAX_DELTA_DEPTH
-from tdedup.format.bundle_constants import BlobEncoding as E
-from tdedup.format.delta_codecs import decode_delta, encode_delta
+from tdedup.format.codecs import byteplane as codecs
+from tdedup.format.bundle.constants import MAX_DELTA_DEPTH
+from tdedup.format.bundle.constants import BlobEncoding as E
+from tdedup.format.codecs.delta import decode_delta
+from tdedup.format.codecs.delta_encode import encode_delta
 
 
 def scan(paths: dict) -> object:

@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 import hostile_helpers as hh
 import tdedup
 from tdedup.cli import app
-from tdedup.format.bundle_constants import FOOTER_SIZE, MAX_MANIFEST_BYTES
-from tdedup.format.bundle_reader import Bundle
+from tdedup.format.bundle.constants import FOOTER_SIZE, MAX_MANIFEST_BYTES
+from tdedup.format.bundle.reader import Bundle
 
 runner = CliRunner()
 HAVE_LOADER = (importlib.util.find_spec("torch") is not None

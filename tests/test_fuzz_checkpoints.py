@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 import hostile_helpers as hh
 import tdedup
 from tdedup.cli import app
-from tdedup.format.model_source import read_weight_file
-from tdedup.format.records import FileKind
+from tdedup.format.checkpoints.sources import read_weight_file
+from tdedup.format.checkpoints.records import FileKind
 
 runner = CliRunner()
 MIN_ENUMERATED = 4000  # cases the enumerated generators must yield for the tiny family

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from factory import DEFAULT_VOCAB, make_gguf, random_tensors
 from tdedup.errors import CheckpointFormatError
-from tdedup.format import gguf_reader
-from tdedup.format.gguf_reader import read_gguf
+from tdedup.format.checkpoints import gguf_file as gguf_reader
+from tdedup.format.checkpoints.gguf_file import read_gguf
 
 
 def reference(path: Path) -> tuple[dict, int]:

@@ -28,10 +28,10 @@ import tdedup
 from tdedup.cli import app
 from tdedup.errors import (BundleFormatError, DecompressionBombError, IntegrityError,
                            OutputError, TdedupError, UnsafePathError)
-from tdedup.format.bundle_constants import FOOTER_SIZE, MAX_DELTA_DEPTH, BlobEncoding
-from tdedup.format.bundle_reader import Bundle
-from tdedup.format.bundle_writer import BundleWriter
-from tdedup.format.manifest import MAX_ZSTD_RATIO, FileEntry, Manifest, ModelEntry
+from tdedup.format.bundle.constants import FOOTER_SIZE, MAX_DELTA_DEPTH, BlobEncoding
+from tdedup.format.bundle.reader import Bundle
+from tdedup.format.bundle.writer import BundleWriter
+from tdedup.format.bundle.manifest import MAX_ZSTD_RATIO, FileEntry, Manifest, ModelEntry
 
 runner = CliRunner()
 HAVE_LOADER = (importlib.util.find_spec("torch") is not None

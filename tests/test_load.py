@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa: E402
-from tdedup.format.bundle_constants import BlobEncoding  # noqa: E402
+from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
 from bundle_helpers import flip  # noqa: E402
@@ -200,10 +200,10 @@ DELTAS = [e for e in BlobEncoding if e.is_delta]
 def pack_with_deltas(tmp: Path, bert_family: dict, monkeypatch, encoding) -> Path:
     """Pack base and finetune, every changed tensor of finetune forced to be a delta of
     ``encoding`` against base's tensor of the same name (pack keeps it if smaller)."""
-    pytest.importorskip("tdedup.format.delta_codecs")
+    pytest.importorskip("tdedup.format.codecs.delta")
     from tdedup.analyzers.delta_planning import DeltaChoice
-    from tdedup.format import pack as pack_module
-    from tdedup.format.dtypes import element_width
+    from tdedup.ops import pack as pack_module
+    from tdedup.format.checkpoints.dtypes import element_width
 
     def plan(scanned, delta, level):
         base = {h.record.name: h.key for h in scanned.hashed["base"]}

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError  # noqa: E402
-from tdedup.format.bundle_constants import BlobEncoding  # noqa: E402
+from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
 from bundle_helpers import flip  # noqa: E402

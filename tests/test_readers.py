@@ -13,10 +13,10 @@ import pytest
 from factory import make_gguf, make_safetensors, make_split_gguf, random_tensors, shard_index
 from tdedup.errors import (CheckpointFormatError, InputError, UnsupportedFormatError,
                            UsageError)
-from tdedup.format.model_source import (ModelArg, assign_names, open_models,
+from tdedup.format.checkpoints.sources import (ModelArg, assign_names, open_models,
                                         parse_model_arg, sniff_kind)
-from tdedup.format.records import FileKind
-from tdedup.format.safetensors_reader import read_safetensors
+from tdedup.format.checkpoints.records import FileKind
+from tdedup.format.checkpoints.safetensors import read_safetensors
 
 NP_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
              "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

@@ -22,11 +22,11 @@ import zstandard
 import factory
 import tdedup
 from tdedup.errors import BundleFormatError, UnsafePathError
-from tdedup.format import bundle_constants as C
-from tdedup.format.bundle_constants import BlobEncoding, ManifestEncoding
-from tdedup.format.codecs import byteplane_compress
-from tdedup.format.manifest import MAX_ZSTD_RATIO, Manifest, check_relative_path
-from tdedup.format.records import FileKind
+from tdedup.format.bundle import constants as C
+from tdedup.format.bundle.constants import BlobEncoding, ManifestEncoding
+from tdedup.format.codecs.byteplane import byteplane_compress
+from tdedup.format.bundle.manifest import MAX_ZSTD_RATIO, Manifest, check_relative_path
+from tdedup.format.checkpoints.records import FileKind
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"
 FORMAT_MD = SPEC / "FORMAT.md"

@@ -11,9 +11,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import TdedupError  # noqa: E402
-from .format.bundle_reader import Bundle, open_bundle  # noqa: E402
-from .format.pack import PackResult, pack  # noqa: E402
-from .format.unpack import UnpackResult, VerifyResult, unpack, verify  # noqa: E402
+from .format.bundle.reader import Bundle, open_bundle  # noqa: E402
+from .ops.pack import PackResult, pack  # noqa: E402
+from .ops.unpack import UnpackResult, VerifyResult, unpack, verify  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -16,20 +16,53 @@ from pathlib import Path
 class TdedupError(Exception):
     """Base class of every error tdedup raises on purpose.
 
-    ``path`` names the file (checkpoint, bundle, output) the problem is about, ``hint``
-    optionally says what the user can do about it.
+    Structured fields, so that code adding context never parses a message:
+
+    - ``path``: the file (checkpoint, bundle, output) the problem is about;
+    - ``blob``: the bundle blob at fault (its hash), with ``models``, the models using it;
+    - ``part``: where inside the thing at fault (``plane 3``, ``factors``, a tensor name);
+    - ``hint``: what the user can do about it.
+
+    A lower layer raises with what it knows (a codec knows the ``part``); a higher one
+    adds the rest with :meth:`locate` and re-raises the same object.
     """
 
     def __init__(self, problem: str, *, path: str | os.PathLike | None = None,
-                 hint: str | None = None) -> None:
+                 blob: str | None = None, models: tuple[str, ...] = (),
+                 part: str | None = None, hint: str | None = None) -> None:
         self.problem = problem
         self.path = None if path is None else str(path)
+        self.blob = blob
+        self.models = tuple(models)
+        self.part = part
         self.hint = hint
-        super().__init__(self.message)
+        super().__init__(problem)
+
+    def locate(self, *, path: str | os.PathLike | None = None, blob: str | None = None,
+               models: tuple[str, ...] | None = None) -> "TdedupError":
+        """Fill in context the raiser did not know (fields already set are kept)."""
+        if self.path is None and path is not None:
+            self.path = str(path)
+        if self.blob is None and blob is not None:
+            self.blob = blob
+        if not self.models and models:
+            self.models = tuple(models)
+        return self
 
     @property
     def message(self) -> str:
-        return f"{self.path}: {self.problem}" if self.path else self.problem
+        where = []
+        if self.path:
+            where.append(self.path)
+        if self.blob:
+            used = f" (used by {', '.join(self.models)})" if self.models else ""
+            where.append(f"blob {self.blob[:16]}{used}")
+        if self.part:
+            where.append(self.part)
+        return ": ".join([*where, self.problem])
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # -- inputs -------------------------------------------------------------------------

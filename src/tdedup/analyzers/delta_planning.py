@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..format.bundle_constants import MAX_DELTA_DEPTH, BlobEncoding
-from ..format.delta_codecs import (SUB_WIDTHS, _diff64, decay_predict, fit_decay,
-                                   lowrank_predict, probe_rank, sample_index, sub_residual)
-from ..format.dtypes import element_width
+from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
+from ..format.codecs.delta import SUB_WIDTHS, decay_predict, lowrank_predict, sub_residual
+from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_index
+from ..format.checkpoints.dtypes import element_width
 from ..errors import InputError
-from .hashing import ContentKey, HashedTensor
+from .tensor_hashes import ContentKey, HashedTensor
 from .scan import ScannedModels
 
 __all__ = ["DeltaChoice", "DeltaPlan", "choose_bases", "element_width", "plan_deltas"]
@@ -227,7 +227,7 @@ def _lowrank_estimate(t: _Key, b: _Key, read: TensorBytes) -> int | None:
     for rank in (min(FIRST_PROBE_RANK, max_rank), max_rank):
         probe = np.unique(np.linspace(0, rows - 1, min(rows, 2 * rank + 8)).astype(int))
         tr, br = t_all[probe], b_all[probe]
-        d = _diff64(tr, br)
+        d = diff64(tr, br)
         r, v, tail = probe_rank(d, rank)
         if r or tail > FLAT_TAIL or rank == max_rank:
             break

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..format.delta_codecs import SUB_WIDTHS, sample_index
+from ..format.codecs.delta import SUB_WIDTHS
+from ..format.codecs.delta_encode import sample_index
 from .delta_planning import DeltaPlan, TensorBytes, plan_deltas, plane_width
-from .hashing import HashedTensor
+from .tensor_hashes import HashedTensor
 from .scan import ScannedModels
 
 #: Tensors with more elements than this are measured on a sample.

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from ..format.records import ModelSource
-from .hashing import ContentKey, HashedTensor
+from ..format.checkpoints.records import ModelSource
+from .tensor_hashes import ContentKey, HashedTensor
 
 
 # Bumped when a field of ``OverlapReport.to_dict`` changes meaning or disappears; adding a

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..format.model_source import ModelArg, open_models
+from ..format.checkpoints.sources import ModelArg, open_models
 from pathlib import Path
 
-from ..format.records import ModelSource, SourceFile
-from .hashing import ContentKey, HashedTensor, hash_model
+from ..format.checkpoints.records import ModelSource, SourceFile
+from .tensor_hashes import ContentKey, HashedTensor, hash_model
 
 
 @dataclass(slots=True)

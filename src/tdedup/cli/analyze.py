@@ -18,7 +18,7 @@ from ..analyzers.drift import DriftReport, compute_drift, drift_table
 from ..analyzers.overlap import OverlapReport, compute_overlap
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import OutputError, UsageError, display_path
-from ..format.records import FileKind, ModelSource
+from ..format.checkpoints.records import FileKind, ModelSource
 from . import app
 from .analyze_render import markdown_report, print_report
 from .common import (EXIT_THRESHOLD, byte_progress, guarded, hint, human_bytes,

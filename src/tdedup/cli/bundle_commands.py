@@ -10,12 +10,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..format.bundle_reader import Bundle
+from ..format.bundle.reader import Bundle
 from ..format.codecs import DEFAULT_LEVEL
-from ..format.pack import pack as pack_models
-from ..format.unpack import check_padding
-from ..format.unpack import unpack as unpack_bundle
-from ..format.unpack import verify as verify_bundle
+from ..ops.pack import pack as pack_models
+from ..ops.unpack import check_padding
+from ..ops.unpack import unpack as unpack_bundle
+from ..ops.unpack import verify as verify_bundle
 from . import app
 from .common import guarded, human_bytes, phased_progress, stdout_console
 

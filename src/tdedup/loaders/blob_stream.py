@@ -21,9 +21,11 @@ import numpy as np
 import zstandard
 
 from ..errors import IntegrityError
-from ..format.bundle_constants import MAX_PLANE_WIDTH, BlobEncoding
-from ..format.codecs import byteplane_frames, check_frame_size
-from ..format.manifest import BlobRecord
+from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
+from ..format.codecs.byteplane import byteplane_frames
+from ..format.codecs.delta import add_residual_, parse_delta_header, residual_width
+from ..format.codecs.zstd import check_frame_size
+from ..format.bundle.manifest import BlobRecord
 
 PAGE = mmap.PAGESIZE
 #: Compressed bytes handed to zstd at a time (and the granularity pages are dropped at).
@@ -181,7 +183,7 @@ class PlaneReader(BlobReader):
 class DeltaReader(BlobReader):
     """A delta blob finished on the host, chunk by chunk: its byte-plane residual is
     decoded into ``out``, then combined with the base's bytes for that range, with
-    ``delta_codecs``' own kernels (XOR; addition on unsigned integers of the plane width,
+    the delta codec's own kernels (XOR; addition on unsigned integers of the plane width,
     of the residual as stored or unzigzagged; for ``DECAY_SUB`` and ``LOWRANK_SUB``, to a
     prediction made from the base: AdamW's weight decay, a merged LoRA). No temporary
     larger than a chunk is made. ``base(start, stop)``: the base's bytes (uint8 array).
@@ -189,66 +191,28 @@ class DeltaReader(BlobReader):
 
     def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, base,
                  *, release: bool = True) -> None:
-        from ..format import delta_codecs as dc
-
         n, enc = rec.decoded_length, rec.encoding
-        stored = view[rec.offset:rec.offset + rec.stored_length]
-        self.base, self.pos, self.dc = base, 0, dc
-        self.predict = None  # (base bytes, start) -> predicted bytes; None: the base itself
-        self.op = DELTA_OPS.get(enc, "zigzag-add")
-        skip = need = unit = 0
-        if enc is BlobEncoding.DECAY_SUB_BYTEPLANE_ZSTD:
-            head = dc._DECAY_HEAD
-            if len(stored) < head.size:
-                raise IntegrityError(f"{what}: decay delta header truncated")
-            c_bits, k = head.unpack_from(stored, 0)
-            c = float(np.array(c_bits, dtype=np.uint32).view(np.float32))
-            if not dc._decay_ok(c, k) or (k and n % 4):
-                raise IntegrityError(f"{what}: bad decay prediction (c={c!r}, k={k})")
-            if k:
-                self.predict = lambda b, start: dc.decay_predict(b, c, k)
-                need = 4
-            skip = head.size
-        elif enc is BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD:
-            head = dc._LOWRANK_HEAD
-            if len(stored) < head.size:
-                raise IntegrityError(f"{what}: low-rank delta header truncated")
-            rows, cols, rank, flen = head.unpack_from(stored, 0)
-            skip = head.size + flen
-            if rank:
-                if (rows * cols * 4 != n or rank > min(dc.MAX_RANK, rows, cols)
-                        or skip > len(stored)):
-                    raise IntegrityError(f"{what}: bad low-rank header ({rows}x{cols}, "
-                                         f"rank {rank})")
-                factors = dc.byteplane_decompress(stored[head.size:skip],
-                                                  (rows + cols) * rank * 4,
-                                                  f"{what} (factors)").view(np.float32)
-                u = factors[:rows * rank].reshape(rows, rank)
-                v = factors[rows * rank:].reshape(rank, cols)
-                row = cols * 4
-                self.predict = lambda b, start: dc.lowrank_predict(
-                    b, u[start // row:(start + len(b)) // row], v)
-                need, unit = 4, row  # predictions are made a row at a time
-            elif flen:
-                raise IntegrityError(f"{what}: rank-0 low-rank delta with factors")
-        elif enc not in DELTA_OPS:
+        if enc not in DELTA_OPS and enc not in PREDICTED:
             raise ValueError(f"{what}: encoding {enc.name} is not streamed")
+        stored = view[rec.offset:rec.offset + rec.stored_length]
+        self.head = parse_delta_header(enc, stored, n, what=what)
+        self.base, self.pos = base, 0
+        skip = self.head.residual_offset
         self.residual = PlaneReader(mm, view, rec.offset + skip, rec.stored_length - skip, n,
                                     what, release=release)
         self.width = self.residual.width
-        if self.op != "xor" and (self.width not in dc.SUB_WIDTHS
-                                 or (need and self.width != need)):
-            raise IntegrityError(f"{what}: residual width {self.width} not allowed here")
-        self.unit = unit or self.width
+        if self.head.op != "xor":
+            residual_width(stored[skip:], self.head.need_width, what)
+        self.unit = self.head.unit or self.width
 
     def readinto(self, out: np.ndarray) -> None:
         self.residual.readinto(out)
         base = self.base(self.pos, self.pos + len(out))
-        if self.op == "xor":
+        if self.head.op == "xor":
             np.bitwise_xor(out, base, out=out)
         else:
-            pred = base if self.predict is None else self.predict(base, self.pos)
-            self.dc.add_residual_(out, pred, self.width, zigzag=self.op == "zigzag-add")
+            pred = self.head.predict(base, self.pos)
+            add_residual_(out, pred, self.width, zigzag=self.head.op == "zigzag-add")
         self.pos += len(out)
 
     def finish(self) -> None:

@@ -44,12 +44,12 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from ..analyzers.hashing import hash_bytes
+from ..analyzers.tensor_hashes import hash_bytes
 from ..errors import BundleFormatError, IntegrityError, LoadError, TdedupError, UsageError
-from ..format.bundle_constants import BlobEncoding
-from ..format.bundle_reader import Bundle
-from ..format.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
-from ..format.unpack import check_padding
+from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.reader import Bundle
+from ..format.bundle.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
+from ..ops.unpack import check_padding
 from ..format.codecs import decode
 from .blob_stream import (DELTA_OPS, PREDICTED, STREAMED, BlobReader, DeltaReader,
                           MappedSource, open_reader)
@@ -411,13 +411,12 @@ class _Placer:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.view = memoryview(self.mm)
 
-    def what(self, rec: BlobRecord) -> str:
-        return f"blob {rec.hash[:16]}"
+    def what(self, rec: BlobRecord) -> None:
+        return None  # codec errors name no part of their own; corrupt() adds the blob
 
-    def corrupt(self, rec: BlobRecord, problem: str) -> IntegrityError:
-        users = self.bundle.models_using(rec.hash)
-        where = f" (used by {', '.join(users)})" if users else ""
-        return IntegrityError(f"blob {rec.hash[:16]}{where}: {problem}", path=self.bundle.path)
+    def corrupt(self, rec: BlobRecord, problem: str, part: str | None = None
+                ) -> IntegrityError:
+        return self.bundle.corrupt(rec.hash, problem, part=part)
 
     def check_stored(self, rec: BlobRecord) -> None:
         if not self.verify or rec.encoding is BlobEncoding.RAW:
@@ -444,7 +443,7 @@ class _Placer:
                     base_bytes = lambda a, b: base[a:b].cpu().numpy()  # noqa: E731
                 return DeltaReader(self.mm, self.view, rec, self.what(rec), base_bytes)
         except IntegrityError as e:
-            raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
+            raise self.corrupt(rec, e.problem, e.part) from e
         # An encoding not streamed here: decoded whole on the host by the format's
         # codecs, from the placed base.
         base = None
@@ -456,7 +455,7 @@ class _Placer:
             data = decode(rec.encoding, source.read(), rec.decoded_length, base=base,
                           what=self.what(rec))
         except TdedupError as e:
-            raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
+            raise self.corrupt(rec, e.problem, e.part) from e
         finally:
             source.close()
         return _ArrayReader(data)
@@ -521,7 +520,7 @@ class _Placer:
                 reader.readinto(array[i:i + step])
             reader.finish()
         except IntegrityError as e:
-            raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
+            raise self.corrupt(rec, e.problem, e.part) from e
         if self.verify:
             self.check_decoded(rec, hash_bytes(out.numpy()))
 
@@ -574,7 +573,7 @@ class _Placer:
                     stager.upload(reader, dest, hasher)
                     reader.finish()
                 except IntegrityError as e:
-                    raise self.corrupt(rec, e.problem.split(": ", 1)[-1]) from e
+                    raise self.corrupt(rec, e.problem, e.part) from e
                 self.finish_delta(rec, dest, reader, stager)
                 if self.verify:
                     if hasher is None:  # a delta: its final bytes exist on the device only

@@ -22,12 +22,12 @@ except ImportError:  # pragma: no cover - not on POSIX
 
 import blake3
 
-from ..analyzers.hashing import hash_bytes
-from ..errors import BundleError, OutputError
-from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
+from ...analyzers.tensor_hashes import hash_bytes
+from ...errors import BundleError, OutputError
+from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
                                FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, HEADER_STRUCT, MAGIC,
                                RAW_ALIGNMENT, BlobEncoding, ManifestEncoding)
-from .codecs import zstd_compress
+from ..codecs.zstd import zstd_compress
 from .manifest import BlobRecord, Manifest
 
 _ZEROS = bytes(RAW_ALIGNMENT)

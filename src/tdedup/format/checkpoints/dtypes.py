@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .safetensors_reader import DTYPE_BITS
+from .safetensors import DTYPE_BITS
 
 
 def element_width(dtype: str) -> int:

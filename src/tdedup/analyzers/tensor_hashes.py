@@ -17,7 +17,7 @@ from pathlib import Path
 import blake3
 
 from ..errors import InputError
-from ..format.records import ModelSource, SourceFile, TensorRecord
+from ..format.checkpoints.records import ModelSource, SourceFile, TensorRecord
 
 # Below this, blake3's thread pool costs more than it saves. Measured on the corpus
 # (bench/analyze.py --profile): 1 MiB left MiniLM's 590 kB attention matrices on one core

@@ -44,7 +44,7 @@ class BlobEncoding(IntEnum):
     """How a blob's stored bytes turn into its decoded bytes.
 
     0-15 are self-contained encodings; 16-31 are delta encodings, which need the decoded
-    bytes of the blob named by the record's ``base`` (layouts in ``delta_codecs``):
+    bytes of the blob named by the record's ``base`` (layouts in ``format.codecs.delta``):
 
     - ``XOR_BYTEPLANE_ZSTD``: byte planes of ``data XOR base``;
     - ``SUB_BYTEPLANE_ZSTD``: byte planes of ``data - base`` on unsigned integers of the

@@ -13,10 +13,10 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..errors import BundleFormatError, UnsafePathError, UnsupportedVersionError
-from .bundle_constants import (FORMAT_MAJOR, FORMAT_MINOR, MAX_DELTA_DEPTH, RAW_ALIGNMENT,
+from ...errors import BundleFormatError, UnsafePathError, UnsupportedVersionError
+from .constants import (FORMAT_MAJOR, FORMAT_MINOR, MAX_DELTA_DEPTH, RAW_ALIGNMENT,
                                BLOB_ALIGNMENT, HEADER_SIZE, BlobEncoding)
-from .records import FileKind
+from ..checkpoints.records import FileKind
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 #: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is

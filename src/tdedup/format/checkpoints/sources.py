@@ -19,11 +19,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
-from .bundle_writer import TEMP_NAME_RE
-from .gguf_reader import GGUF_MAGIC, SPLIT_RE, read_gguf
+from ...errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
+from ..bundle.writer import TEMP_NAME_RE
+from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
 from .records import FileKind, ModelSource, SourceFile
-from .safetensors_reader import read_safetensors
+from .safetensors import read_safetensors
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WEIGHT_SUFFIXES = {".safetensors": FileKind.SAFETENSORS, ".gguf": FileKind.GGUF}

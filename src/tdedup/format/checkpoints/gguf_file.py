@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import CheckpointFormatError
+from ...errors import CheckpointFormatError
 from .records import FileKind, SourceFile, TensorRecord
-from .safetensors_reader import check_no_overlap
+from .safetensors import check_no_overlap
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

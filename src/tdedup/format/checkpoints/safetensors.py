@@ -14,7 +14,7 @@ import math
 import struct
 from pathlib import Path
 
-from ..errors import CheckpointFormatError
+from ...errors import CheckpointFormatError
 from .records import FileKind, SourceFile, TensorRecord
 
 # Bits per element of every safetensors dtype (sub-byte float types included).

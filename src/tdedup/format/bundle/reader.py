@@ -18,14 +18,15 @@ from pathlib import Path
 
 import blake3
 
-from ..analyzers.hashing import hash_bytes
-from ..errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
+from ...analyzers.tensor_hashes import hash_bytes
+from ...errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
                       TdedupError, UnsupportedVersionError)
-from .bundle_constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
+from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
                                FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, HEADER_SIZE,
                                HEADER_STRUCT, MAGIC, MAX_MANIFEST_BYTES, BlobEncoding,
                                ManifestEncoding)
-from .codecs import decode, zstd_decompress
+from ..codecs import decode
+from ..codecs.zstd import zstd_decompress
 from .manifest import (MAX_ZSTD_RATIO, BlobRecord, FileEntry, Manifest, ModelEntry,
                        TensorEntry)
 
@@ -51,10 +52,7 @@ class Bundle:
             self.manifest = self._read_manifest()
         except TdedupError as e:
             self.close()
-            if e.path is None:
-                e.path = str(self.path)
-                e.args = (e.message,)
-            raise
+            raise e.locate(path=self.path)
         except (OSError, ValueError) as e:
             self.close()
             raise BundleFormatError(f"cannot read the bundle: {e}", path=self.path) from e
@@ -160,11 +158,12 @@ class Bundle:
                 if any(depends(f.layout) or any(depends(t.hash) for t in f.tensors)
                        for f in m.files)]
 
-    def _corrupt(self, digest: str, problem: str, cls: type = IntegrityError
-                 ) -> IntegrityError:
-        users = self.models_using(digest)
-        where = f" (used by {', '.join(users)})" if users else ""
-        return cls(f"blob {digest[:16]}{where}: {problem}", path=self.path)
+    def corrupt(self, digest: str, problem: str, cls: type = IntegrityError, *,
+                part: str | None = None) -> IntegrityError:
+        """The error for a damaged blob: it names the bundle, the blob and the models
+        that depend on it, so a user knows what is lost."""
+        return cls(problem, path=self.path, blob=digest, models=tuple(self.models_using(digest)),
+                   part=part)
 
     # -- blob reads ---------------------------------------------------------------------
 
@@ -174,7 +173,7 @@ class Bundle:
     def check_stored(self, rec: BlobRecord) -> None:
         """Raise :class:`IntegrityError` if the blob's stored bytes fail their checksum."""
         if hash_bytes(self.stored_bytes(rec)) != rec.checksum:
-            raise self._corrupt(rec.hash, "stored bytes fail their checksum (corrupted)")
+            raise self.corrupt(rec.hash, "stored bytes fail their checksum (corrupted)")
 
     def read_blob(self, digest: str, *, verify: bool = False, _depth: int = 0):
         """The decoded bytes of a blob (bytes-like; raw blobs are views of the map).
@@ -186,7 +185,7 @@ class Bundle:
         if rec.encoding is BlobEncoding.RAW:
             data = self.stored_bytes(rec)
             if verify and hash_bytes(data) != digest:
-                raise self._corrupt(digest, "bytes do not match their hash (corrupted)")
+                raise self.corrupt(digest, "bytes do not match their hash (corrupted)")
             return data
         with self._lock:
             hit = self._cache.get(digest)
@@ -199,12 +198,11 @@ class Bundle:
         if rec.base is not None:
             base = self.read_blob(rec.base, verify=verify, _depth=_depth + 1)
         try:
-            data = decode(rec.encoding, self.stored_bytes(rec), rec.decoded_length, base=base,
-                          what=f"blob {digest[:16]}")
+            data = decode(rec.encoding, self.stored_bytes(rec), rec.decoded_length, base=base)
         except IntegrityError as e:
-            raise self._corrupt(digest, e.problem.split(": ", 1)[-1], type(e)) from e
+            raise self.corrupt(digest, e.problem, type(e), part=e.part) from e
         if verify and hash_bytes(data) != digest:
-            raise self._corrupt(digest, "decoded bytes do not match their hash (corrupted)")
+            raise self.corrupt(digest, "decoded bytes do not match their hash (corrupted)")
         self._remember(digest, data)
         return data
 

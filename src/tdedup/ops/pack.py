@@ -21,16 +21,17 @@ from pathlib import Path
 
 from .. import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
-from ..analyzers.hashing import HashedTensor, hash_bytes, mapped
+from ..analyzers.tensor_hashes import HashedTensor, hash_bytes, mapped
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import UsageError
-from .bundle_constants import BlobEncoding
-from .bundle_writer import BundleWriter
-from .codecs import DEFAULT_LEVEL, encode, zstd_compress
-from .dtypes import element_width
-from .manifest import FileEntry, Manifest, ModelEntry, TensorEntry
-from .model_source import ModelArg
-from .records import SourceFile
+from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.writer import BundleWriter
+from ..format.codecs import DEFAULT_LEVEL, encode
+from ..format.codecs.zstd import zstd_compress
+from ..format.checkpoints.dtypes import element_width
+from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
+from ..format.checkpoints.sources import ModelArg
+from ..format.checkpoints.records import SourceFile
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01

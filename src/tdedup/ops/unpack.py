@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
-from .bundle_constants import HEADER_FIELDS_SIZE, HEADER_SIZE
-from .bundle_reader import Bundle
-from .bundle_writer import fsync_dir, open_temp, remove_stale_temps
-from .manifest import FileEntry, ModelEntry
+from ..format.bundle.constants import HEADER_FIELDS_SIZE, HEADER_SIZE
+from ..format.bundle.reader import Bundle
+from ..format.bundle.writer import fsync_dir, open_temp, remove_stale_temps
+from ..format.bundle.manifest import FileEntry, ModelEntry
 
 Progress = Callable[[str, int, int], None]
 

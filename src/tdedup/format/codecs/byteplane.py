@@ -1,0 +1,78 @@
+"""Byte-plane blobs: element ``i``'s byte ``j`` goes to plane ``j``, one zstd frame each.
+
+Trained float weights have near-random low bytes and skewed high ones (sign and
+exponent); split by byte position, each plane compresses to about its own entropy.
+Stored form (spec §4.3): u32 width, width x u64 frame lengths, then the frames.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ...errors import IntegrityError
+from ..bundle.constants import MAX_PLANE_WIDTH
+from .zstd import DEFAULT_LEVEL, compressor, zstd_decompress
+
+#: The stored form's table: the width, then one frame length per plane.
+PLANE_COUNT = struct.Struct("<I")
+PLANE_LEN = struct.Struct("<Q")
+
+
+def _plane_part(what: str | None, j: int) -> str:
+    return f"{what}, plane {j}" if what else f"plane {j}"
+
+
+def split_planes(data, width: int) -> list[np.ndarray]:
+    """Element ``i``'s byte ``j`` goes to plane ``j`` (so an F32's exponent byte is plane 3)."""
+    a = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    return [np.ascontiguousarray(a[:, j]) for j in range(width)]
+
+
+def join_planes(planes: list, n: int, width: int) -> np.ndarray:
+    out = np.empty((n // width, width), dtype=np.uint8)
+    for j, p in enumerate(planes):
+        out[:, j] = np.frombuffer(p, dtype=np.uint8)
+    return out.reshape(-1)
+
+
+def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
+    """Stored form: u32 width, width x u64 frame lengths, then one zstd frame per plane."""
+    comp = compressor(level, planes=True)
+    frames = [comp.compress(p) for p in split_planes(data, width)]
+    head = PLANE_COUNT.pack(width) + b"".join(PLANE_LEN.pack(len(f)) for f in frames)
+    return head + b"".join(frames)
+
+
+def byteplane_frames(stored, expected: int, what: str | None = None) -> tuple[int, list[slice]]:
+    """The width of a byte-plane blob and where each plane's frame lies in ``stored``
+    (only the table at its start is read)."""
+    mv = memoryview(stored)
+    if len(mv) < PLANE_COUNT.size:
+        raise IntegrityError(f"byte-plane blob too short", part=what)
+    (width,) = PLANE_COUNT.unpack_from(mv, 0)
+    if not 1 <= width <= MAX_PLANE_WIDTH or expected % width:
+        raise IntegrityError(f"bad byte-plane width {width} for {expected} bytes", part=what)
+    pos = PLANE_COUNT.size + width * PLANE_LEN.size
+    if len(mv) < pos:
+        raise IntegrityError(f"byte-plane table truncated", part=what)
+    lengths = [PLANE_LEN.unpack_from(mv, PLANE_COUNT.size + j * PLANE_LEN.size)[0]
+               for j in range(width)]
+    if pos + sum(lengths) != len(mv):
+        raise IntegrityError(f"byte-plane frames do not add up to the stored length", part=what)
+    frames = []
+    for n in lengths:
+        frames.append(slice(pos, pos + n))
+        pos += n
+    return width, frames
+
+
+def byteplane_decompress(stored, expected: int, what: str | None = None) -> np.ndarray:
+    mv = memoryview(stored)
+    width, frames = byteplane_frames(mv, expected, what)
+    planes = [zstd_decompress(mv[f], expected // width, _plane_part(what, j))
+              for j, f in enumerate(frames)]
+    return join_planes(planes, expected, width)
+
+
