@@ -38,7 +38,7 @@ import numpy as np
 import zstandard
 
 import tdedup
-from tdedup.analyzers.tensor_hashes import mapped
+from tdedup._fs import mapped
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.format.codecs import DEFAULT_LEVEL
 from tdedup.format.codecs.byteplane import byteplane_compress

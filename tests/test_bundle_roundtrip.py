@@ -19,7 +19,7 @@ import tdedup
 from bundle_helpers import (ST_NUMPY, assert_restored, minilm_family, model_tree,
                             safetensors_offsets, sha256_file, tensor_bytes, tree,
                             write_safetensors)
-from tdedup.analyzers.tensor_hashes import mapped
+from tdedup._fs import mapped
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.cli import app
 from tdedup.format.codecs import DEFAULT_LEVEL

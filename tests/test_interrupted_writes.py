@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import tdedup
-from tdedup.format.bundle.writer import TEMP_NAME_RE, remove_stale_temps
+from tdedup._fs import TEMP_NAME_RE, remove_stale_temps
 
 import hostile_helpers as hh
 from bundle_helpers import tree

@@ -8,8 +8,7 @@ shared tensors stored once (:func:`load`, needs the ``torch`` extra).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import TdedupError  # noqa: E402
 from .format.bundle.reader import Bundle, open_bundle  # noqa: E402
 from .ops.pack import PackResult, pack  # noqa: E402

@@ -20,12 +20,12 @@ chains.
 from __future__ import annotations
 
 import math
-import mmap
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._fs import close_map, map_file
 from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
 from ..format.codecs.delta import SUB_WIDTHS, decay_predict, lowrank_predict, sub_residual
 from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_index
@@ -120,10 +120,7 @@ class TensorBytes:
         maps, self._maps = self._maps, {}
         for m in maps.values():
             if m is not None:
-                try:
-                    m.close()
-                except BufferError:
-                    pass
+                close_map(m)
 
     def __call__(self, h: HashedTensor) -> np.ndarray:
         path, off, length = self.scanned.locate(h)
@@ -131,13 +128,10 @@ class TensorBytes:
             return np.zeros(0, dtype=np.uint8)
         m = self._maps.get(path)
         if m is None:
-            try:
-                with open(path, "rb") as f:
-                    m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise InputError(f"cannot read: {e}", path=path) from e
-        if off + length > len(m):
-            raise InputError(f"file shrank while reading ({len(m)} bytes)", path=path)
+            m = self._maps[path] = map_file(path)
+        if m is None or off + length > len(m):
+            raise InputError(f"file shrank while reading ({len(m) if m else 0} bytes)",
+                             path=path)
         return np.frombuffer(m, dtype=np.uint8, count=length, offset=off)
 
 

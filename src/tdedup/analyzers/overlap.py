@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from .._version import __version__
 from ..format.checkpoints.records import ModelSource
 from .tensor_hashes import ContentKey, HashedTensor
 
@@ -133,7 +134,6 @@ class OverlapReport:
 
     def to_dict(self) -> dict:
         """The documented JSON form (docs/analyze-json.md)."""
-        from .. import __version__
 
         size = {m.name: m.tensor_bytes for m in self.models}
         return {

@@ -44,7 +44,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from ..analyzers.tensor_hashes import hash_bytes
+from ..format.bundle.hashing import hash_bytes
 from ..errors import BundleFormatError, IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.reader import Bundle

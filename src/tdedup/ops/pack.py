@@ -19,9 +19,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
-from ..analyzers.tensor_hashes import HashedTensor, hash_bytes, mapped
+from .._fs import mapped
+from ..analyzers.tensor_hashes import HashedTensor
+from ..format.bundle.hashing import hash_bytes
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import UsageError
 from ..format.bundle.constants import BlobEncoding

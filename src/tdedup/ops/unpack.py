@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
 from ..format.bundle.constants import HEADER_FIELDS_SIZE, HEADER_SIZE
 from ..format.bundle.reader import Bundle
-from ..format.bundle.writer import fsync_dir, open_temp, remove_stale_temps
+from .._fs import fsync_dir, open_temp, remove_stale_temps
 from ..format.bundle.manifest import FileEntry, ModelEntry
 
 Progress = Callable[[str, int, int], None]

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import blake3
 
-from ...analyzers.tensor_hashes import hash_bytes
 from ...errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
                       TdedupError, UnsupportedVersionError)
 from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
@@ -27,6 +26,7 @@ from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
                                ManifestEncoding)
 from ..codecs import decode
 from ..codecs.zstd import zstd_decompress
+from .hashing import hash_bytes
 from .manifest import (MAX_ZSTD_RATIO, BlobRecord, FileEntry, Manifest, ModelEntry,
                        TensorEntry)
 

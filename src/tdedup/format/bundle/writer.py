@@ -10,115 +10,20 @@ renamed over the target, so an interrupted write never leaves a file at the targ
 from __future__ import annotations
 
 import os
-import re
-import secrets
-import stat
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX
-    fcntl = None
 
 import blake3
 
-from ...analyzers.tensor_hashes import hash_bytes
+from ..._fs import fsync_dir, open_temp, remove_stale_temps
 from ...errors import BundleError, OutputError
 from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
                                FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, HEADER_STRUCT, MAGIC,
                                RAW_ALIGNMENT, BlobEncoding, ManifestEncoding)
 from ..codecs.zstd import zstd_compress
+from .hashing import hash_bytes
 from .manifest import BlobRecord, Manifest
 
 _ZEROS = bytes(RAW_ALIGNMENT)
-
-
-# Matches the names temp_path_for makes (readers skip such leftovers of a killed write).
-TEMP_NAME_RE = re.compile(r"^\..+\.tdedup-\d+-[0-9a-f]{8}\.tmp$")
-
-
-def temp_path_for(target: Path) -> Path:
-    """A hidden temporary name beside ``target`` (same file system, so rename is atomic)."""
-    return target.with_name(f".{target.name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-# The same names, with the target's name and the writer's process id.
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tdedup-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp$")
-
-
-def open_temp(target: Path):
-    """Create ``target``'s temporary file (exclusively) and hold a lock on it while it is
-    open, so that :func:`remove_stale_temps` never takes a live writer's file for stale.
-    Returns ``(path, binary file)``."""
-    tmp = temp_path_for(target)
-    f = open(tmp, "xb")
-    if fcntl is not None:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a file system without locks: the process check alone decides
-    return tmp, f
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path]:
-    """Remove the temporary files that a killed tdedup left in ``folder`` (for targets
-    named in ``names``, or all): those whose writing process is gone and whose lock is
-    free (a writer on another host sharing the folder still holds its lock)."""
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for e in entries:
-        m = _TEMP_RE.match(e.name)
-        if not m or (names is not None and m["name"] not in names) or _alive(int(m["pid"])):
-            continue
-        try:
-            fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    pass
-            os.unlink(e.path)
-            removed.append(Path(e.path))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class BundleWriter:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
-from ..bundle.writer import TEMP_NAME_RE
+from ..._fs import TEMP_NAME_RE
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
 from .records import FileKind, ModelSource, SourceFile
 from .safetensors import read_safetensors

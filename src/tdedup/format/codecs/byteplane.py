@@ -50,17 +50,17 @@ def byteplane_frames(stored, expected: int, what: str | None = None) -> tuple[in
     (only the table at its start is read)."""
     mv = memoryview(stored)
     if len(mv) < PLANE_COUNT.size:
-        raise IntegrityError(f"byte-plane blob too short", part=what)
+        raise IntegrityError("byte-plane blob too short", part=what)
     (width,) = PLANE_COUNT.unpack_from(mv, 0)
     if not 1 <= width <= MAX_PLANE_WIDTH or expected % width:
         raise IntegrityError(f"bad byte-plane width {width} for {expected} bytes", part=what)
     pos = PLANE_COUNT.size + width * PLANE_LEN.size
     if len(mv) < pos:
-        raise IntegrityError(f"byte-plane table truncated", part=what)
+        raise IntegrityError("byte-plane table truncated", part=what)
     lengths = [PLANE_LEN.unpack_from(mv, PLANE_COUNT.size + j * PLANE_LEN.size)[0]
                for j in range(width)]
     if pos + sum(lengths) != len(mv):
-        raise IntegrityError(f"byte-plane frames do not add up to the stored length", part=what)
+        raise IntegrityError("byte-plane frames do not add up to the stored length", part=what)
     frames = []
     for n in lengths:
         frames.append(slice(pos, pos + n))

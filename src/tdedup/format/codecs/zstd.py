@@ -61,7 +61,7 @@ def check_frame_size(frame, expected: int, what: str | None = None) -> int:
     except zstandard.ZstdError as e:
         raise IntegrityError(f"not a zstd frame ({e})", part=what) from None
     if declared == -1:
-        raise BundleFormatError(f"zstd frame does not declare its content size", part=what)
+        raise BundleFormatError("zstd frame does not declare its content size", part=what)
     if declared > expected:
         raise DecompressionBombError(
             f"zstd frame declares {declared} bytes, more than the {expected} declared "
