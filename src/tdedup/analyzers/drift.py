@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..format.checkpoints.dtypes import NUMPY_FLOATS
 from ..format.codecs.delta import SUB_WIDTHS
 from ..format.codecs.delta_encode import sample_index
 from .delta_planning import DeltaPlan, TensorBytes, plan_deltas, plane_width
@@ -34,7 +35,6 @@ SAMPLE_ABOVE = 1 << 16
 SAMPLE_RUNS, SAMPLE_RUN = 64, 256
 
 _LAYER = re.compile(r"^((?:.*?[._])?(?:layers?|h|blocks?|blk)\.\d+)\.")
-_FLOAT = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
 @dataclass(slots=True)
@@ -122,7 +122,7 @@ def layer_of(name: str) -> str:
 def _floats(raw: np.ndarray, dtype: str) -> np.ndarray | None:
     if dtype == "BF16":
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    t = _FLOAT.get(dtype)
+    t = NUMPY_FLOATS.get(dtype)
     return None if t is None else raw.view(t).astype(np.float64)
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from ..format.bundle.hashing import hash_bytes
 from ..errors import BundleFormatError, IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
+from ..format.checkpoints.dtypes import ggml_blocks, is_quantized, torch_dtype_name
 from ..format.bundle.reader import Bundle
 from ..format.bundle.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
 from ..ops.unpack import check_padding
@@ -61,17 +62,6 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 # -- dtypes ---------------------------------------------------------------------------
 
-#: safetensors dtype -> torch dtype name (looked up with getattr: older torch lacks some).
-SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "C64": "complex64",
-}
-#: ggml types that are plain arrays of one element type; every other type is blocks.
-GGML_TYPED = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8"}
 #: Decoded blobs start at a multiple of this in an arena (any dtype view is aligned).
 ARENA_ALIGN = 256
 #: Bytes per pinned staging buffer (two are used in turn).
@@ -103,20 +93,8 @@ def require(module: str, purpose: str):
 def torch_dtype(dtype: str, kind: str):
     """The torch dtype a tensor of ``dtype`` loads as, or None for raw bytes (uint8):
     quantized ggml blocks, sub-byte floats, or a dtype this torch lacks."""
-    table = GGML_TYPED if kind == "gguf" else SAFETENSORS_DTYPES
-    name = table.get(dtype)
+    name = torch_dtype_name(dtype, kind)
     return getattr(torch, name, None) if name else None
-
-
-def _ggml_blocks(dtype: str):
-    """(ggml type, block size, bytes per block) of a quantized ggml type, else None."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    qtype = GGMLQuantizationType.__members__.get(dtype)
-    if qtype is None:
-        return None
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    return qtype, block, type_size
 
 
 # -- results --------------------------------------------------------------------------
@@ -644,8 +622,8 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
             for f in (f for m in chosen for f in m.files):
                 bundle.check_stored(bundle.blob(f.layout))
         uses = [_Use(m.name, key, f, t) for m in chosen for key, f, t in _keys(m)]
-        quant = {id(u): _ggml_blocks(u.tensor.dtype) if u.file.kind == "gguf"
-                 and u.tensor.dtype not in GGML_TYPED else None for u in uses}
+        quant = {id(u): ggml_blocks(u.tensor.dtype)
+                 if is_quantized(u.tensor.dtype, u.file.kind) else None for u in uses}
         # Blobs that only feed dequantization stay on the host; any other use, or being
         # the base of a device blob, puts a blob on the device.
         on_device = {u.tensor.hash for u in uses
@@ -696,9 +674,9 @@ def _build_tensors(uses: list[_Use], quant: dict, blobs: dict, dev, dequantize: 
         if tensor is None:
             _check_fits(t, f, q, None if q is not None else torch_dtype(t.dtype, f.kind))
             if q is not None:
-                qtype, block, type_size = q
+                block, type_size = q.block, q.type_size
                 if deq:
-                    tensor = _dequantize(blobs.get(t.hash), qtype, shape, dev)
+                    tensor = _dequantize(blobs.get(t.hash), q.type_id, shape, dev)
                     dequantized_bytes += tensor.nbytes
                 else:
                     tensor = _typed(blobs.get(t.hash), torch.uint8,
@@ -711,7 +689,7 @@ def _build_tensors(uses: list[_Use], quant: dict, blobs: dict, dev, dequantize: 
             made[key] = tensor
         state[u.model][u.key] = tensor
         info[u.model][u.key] = TensorInfo(t.name, f.path, t.dtype, shape, t.hash,
-                                          q[0].name if q else None, deq)
+                                          q.name if q else None, deq)
         stats.models[u.model] += tensor.nbytes
     stats.logical_bytes = sum(stats.models.values())
     stats.tensors = len(uses)
@@ -726,7 +704,7 @@ def _check_fits(t: TensorEntry, f: FileEntry, q, dt) -> None:
     if any(d >= 1 << 63 for d in shape):  # torch sizes are int64 (an empty tensor's too)
         ok = False
     elif q is not None:
-        block, type_size = q[1], q[2]
+        block, type_size = q.block, q.type_size
         ok = not shape or (shape[-1] % block == 0 and math.prod(shape[:-1])
                            * (shape[-1] // block * type_size) == t.length)
     else:

@@ -21,9 +21,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGUFValueType
 
 from ...errors import CheckpointFormatError
+from .dtypes import ggml_blocks
 from .records import FileKind, SourceFile, TensorRecord
 from .safetensors import check_no_overlap
 
@@ -54,17 +55,6 @@ _MAX_NESTING = 8
 # never more than _MAX_WINDOW bytes so a corrupted count cannot make us read the whole file.
 _CHUNK = 1 << 20
 _MAX_WINDOW = 1 << 23
-
-
-def ggml_type_name(type_id: int) -> str:
-    """Name of a ggml tensor type (``"Q4_1"``) from its numeric id."""
-    return GGMLQuantizationType(type_id).name
-
-
-def ggml_nbytes(type_id: int, n_elements: int) -> int:
-    """Stored bytes of ``n_elements`` elements of a ggml type (whole blocks)."""
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    return n_elements // block * type_size
 
 
 def _string_run(buf: bytes, start: int, stop: int, count: int) -> tuple[int, int]:
@@ -303,17 +293,15 @@ def _parse(cur: _Cursor, model: str, rel: str) -> SourceFile:
         if name in names:
             raise CheckpointFormatError(f"{where}: duplicate tensor name", path=path)
         names.add(name)
-        try:
-            qtype = GGMLQuantizationType(type_id)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise CheckpointFormatError(f"{where}: unknown ggml type {type_id}",
-                                        path=path) from None
+        qtype = ggml_blocks(type_id)
+        if qtype is None:
+            raise CheckpointFormatError(f"{where}: unknown ggml type {type_id}", path=path)
         n_el = math.prod(dims)
-        if dims and dims[0] % block:
+        if dims and dims[0] % qtype.block:
             raise CheckpointFormatError(f"{where}: first dimension {dims[0]} is not a multiple "
-                                        f"of the {qtype.name} block size {block}", path=path)
-        length = n_el // block * type_size
+                                        f"of the {qtype.name} block size {qtype.block}",
+                                        path=path)
+        length = qtype.nbytes(n_el)
         start = data_start + offset
         if start + length > size:
             raise CheckpointFormatError(

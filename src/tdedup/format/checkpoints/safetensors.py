@@ -10,29 +10,15 @@ strictly: every malformed or truncated file becomes a :class:`CheckpointFormatEr
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 
 from ...errors import CheckpointFormatError
+from .dtypes import DTYPE_BITS, dtype_nbytes
 from .records import FileKind, SourceFile, TensorRecord
-
-# Bits per element of every safetensors dtype (sub-byte float types included).
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-}
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading.
 MAX_HEADER_BYTES = 100_000_000
-
-
-def dtype_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Stored byte length of a tensor of ``dtype`` and ``shape`` (sub-byte dtypes packed)."""
-    return (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
