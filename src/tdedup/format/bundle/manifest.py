@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from ...errors import BundleFormatError, UnsafePathError, UnsupportedVersionError
 from .constants import (FORMAT_MAJOR, FORMAT_MINOR, MAX_DELTA_DEPTH, RAW_ALIGNMENT,
                                BLOB_ALIGNMENT, HEADER_SIZE, BlobEncoding)
-from ..checkpoints.records import FileKind
+from ..checkpoints.records import FileKind, is_model_name
+from ..strict_json import loads_strict
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 #: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is
@@ -24,7 +25,6 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 #: of frames (every encoding but RAW), decodes to more than 131072 / 4 times its size.
 MAX_ZSTD_RATIO = 32768
 SHA256_RE = HASH_RE
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 FORMAT_NAME = "tdedup-bundle"
 
 
@@ -126,22 +126,10 @@ class Manifest:
     def from_json_bytes(cls, raw: bytes, *, data_end: int) -> "Manifest":
         """Parse and validate. ``data_end`` is where the blob area ends (the manifest)."""
         try:
-            doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-        except (UnicodeDecodeError, ValueError) as e:
+            doc = loads_strict(raw)
+        except ValueError as e:
             raise BundleFormatError(f"manifest is not valid JSON ({e})") from None
-        except RecursionError:  # crafted: thousands of nested brackets
-            raise BundleFormatError("manifest is not valid JSON (nested too deeply)") from None
         return _Parser(data_end).manifest(doc)
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """JSON object hook: a manifest must not repeat a key (spec §6)."""
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {dup!r}")
-    return d
 
 
 def check_relative_path(path: str, what: str) -> None:
@@ -297,7 +285,7 @@ class _Parser:
     def model(self, m, what: str, blobs: dict[str, BlobRecord]) -> ModelEntry:
         m = self.obj(m, what)
         name = self.get(m, "name", str, what)
-        if not MODEL_NAME_RE.match(name):
+        if not is_model_name(name):
             raise UnsafePathError(f"manifest: unsafe model name {name!r}")
         files = [self.file(f, f"{what}.files[{i}]", blobs)
                  for i, f in enumerate(self.get(m, "files", list, what))]

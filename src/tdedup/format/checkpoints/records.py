@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+#: What a model name may be (it names a folder on unpack, so nothing that could escape it).
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_model_name(name: object) -> bool:
+    """Whether ``name`` is a valid model name (the whole string: a trailing newline is not)."""
+    return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
 
 
 class FileKind(str, enum.Enum):

@@ -9,25 +9,16 @@ strictly: every malformed or truncated file becomes a :class:`CheckpointFormatEr
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
 from ...errors import CheckpointFormatError
+from ..strict_json import loads_strict
 from .dtypes import DTYPE_BITS, dtype_nbytes
 from .records import FileKind, SourceFile, TensorRecord
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading.
 MAX_HEADER_BYTES = 100_000_000
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r} in header")
-        seen[key] = value
-    return seen
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict]:
@@ -52,12 +43,9 @@ def read_safetensors_header(path: Path) -> tuple[int, dict]:
     except OSError as e:
         raise CheckpointFormatError(f"cannot read: {e.strerror or e}", path=path) from e
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(f"malformed safetensors header: {e}", path=path) from e
-    except RecursionError:  # a crafted header of deeply nested brackets
-        raise CheckpointFormatError("malformed safetensors header: nested too deeply",
-                                    path=path) from None
+        header = loads_strict(raw)
+    except ValueError as e:
+        raise CheckpointFormatError(f"malformed safetensors header: {e}", path=path) from None
     if not isinstance(header, dict):
         raise CheckpointFormatError("malformed safetensors header: not a JSON object", path=path)
     return 8 + n, header

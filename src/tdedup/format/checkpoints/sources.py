@@ -12,7 +12,6 @@ A *model* is what one command-line argument names:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -21,11 +20,11 @@ from pathlib import Path
 
 from ...errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
 from ..._fs import TEMP_NAME_RE
+from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
-from .records import FileKind, ModelSource, SourceFile
+from .records import FileKind, ModelSource, SourceFile, is_model_name
 from .safetensors import read_safetensors
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WEIGHT_SUFFIXES = {".safetensors": FileKind.SAFETENSORS, ".gguf": FileKind.GGUF}
 
 
@@ -41,7 +40,7 @@ def parse_model_arg(arg: str) -> ModelArg:
     """Parse ``NAME=PATH`` or ``PATH``. A path that exists as written wins over a split."""
     if "=" in arg and not os.path.exists(arg):
         name, _, path = arg.partition("=")
-        if not NAME_RE.match(name):
+        if not is_model_name(name):
             raise UsageError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or "
                              "'-', starting with a letter or digit")
         return ModelArg(name, Path(path))
@@ -109,10 +108,13 @@ def _walk(folder: Path) -> list[Path]:
 def _check_shard_index(folder: Path, files: list[Path]) -> None:
     for index in (p for p in files if p.name.endswith(".safetensors.index.json")):
         try:
-            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            doc = loads_strict(index.read_bytes())
+            weight_map = doc["weight_map"] if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError("no 'weight_map' object")
             shards = set(weight_map.values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointFormatError(f"malformed shard index ({e})", path=index) from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointFormatError(f"malformed shard index ({e})", path=index) from None
         for shard in sorted(shards):
             if not isinstance(shard, str) or not (index.parent / shard).is_file():
                 raise InputError(f"shard {shard!r} listed in {index.name} is missing",
