@@ -268,8 +268,9 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
-        order, depth = tl._blob_order(b, [t.hash for m in b.manifest.models
-                                          for f in m.files for t in f.tensors if t.length])
+        needed = [t.hash for m in b.manifest.models for f in m.files for t in f.tensors
+                  if t.length]
+        order, depth = b.manifest.placement_order(needed), b.manifest.with_bases(needed)
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
         placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)

@@ -12,7 +12,8 @@ from ._version import __version__
 from .errors import TdedupError  # noqa: E402
 from .format.bundle.reader import Bundle, open_bundle  # noqa: E402
 from .ops.pack import PackResult, pack  # noqa: E402
-from .ops.unpack import UnpackResult, VerifyResult, unpack, verify  # noqa: E402
+from .ops.unpack import UnpackResult, unpack  # noqa: E402
+from .ops.verify import VerifyResult, verify  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -26,13 +26,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._fs import close_map, map_file
-from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
-from ..format.codecs.delta import SUB_WIDTHS, decay_predict, lowrank_predict, sub_residual
-from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_index
-from ..format.checkpoints.dtypes import element_width
 from ..errors import InputError
-from .tensor_hashes import ContentKey, HashedTensor
+from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
+from ..format.checkpoints.dtypes import element_width
+from ..format.codecs.delta import (
+    SUB_WIDTHS,
+    decay_predict,
+    lowrank_predict,
+    sub_residual,
+)
+from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_index
 from .scan import ScannedModels
+from .tensor_hashes import ContentKey, HashedTensor
 
 __all__ = ["DeltaChoice", "DeltaPlan", "choose_bases", "element_width", "plan_deltas"]
 

@@ -26,8 +26,8 @@ from ..format.checkpoints.dtypes import NUMPY_FLOATS
 from ..format.codecs.delta import SUB_WIDTHS
 from ..format.codecs.delta_encode import sample_index
 from .delta_planning import DeltaPlan, TensorBytes, plan_deltas, plane_width
-from .tensor_hashes import HashedTensor
 from .scan import ScannedModels
+from .tensor_hashes import HashedTensor
 
 #: Tensors with more elements than this are measured on a sample.
 SAMPLE_ABOVE = 1 << 16

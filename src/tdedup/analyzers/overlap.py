@@ -22,7 +22,6 @@ from .._version import __version__
 from ..format.checkpoints.records import ModelSource
 from .tensor_hashes import ContentKey, HashedTensor
 
-
 # Bumped when a field of ``OverlapReport.to_dict`` changes meaning or disappears; adding a
 # field keeps the version (docs/analyze-json.md).
 SCHEMA_VERSION = 1

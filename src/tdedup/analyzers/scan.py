@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from ..format.checkpoints.sources import ModelArg, open_models
 from pathlib import Path
 
 from ..format.checkpoints.records import ModelSource, SourceFile
+from ..format.checkpoints.sources import ModelArg, open_models
 from .tensor_hashes import ContentKey, HashedTensor, hash_model
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
 from .._fs import mapped
 from ..errors import InputError
 from ..format.bundle.hashing import hash_bytes

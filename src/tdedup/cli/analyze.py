@@ -21,8 +21,15 @@ from ..errors import OutputError, UsageError, display_path
 from ..format.checkpoints.records import FileKind, ModelSource
 from . import app
 from .analyze_render import markdown_report, print_report
-from .common import (EXIT_THRESHOLD, byte_progress, guarded, hint, human_bytes,
-                     stdout_console, warn)
+from .common import (
+    EXIT_THRESHOLD,
+    byte_progress,
+    guarded,
+    hint,
+    human_bytes,
+    stdout_console,
+    warn,
+)
 
 # Weight files of other formats that a folder may hold: their tensors are not counted,
 # which the user should know before trusting a low ratio.

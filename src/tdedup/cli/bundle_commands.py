@@ -13,9 +13,8 @@ from rich.table import Table
 from ..format.bundle.reader import Bundle
 from ..format.codecs import DEFAULT_LEVEL
 from ..ops.pack import pack as pack_models
-from ..ops.unpack import check_padding
 from ..ops.unpack import unpack as unpack_bundle
-from ..ops.unpack import verify as verify_bundle
+from ..ops.verify import verify as verify_bundle
 from . import app
 from .common import guarded, human_bytes, phased_progress, stdout_console
 
@@ -126,7 +125,7 @@ def inspect(
     with Bundle(bundle) as b:
         # Cheap integrity checks (no decoding): zero padding and every blob's stored
         # checksum, so that inspect never describes a corrupted bundle as sound.
-        check_padding(b)
+        b.check_padding()
         for rec in b.manifest.blobs.values():
             b.check_stored(rec)
         info = inspect_dict(b)

@@ -22,10 +22,10 @@ import zstandard
 
 from ..errors import IntegrityError
 from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
+from ..format.bundle.manifest import BlobRecord
 from ..format.codecs.byteplane import byteplane_frames
 from ..format.codecs.delta import add_residual_, parse_delta_header, residual_width
 from ..format.codecs.zstd import check_frame_size
-from ..format.bundle.manifest import BlobRecord
 
 PAGE = mmap.PAGESIZE
 #: Compressed bytes handed to zstd at a time (and the granularity pages are dropped at).

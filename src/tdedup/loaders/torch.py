@@ -44,16 +44,28 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from ..format.bundle.hashing import hash_bytes
-from ..errors import BundleFormatError, IntegrityError, LoadError, TdedupError, UsageError
+from ..errors import (
+    BundleFormatError,
+    IntegrityError,
+    LoadError,
+    TdedupError,
+    UsageError,
+)
 from ..format.bundle.constants import BlobEncoding
-from ..format.checkpoints.dtypes import ggml_blocks, is_quantized, torch_dtype_name
-from ..format.bundle.reader import Bundle
+from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import BlobRecord, FileEntry, ModelEntry, TensorEntry
-from ..ops.unpack import check_padding
+from ..format.bundle.reader import Bundle
+from ..format.checkpoints.dtypes import ggml_blocks, is_quantized, torch_dtype_name
 from ..format.codecs import decode
-from .blob_stream import (DELTA_OPS, PREDICTED, STREAMED, BlobReader, DeltaReader,
-                          MappedSource, open_reader)
+from .blob_stream import (
+    DELTA_OPS,
+    PREDICTED,
+    STREAMED,
+    BlobReader,
+    DeltaReader,
+    MappedSource,
+    open_reader,
+)
 
 try:
     import torch
@@ -254,25 +266,6 @@ def _keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
                                     f"{t.name!r}")
         seen.add(key)
     return keyed
-
-
-def _blob_order(bundle: Bundle, digests: Sequence[str]
-                ) -> tuple[list[BlobRecord], dict[str, int]]:
-    """The blobs to place, delta bases included, every base before its deltas; and each
-    one's delta depth (0: not a delta)."""
-    depth: dict[str, int] = {}
-
-    def walk(h: str) -> int:
-        if h not in depth:
-            rec = bundle.blob(h)
-            depth[h] = 0 if rec.base is None else walk(rec.base) + 1
-        return depth[h]
-
-    for h in digests:
-        walk(h)
-    recs = [bundle.blob(h) for h in depth]
-    recs.sort(key=lambda r: (depth[r.hash], -r.decoded_length))
-    return recs, depth
 
 
 # -- placing blobs --------------------------------------------------------------------
@@ -618,7 +611,7 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
         names = list(dict.fromkeys(models)) if models else bundle.model_names
         chosen = [bundle.model(n) for n in names]
         if verify:  # bytes no tensor uses are checked too, so a damaged bundle never loads
-            check_padding(bundle)
+            bundle.check_padding()
             for f in (f for m in chosen for f in m.files):
                 bundle.check_stored(bundle.blob(f.layout))
         uses = [_Use(m.name, key, f, t) for m in chosen for key, f, t in _keys(m)]
@@ -628,7 +621,9 @@ def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = 
         # the base of a device blob, puts a blob on the device.
         on_device = {u.tensor.hash for u in uses
                      if u.tensor.length and not (dequantize and quant[id(u)])}
-        order, depth = _blob_order(bundle, [u.tensor.hash for u in uses if u.tensor.length])
+        needed = [u.tensor.hash for u in uses if u.tensor.length]
+        order = bundle.manifest.placement_order(needed)
+        depth = bundle.manifest.with_bases(needed)
         for rec in reversed(order):
             if rec.hash in on_device and rec.base is not None:
                 on_device.add(rec.base)

@@ -18,8 +18,16 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LoadError
-from .torch import (LoadedBundle, empty_init, load, load_into, meta_tensors, move_buffers,
-                    require, require_torch)
+from .torch import (
+    LoadedBundle,
+    empty_init,
+    load,
+    load_into,
+    meta_tensors,
+    move_buffers,
+    require,
+    require_torch,
+)
 
 
 def _transformers():

@@ -13,27 +13,28 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._fs import mapped
 from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
-from .._fs import mapped
-from ..analyzers.tensor_hashes import HashedTensor
-from ..format.bundle.hashing import hash_bytes
 from ..analyzers.scan import ScannedModels, hash_models, index_models
+from ..analyzers.tensor_hashes import HashedTensor
 from ..errors import UsageError
 from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.hashing import hash_bytes
+from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.writer import BundleWriter
+from ..format.checkpoints.dtypes import element_width
+from ..format.checkpoints.records import SourceFile
+from ..format.checkpoints.sources import ModelArg
 from ..format.codecs import DEFAULT_LEVEL, encode
 from ..format.codecs.zstd import zstd_compress
-from ..format.checkpoints.dtypes import element_width
-from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
-from ..format.checkpoints.sources import ModelArg
-from ..format.checkpoints.records import SourceFile
+from . import ProgressFn
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
@@ -46,7 +47,6 @@ DELTA_CLEAR_WIN = 0.8
 WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
 
-Progress = Callable[[str, int, int], None]  # (phase, advance, phase_total)
 
 
 @dataclass(slots=True)
@@ -145,7 +145,7 @@ def _blob_order(firsts: dict, deltas: dict) -> list:
 
 
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
-         delta: str = "auto", workers: int = 2, progress: Progress | None = None
+         delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None
          ) -> PackResult:
     """Write a bundle holding every model in ``paths`` (``PATH`` or ``NAME=PATH``).
 

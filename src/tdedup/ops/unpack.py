@@ -1,4 +1,4 @@
-"""``unpack`` and ``verify``: restore original files byte for byte; check every hash.
+"""``unpack``: restore original files byte for byte.
 
 ``unpack`` checks everything it can *before* it writes a byte: the manifest (paths
 included), the zero padding, and the stored checksum of every blob the chosen models
@@ -12,20 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
-from ..format.bundle.constants import HEADER_FIELDS_SIZE, HEADER_SIZE
-from ..format.bundle.reader import Bundle
 from .._fs import fsync_dir, open_temp, remove_stale_temps
+from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
 from ..format.bundle.manifest import FileEntry, ModelEntry
-
-Progress = Callable[[str, int, int], None]
+from ..format.bundle.reader import Bundle
+from . import ProgressFn
 
 
 @dataclass(slots=True)
@@ -35,48 +31,6 @@ class UnpackResult:
     files: int
     bytes: int
     seconds: float
-
-
-@dataclass(slots=True)
-class VerifyResult:
-    blobs: int
-    files: int
-    stored_bytes: int
-    logical_bytes: int
-    seconds: float
-
-
-def check_padding(bundle: Bundle) -> None:
-    """Every byte not in a blob, the manifest, header fields or footer must be zero.
-
-    The checksums cover blobs, manifest and footer; this covers the rest, so that a
-    flipped byte *anywhere* in a bundle is found.
-    """
-    view = bundle.view
-    reserved = view[HEADER_FIELDS_SIZE:HEADER_SIZE]
-    if any(reserved):
-        raise IntegrityError("reserved header bytes are not zero (corrupted header)",
-                             path=bundle.path)
-    spans = sorted((b.offset, b.offset + b.stored_length) for b in bundle.manifest.blobs.values())
-    m_off = bundle.manifest_offset
-    cursor = HEADER_SIZE
-    for start, end in [*spans, (m_off, m_off)]:
-        if start > cursor and np.frombuffer(view[cursor:start], np.uint8).any():
-            raise IntegrityError(f"padding bytes at [{cursor}, {start}) are not zero "
-                                 "(corrupted)", path=bundle.path)
-        cursor = max(cursor, end)
-
-
-def blobs_needed(bundle: Bundle, models: Iterable[ModelEntry]) -> list[str]:
-    """Every blob the models' files need, delta bases included, each once."""
-    seen: dict[str, None] = {}
-    for m in models:
-        for f in m.files:
-            for digest in [f.layout, *(t.hash for t in f.tensors)]:
-                while digest is not None and digest not in seen:
-                    seen[digest] = None
-                    digest = bundle.blob(digest).base
-    return list(seen)
 
 
 def _target_checks(dest: Path, models: list[ModelEntry], force: bool) -> None:
@@ -212,7 +166,7 @@ def _run_all(pool: ThreadPoolExecutor, calls: list[tuple], done: list | None = N
 
 def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
            models: Sequence[str] | None = None, force: bool = False, workers: int = 2,
-           progress: Progress | None = None) -> UnpackResult:
+           progress: ProgressFn | None = None) -> UnpackResult:
     """Restore each model under ``dest/NAME/`` with its original relative paths.
 
     Every restored file's sha256 is checked before it takes its name; a run that fails
@@ -226,8 +180,8 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
     with Bundle(bundle_path) as bundle:
         chosen = [bundle.model(n) for n in (models or bundle.model_names)]
         _target_checks(dest, chosen, force)
-        check_padding(bundle)
-        needed = blobs_needed(bundle, chosen)
+        bundle.check_padding()
+        needed = bundle.manifest.blobs_of(chosen)
         stored_total = sum(bundle.blob(d).stored_length for d in needed)
         for d in needed:
             bundle.check_stored(bundle.blob(d))
@@ -288,34 +242,3 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
             fsync_dir(folder)
     return UnpackResult(dest, [m.name for m in chosen], len(jobs), written,
                         time.perf_counter() - t0)
-
-
-def verify(bundle_path: str | os.PathLike, *, files: bool = True,
-           progress: Progress | None = None) -> VerifyResult:
-    """Check a bundle completely: structure, padding, every blob's checksum and hash, and
-    (``files``) every original file's sha256 as it would be restored."""
-    t0 = time.perf_counter()
-    report = progress or (lambda phase, n, total: None)
-    with Bundle(bundle_path) as bundle:
-        check_padding(bundle)
-        blobs = bundle.manifest.blobs
-        stored = sum(b.stored_length for b in blobs.values())
-        for digest, rec in blobs.items():
-            bundle.verify_blob(digest)
-            report("blobs", rec.stored_length, stored)
-        logical = 0
-        if files:
-            total = sum(m.file_bytes for m in bundle.manifest.models)
-            for m in bundle.manifest.models:
-                for f in m.files:
-                    h = hashlib.sha256()
-                    for chunk in bundle.iter_file_chunks(f):
-                        h.update(chunk)
-                    if h.hexdigest() != f.sha256:
-                        raise IntegrityError(f"model {m.name!r} file {f.path!r} would not "
-                                             "restore to its sha256", path=bundle.path)
-                    logical += f.size
-                    report("files", f.size, total)
-    return VerifyResult(len(blobs), sum(len(m.files) for m in bundle.manifest.models), stored,
-                        logical, time.perf_counter() - t0)
-

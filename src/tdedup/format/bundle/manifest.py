@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ...errors import BundleFormatError, UnsafePathError, UnsupportedVersionError
-from .constants import (FORMAT_MAJOR, FORMAT_MINOR, MAX_DELTA_DEPTH, RAW_ALIGNMENT,
-                               BLOB_ALIGNMENT, HEADER_SIZE, BlobEncoding)
 from ..checkpoints.records import FileKind, is_model_name
 from ..strict_json import loads_strict
+from .constants import (
+    BLOB_ALIGNMENT,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    HEADER_SIZE,
+    MAX_DELTA_DEPTH,
+    RAW_ALIGNMENT,
+    BlobEncoding,
+)
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 #: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is
@@ -107,6 +115,42 @@ class Manifest:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    # -- the delta graph: every walk over it is one of these ----------------------------
+
+    def with_bases(self, digests: Iterable[str]) -> dict[str, int]:
+        """Every blob of ``digests`` and every base they need, each once, with its delta
+        depth (0: not a delta), in first-seen order. The parser has checked the graph
+        (no cycle, no missing base, depth within the limit)."""
+        depth: dict[str, int] = {}
+        for h in digests:
+            chain: list[str] = []
+            cur: str | None = h
+            while cur is not None and cur not in depth:
+                chain.append(cur)
+                cur = self.blobs[cur].base
+            d = depth[cur] if cur is not None else -1
+            for c in reversed(chain):
+                d += 1
+                depth[c] = d
+        return depth
+
+    def placement_order(self, digests: Iterable[str]) -> list[BlobRecord]:
+        """The blobs ``digests`` need, bases before their deltas (largest first within a
+        depth, so big decodes start early)."""
+        depth = self.with_bases(digests)
+        return sorted((self.blobs[h] for h in depth),
+                      key=lambda r: (depth[r.hash], -r.decoded_length))
+
+    def blobs_of(self, models: Iterable[ModelEntry]) -> list[str]:
+        """Every blob the models' files need (layouts, tensors, delta bases), each once."""
+        return list(self.with_bases(
+            h for m in models for f in m.files for h in (f.layout, *(t.hash for t in f.tensors))))
+
+    def models_using(self, digest: str) -> list[str]:
+        """Models with a tensor or file whose bytes depend on blob ``digest``."""
+        return [m.name for m in self.models if digest in self.with_bases(
+            h for f in m.files for h in (f.layout, *(t.hash for t in f.tensors)))]
 
     def to_json(self) -> dict:
         return {

@@ -17,18 +17,42 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
+import numpy as np
 
-from ...errors import (BundleError, BundleFormatError, IntegrityError, ModelNotFoundError,
-                      TdedupError, UnsupportedVersionError)
-from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
-                               FOOTER_MAGIC, FOOTER_SIZE, FORMAT_MAJOR, HEADER_SIZE,
-                               HEADER_STRUCT, MAGIC, MAX_MANIFEST_BYTES, BlobEncoding,
-                               ManifestEncoding)
+from ...errors import (
+    BundleError,
+    BundleFormatError,
+    IntegrityError,
+    ModelNotFoundError,
+    TdedupError,
+    UnsupportedVersionError,
+)
 from ..codecs import decode
 from ..codecs.zstd import zstd_decompress
+from .constants import (
+    BLOB_ALIGNMENT,
+    FOOTER_BODY_STRUCT,
+    FOOTER_CHECK_SIZE,
+    FOOTER_MAGIC,
+    FOOTER_SIZE,
+    FORMAT_MAJOR,
+    HEADER_FIELDS_SIZE,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    MAGIC,
+    MAX_MANIFEST_BYTES,
+    BlobEncoding,
+    ManifestEncoding,
+)
 from .hashing import hash_bytes
-from .manifest import (MAX_ZSTD_RATIO, BlobRecord, FileEntry, Manifest, ModelEntry,
-                       TensorEntry)
+from .manifest import (
+    MAX_ZSTD_RATIO,
+    BlobRecord,
+    FileEntry,
+    Manifest,
+    ModelEntry,
+    TensorEntry,
+)
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -143,20 +167,7 @@ class Bundle:
 
     def models_using(self, digest: str) -> list[str]:
         """Models with a tensor or file whose bytes depend on blob ``digest``."""
-        blobs = self.manifest.blobs
-
-        def depends(h: str) -> bool:
-            seen = 0
-            while h is not None and seen < 64:
-                if h == digest:
-                    return True
-                h = blobs[h].base if h in blobs else None
-                seen += 1
-            return False
-
-        return [m.name for m in self.manifest.models
-                if any(depends(f.layout) or any(depends(t.hash) for t in f.tensors)
-                       for f in m.files)]
+        return self.manifest.models_using(digest)
 
     def corrupt(self, digest: str, problem: str, cls: type = IntegrityError, *,
                 part: str | None = None) -> IntegrityError:
@@ -164,6 +175,26 @@ class Bundle:
         that depend on it, so a user knows what is lost."""
         return cls(problem, path=self.path, blob=digest, models=tuple(self.models_using(digest)),
                    part=part)
+
+    def check_padding(self) -> None:
+        """Every byte not in a blob, the manifest, header fields or footer must be zero.
+
+        The checksums cover blobs, manifest and footer; this covers the rest, so that a
+        flipped byte *anywhere* in a bundle is found.
+        """
+        view = self.view
+        reserved = view[HEADER_FIELDS_SIZE:HEADER_SIZE]
+        if any(reserved):
+            raise IntegrityError("reserved header bytes are not zero (corrupted header)",
+                                 path=self.path)
+        spans = sorted((b.offset, b.offset + b.stored_length) for b in self.manifest.blobs.values())
+        m_off = self.manifest_offset
+        cursor = HEADER_SIZE
+        for start, end in [*spans, (m_off, m_off)]:
+            if start > cursor and np.frombuffer(view[cursor:start], np.uint8).any():
+                raise IntegrityError(f"padding bytes at [{cursor}, {start}) are not zero "
+                                     "(corrupted)", path=self.path)
+            cursor = max(cursor, end)
 
     # -- blob reads ---------------------------------------------------------------------
 

@@ -16,10 +16,20 @@ import blake3
 
 from ..._fs import fsync_dir, open_temp, remove_stale_temps
 from ...errors import BundleError, OutputError
-from .constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT, FOOTER_CHECK_SIZE,
-                               FOOTER_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, HEADER_STRUCT, MAGIC,
-                               RAW_ALIGNMENT, BlobEncoding, ManifestEncoding)
 from ..codecs.zstd import zstd_compress
+from .constants import (
+    BLOB_ALIGNMENT,
+    FOOTER_BODY_STRUCT,
+    FOOTER_CHECK_SIZE,
+    FOOTER_MAGIC,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    HEADER_STRUCT,
+    MAGIC,
+    RAW_ALIGNMENT,
+    BlobEncoding,
+    ManifestEncoding,
+)
 from .hashing import hash_bytes
 from .manifest import BlobRecord, Manifest
 

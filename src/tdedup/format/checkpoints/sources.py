@@ -18,8 +18,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import CheckpointFormatError, InputError, UnsupportedFormatError, UsageError
 from ..._fs import TEMP_NAME_RE
+from ...errors import (
+    CheckpointFormatError,
+    InputError,
+    UnsupportedFormatError,
+    UsageError,
+)
 from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
 from .records import FileKind, ModelSource, SourceFile, is_model_name

@@ -15,9 +15,23 @@ import numpy as np
 
 from ...errors import BundleFormatError
 from ..bundle.constants import BlobEncoding
-from .delta import (DECAY_HEAD, LOWRANK_HEAD, MAX_DECAY_LOG2, MAX_DECAY_STEPS, MAX_RANK,
-                    SUB_WIDTHS, chunked_residual, decay_chunks, decay_ok, decay_predict,
-                    lowrank_chunks, planes_compress, predictable, sub_residual, uview)
+from .delta import (
+    DECAY_HEAD,
+    LOWRANK_HEAD,
+    MAX_DECAY_LOG2,
+    MAX_DECAY_STEPS,
+    MAX_RANK,
+    SUB_WIDTHS,
+    chunked_residual,
+    decay_chunks,
+    decay_ok,
+    decay_predict,
+    lowrank_chunks,
+    planes_compress,
+    predictable,
+    sub_residual,
+    uview,
+)
 
 #: Multiplication steps (on 256 sampled elements) the search for ``(c, k)`` may spend.
 DECAY_SEARCH_STEPS = 1 << 14
