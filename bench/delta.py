@@ -99,7 +99,7 @@ def main() -> int:
     plan_s = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        plan = plan_deltas(scanned, level=args.level)
+        plan = plan_deltas(scanned)
         plan_s.append(time.perf_counter() - t0)
     choices = plan.choices
     first_model = {h.record.name: h for h in scanned.hashed[FAMILY[0]]}

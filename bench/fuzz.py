@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import hostile_helpers as hh  # noqa: E402
+from helpers import hostile_helpers as hh  # noqa: E402
 import test_fuzz_bundles as tb  # noqa: E402
 import test_fuzz_checkpoints as tc  # noqa: E402
 
@@ -80,7 +80,7 @@ def checkpoint_seeds(root: Path) -> list[tuple[str, FileKind, Path]]:
     import gguf
     import numpy as np
 
-    import factory
+    from helpers import factory
 
     seeds = []
     for s in range(3):

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # lets test modules `import factory`
-
-import factory  # noqa: E402
+from helpers import factory
 
 CORPUS = Path(os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus")
 

@@ -11,9 +11,9 @@ import sys
 
 from typer.testing import CliRunner
 
-from factory import FROZEN_PREFIXES, make_safetensors, random_tensors
+from helpers.factory import FROZEN_PREFIXES, make_safetensors, random_tensors
 from tdedup.analyzers.overlap import SCHEMA_VERSION
-from tdedup.cli import app
+from tdedup.cli.app import app
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tdedup.cli import app
+from tdedup.cli.app import app
 
 pytestmark = pytest.mark.corpus
 

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from factory import make_safetensors
+from helpers.factory import make_safetensors
 from tdedup.analyzers.tensor_hashes import HashedTensor
 from tdedup.analyzers.overlap import compute_overlap
 from tdedup.analyzers.scan import hash_models, index_models

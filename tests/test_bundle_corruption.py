@@ -12,10 +12,10 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-import factory
+from helpers import factory
 import tdedup
-from bundle_helpers import flip
-from tdedup.cli import app
+from helpers.bundle_helpers import flip
+from tdedup.cli.app import app
 from tdedup.errors import (BundleFormatError, DecompressionBombError, IntegrityError,
                            TdedupError, UnsafePathError)
 from tdedup.format.bundle.constants import (FOOTER_SIZE, HEADER_FIELDS_SIZE, HEADER_SIZE,

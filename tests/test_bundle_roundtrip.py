@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import factory
+from helpers import factory
 import tdedup
-from bundle_helpers import (ST_NUMPY, assert_restored, minilm_family, model_tree,
+from helpers.bundle_helpers import (ST_NUMPY, assert_restored, minilm_family, model_tree,
                             safetensors_offsets, sha256_file, tensor_bytes, tree,
                             write_safetensors)
 from tdedup._fs import mapped
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.cli import app
+from tdedup.cli.app import app
 from tdedup.format.codecs import DEFAULT_LEVEL
 from tdedup.format.codecs.byteplane import byteplane_compress
 from tdedup.format.checkpoints.dtypes import element_width

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import hostile_helpers as hh
+from helpers import hostile_helpers as hh
 import tdedup
-from tdedup.cli import app
+from tdedup.cli.app import app
 from tdedup.errors import TdedupError
 
 runner = CliRunner()

@@ -300,7 +300,7 @@ def test_residual_width_must_suit_the_encoding():
 def test_predictions_on_real_gradient_steps():
     """AdamW's decay of unseen embedding rows and a merged LoRA, both made by torch."""
     pytest.importorskip("torch")
-    import delta_helpers as dh
+    from helpers import delta_helpers as dh
     import torch
 
     m = dh._model(0)

@@ -8,8 +8,8 @@ import numpy as np
 import zstandard
 import pytest
 
-import delta_helpers as dh
-import factory
+from helpers import delta_helpers as dh
+from helpers import factory
 from tdedup.analyzers.delta_planning import (DeltaChoice, TensorBytes, choose_bases,
                                              element_width, plan_deltas, plane_width)
 from tdedup.analyzers.scan import hash_models, index_models

@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
-import delta_helpers as dh
-import factory
+from helpers import delta_helpers as dh
+from helpers import factory
 from tdedup.analyzers import drift as D
-from tdedup.analyzers.drift import compute_drift, drift_table, layer_of
+from tdedup.analyzers.drift import compute_drift, layer_of
+from tdedup.cli.analyze_render import drift_table
 from tdedup.analyzers.scan import hash_models, index_models
 
 

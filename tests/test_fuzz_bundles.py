@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import hostile_helpers as hh
+from helpers import hostile_helpers as hh
 import tdedup
-from tdedup.cli import app
+from tdedup.cli.app import app
 from tdedup.format.bundle.constants import FOOTER_SIZE, MAX_MANIFEST_BYTES
 from tdedup.format.bundle.reader import Bundle
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factory import DEFAULT_VOCAB, make_gguf, random_tensors
+from helpers.factory import DEFAULT_VOCAB, make_gguf, random_tensors
 from tdedup.errors import CheckpointFormatError
 from tdedup.format.checkpoints import gguf_file as gguf_reader
 from tdedup.format.checkpoints.gguf_file import read_gguf

@@ -23,9 +23,9 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-import hostile_helpers as hh
+from helpers import hostile_helpers as hh
 import tdedup
-from tdedup.cli import app
+from tdedup.cli.app import app
 from tdedup.errors import (BundleFormatError, DecompressionBombError, IntegrityError,
                            OutputError, TdedupError, UnsafePathError)
 from tdedup.format.bundle.constants import FOOTER_SIZE, MAX_DELTA_DEPTH, BlobEncoding

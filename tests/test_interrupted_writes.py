@@ -30,8 +30,8 @@ import pytest
 import tdedup
 from tdedup._fs import TEMP_NAME_RE, remove_stale_temps
 
-import hostile_helpers as hh
-from bundle_helpers import tree
+from helpers import hostile_helpers as hh
+from helpers.bundle_helpers import tree
 
 KILLS_CI, KILLS_SLOW = 6, 40
 

@@ -22,7 +22,7 @@ from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa:
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
-from bundle_helpers import flip  # noqa: E402
+from helpers.bundle_helpers import flip  # noqa: E402
 
 
 def as_bytes(t) -> bytes:
@@ -205,7 +205,7 @@ def pack_with_deltas(tmp: Path, bert_family: dict, monkeypatch, encoding) -> Pat
     from tdedup.ops import pack as pack_module
     from tdedup.format.checkpoints.dtypes import element_width
 
-    def plan(scanned, delta, level):
+    def plan(scanned, delta):
         base = {h.record.name: h.key for h in scanned.hashed["base"]}
         return {h.key: DeltaChoice(base=base[h.record.name], encoding=encoding,
                                    width=element_width(h.record.dtype), estimated_bytes=0,
@@ -391,7 +391,7 @@ def test_load_into_meta_modules_share_storage(tmp_path):
 def test_cli_load_report(bert_bundle):
     from typer.testing import CliRunner
 
-    from tdedup.cli import app
+    from tdedup.cli.app import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["load", str(bert_bundle), "--device", "cpu"])

@@ -12,7 +12,7 @@ from tdedup.errors import IntegrityError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
-from bundle_helpers import flip  # noqa: E402
+from helpers.bundle_helpers import flip  # noqa: E402
 from test_load import (as_bytes, assert_matches_safetensors, pack,  # noqa: E402
                        pack_with_deltas)
 

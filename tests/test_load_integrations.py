@@ -23,7 +23,7 @@ import tdedup  # noqa: E402
 from tdedup.errors import LoadError  # noqa: E402
 from tdedup.loaders.transformers import from_bundle  # noqa: E402
 
-from bundle_helpers import minilm_family  # noqa: E402
+from helpers.bundle_helpers import minilm_family  # noqa: E402
 
 
 def same_output(got, want) -> None:

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from factory import make_gguf, make_safetensors, make_split_gguf, random_tensors, shard_index
+from helpers.factory import make_gguf, make_safetensors, make_split_gguf, random_tensors, shard_index
 from tdedup.errors import (CheckpointFormatError, InputError, UnsupportedFormatError,
                            UsageError)
 from tdedup.format.checkpoints.sources import (ModelArg, assign_names, open_models,

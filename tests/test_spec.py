@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zstandard
 
-import factory
+from helpers import factory
 import tdedup
 from tdedup.errors import BundleFormatError, UnsafePathError
 from tdedup.format.bundle import constants as C

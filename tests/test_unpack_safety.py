@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import hostile_helpers as hh
+from helpers import hostile_helpers as hh
 import tdedup
-from bundle_helpers import tree
-from tdedup.cli import app
+from helpers.bundle_helpers import tree
+from tdedup.cli.app import app
 from tdedup.errors import OutputError, OutputExistsError, TdedupError, UnsafePathError
 
 runner = CliRunner()

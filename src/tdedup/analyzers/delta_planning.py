@@ -241,13 +241,9 @@ def _lowrank_estimate(t: _Key, b: _Key, read: TensorBytes) -> int | None:
 
 # -- the plan ----------------------------------------------------------------------------
 
-def plan_deltas(scanned: ScannedModels, *, level: int = 3,
-                max_depth: int = MAX_DELTA_DEPTH) -> DeltaPlan:
+def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH) -> DeltaPlan:
     """Plan deltas for every distinct content of ``scanned`` (see the module docstring).
-
-    ``level`` is accepted for the writer's symmetry; estimates do not depend on it.
-    """
-    del level
+    Estimates do not depend on the zstd level the writer will use."""
     firsts = scanned.first_occurrences()
     occurrences: dict[ContentKey, list[HashedTensor]] = defaultdict(list)
     for m in scanned.models:
@@ -290,14 +286,14 @@ def plan_deltas(scanned: ScannedModels, *, level: int = 3,
     return DeltaPlan(choices, self_est, stats)
 
 
-def choose_bases(scanned: ScannedModels, *, level: int = 3,
+def choose_bases(scanned: ScannedModels, *,
                  max_depth: int = MAX_DELTA_DEPTH) -> dict[ContentKey, DeltaChoice]:
     """For each distinct content worth delta-encoding, its chosen base and encoding.
 
     No cycles (bases come earlier in first-occurrence order) and every chain is at most
     ``max_depth`` deltas long.
     """
-    return plan_deltas(scanned, level=level, max_depth=max_depth).choices
+    return plan_deltas(scanned, max_depth=max_depth).choices
 
 
 def _candidates(k: _Key, by_name, by_shape, names_of_model, max_depth: int,

@@ -229,34 +229,3 @@ def compute_drift(scanned: ScannedModels, *, plan: DeltaPlan | None = None,
                                              / max(1, plan.estimated_bytes), 4),
         }
     return DriftReport(models, _group(slots), slots, est)
-
-
-def drift_table(report: DriftReport, *, max_rows: int = 60):
-    """A rich ``Table`` of the per-layer drift, with the size estimate as its caption."""
-    from rich.table import Table
-
-    from ..cli.common import human_bytes as _size
-
-    table = Table(title="Drift of differing tensors, by layer", title_justify="left")
-    for col, kw in (("model", {}), ("vs", {}), ("layer", {}),
-                    ("tensors", {"justify": "right"}), ("bytes", {"justify": "right"}),
-                    ("bytes changed", {"justify": "right"}),
-                    ("elements changed", {"justify": "right"}),
-                    ("rel. L2", {"justify": "right"}),
-                    ("planes changed (high..low)", {})):
-        table.add_column(col, **kw)
-    for g in report.layers[:max_rows]:
-        planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        table.add_row(g.model, g.reference, g.layer, str(g.tensors), _size(g.bytes),
-                      f"{g.bytes_changed:.1%}", f"{g.elements_changed:.1%}",
-                      "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes)
-    if len(report.layers) > max_rows:
-        table.add_row("...", "", f"{len(report.layers) - max_rows} more", *[""] * 6)
-    e = report.estimate
-    if e:
-        table.caption = (f"estimated bundle tensors: {_size(e['with_deltas_bytes'])} with "
-                         f"deltas, {_size(e['without_deltas_bytes'])} without "
-                         f"({e['ratio_vs_without_deltas']:.2f}x); {e['delta_blobs']} deltas")
-        table.caption_justify = "left"
-    return table
-

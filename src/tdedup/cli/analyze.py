@@ -14,13 +14,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..analyzers.drift import DriftReport, compute_drift, drift_table
+from ..analyzers.drift import DriftReport, compute_drift
 from ..analyzers.overlap import OverlapReport, compute_overlap
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import OutputError, UsageError, display_path
 from ..format.checkpoints.records import FileKind, ModelSource
-from . import app
-from .analyze_render import markdown_report, print_report
+from .analyze_render import drift_table, markdown_report, print_report
 from .common import (
     EXIT_THRESHOLD,
     byte_progress,
@@ -116,7 +115,6 @@ def drift_markdown(drift: DriftReport, max_rows: int = 60) -> str:
     return "\n".join(lines) + "\n"
 
 
-@app.command()
 @guarded
 def analyze(
     paths: Annotated[list[str], typer.Argument(

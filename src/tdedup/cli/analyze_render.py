@@ -9,9 +9,11 @@ The JSON form is ``OverlapReport.to_dict``.
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ..analyzers.drift import DriftReport
 from ..analyzers.overlap import OverlapReport, SharedGroup
 from .common import human_bytes
 
@@ -216,3 +218,30 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
                          [[f"`{g.hash[:12]}`", human_bytes(g.bytes), _md(view_list(g))]
                           for g in report.view_mismatches], {1})
     return "\n".join(out) + "\n"
+
+
+def drift_table(report: DriftReport, *, max_rows: int = 60) -> Table:
+    """A rich ``Table`` of the per-layer drift, with the size estimate as its caption."""
+    table = Table(title="Drift of differing tensors, by layer", title_justify="left")
+    for col, kw in (("model", {}), ("vs", {}), ("layer", {}),
+                    ("tensors", {"justify": "right"}), ("bytes", {"justify": "right"}),
+                    ("bytes changed", {"justify": "right"}),
+                    ("elements changed", {"justify": "right"}),
+                    ("rel. L2", {"justify": "right"}),
+                    ("planes changed (high..low)", {})):
+        table.add_column(col, **kw)
+    for g in report.layers[:max_rows]:
+        planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
+        table.add_row(escape(g.model), escape(g.reference), escape(g.layer), str(g.tensors), human_bytes(g.bytes),
+                      f"{g.bytes_changed:.1%}", f"{g.elements_changed:.1%}",
+                      "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes)
+    if len(report.layers) > max_rows:
+        table.add_row("...", "", f"{len(report.layers) - max_rows} more", *[""] * 6)
+    e = report.estimate
+    if e:
+        table.caption = (f"estimated bundle tensors: {human_bytes(e['with_deltas_bytes'])} with "
+                         f"deltas, {human_bytes(e['without_deltas_bytes'])} without "
+                         f"({e['ratio_vs_without_deltas']:.2f}x); {e['delta_blobs']} deltas")
+        table.caption_justify = "left"
+    return table
+

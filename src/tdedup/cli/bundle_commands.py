@@ -15,11 +15,9 @@ from ..format.codecs import DEFAULT_LEVEL
 from ..ops.pack import pack as pack_models
 from ..ops.unpack import unpack as unpack_bundle
 from ..ops.verify import verify as verify_bundle
-from . import app
 from .common import guarded, human_bytes, phased_progress, stdout_console
 
 
-@app.command()
 @guarded
 def pack(
     paths: Annotated[list[str], typer.Argument(help="Models: files or folders, as PATH or NAME=PATH.")],
@@ -48,7 +46,6 @@ def pack(
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
 
 
-@app.command()
 @guarded
 def unpack(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
@@ -66,7 +63,6 @@ def unpack(
                            f"({human_bytes(speed)}/s); every sha256 matches")
 
 
-@app.command()
 @guarded
 def verify(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
@@ -115,7 +111,6 @@ def inspect_dict(b: Bundle) -> dict:
             "summary": b.manifest.summary}
 
 
-@app.command()
 @guarded
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from ..demo import build_demo_family
-from . import app
 from .analyze import analyze
 from .bundle_commands import inspect, pack, unpack, verify
 from .common import guarded, hint, stderr_console, stdout_console
@@ -19,7 +18,6 @@ def _step(title: str) -> None:
     stdout_console().rule(f"[bold]{title}")
 
 
-@app.command()
 @guarded
 def demo(
     workdir: Annotated[Optional[Path], typer.Argument(help="Folder for the demo's files (default: a new temporary folder).")] = None,

@@ -9,11 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from . import app
 from .common import guarded, human_bytes, stdout_console
 
 
-@app.command()
 @guarded
 def load(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],

@@ -117,13 +117,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _plan_deltas(scanned: ScannedModels, delta: str, level: int
-                 ) -> dict[tuple[str, int], DeltaChoice]:
+def _plan_deltas(scanned: ScannedModels, delta: str) -> dict[tuple[str, int], DeltaChoice]:
     if delta == "off":
         return {}
     if delta != "auto":
         raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
-    return choose_bases(scanned, level=level)
+    return choose_bases(scanned)
 
 
 def _blob_order(firsts: dict, deltas: dict) -> list:
@@ -162,7 +161,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         sha_futures = {id(f): pool.submit(_sha256_file, f.abs_path) for f in all_files}
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
-        deltas = _plan_deltas(scanned, delta, level)
+        deltas = _plan_deltas(scanned, delta)
         firsts = scanned.first_occurrences()
         order = _blob_order(firsts, deltas)
         distinct = sum(k[1] for k in firsts)

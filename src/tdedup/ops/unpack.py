@@ -85,13 +85,12 @@ def _stage(target: Path, fill: Callable[[object], None]) -> Path:
     return tmp
 
 
-def _fsync_path(path: Path) -> int:
+def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return 0
 
 
 def _commit(pool: ThreadPoolExecutor, staged: list[tuple[Path, Path]]) -> None:

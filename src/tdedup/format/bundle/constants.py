@@ -72,15 +72,6 @@ class BlobEncoding(IntEnum):
     def is_delta(self) -> bool:
         return self >= 16
 
-    @property
-    def uses_planes(self) -> bool:
-        return self in PLANE_ENCODINGS
-
-
-PLANE_ENCODINGS = frozenset({BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.XOR_BYTEPLANE_ZSTD,
-                             BlobEncoding.SUB_BYTEPLANE_ZSTD,
-                             BlobEncoding.ZIGZAG_SUB_BYTEPLANE_ZSTD})
-
 
 class ManifestEncoding(IntEnum):
     """How the manifest's stored bytes turn into UTF-8 JSON."""

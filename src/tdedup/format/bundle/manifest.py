@@ -27,12 +27,11 @@ from .constants import (
     BlobEncoding,
 )
 
-HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+HASH_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
 #: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is
 #: an RLE block (3-byte header + 1 byte) of at most 128 KiB, so no frame, and no blob made
 #: of frames (every encoding but RAW), decodes to more than 131072 / 4 times its size.
 MAX_ZSTD_RATIO = 32768
-SHA256_RE = HASH_RE
 FORMAT_NAME = "tdedup-bundle"
 
 
@@ -217,7 +216,7 @@ class _Parser:
 
     def hash(self, d: dict, key: str, what: str) -> str:
         v = self.get(d, key, str, what)
-        if not HASH_RE.match(v):
+        if not HASH_RE.fullmatch(v):
             raise _fail(f"{what}.{key} is not a 64-digit lower-case hex digest")
         return v
 
@@ -386,7 +385,7 @@ class _Parser:
             raise _fail(f"{what}: layout blob holds {blobs[layout].decoded_length} bytes, the "
                         f"file's non-tensor bytes are {gap}")
         sha = self.get(f, "sha256", str, what)
-        if not SHA256_RE.match(sha):
+        if not HASH_RE.fullmatch(sha):
             raise _fail(f"{what}.sha256 is not a 64-digit hex digest")
         info = f.get("info", {})
         return FileEntry(path, size, sha, kind, layout, tensors,

@@ -267,8 +267,7 @@ class Bundle:
             if gap:
                 yield layout[lpos:lpos + gap]
                 lpos += gap
-            if t.length:
-                yield self.read_blob(t.hash, verify=verify)
+            yield self.read_blob(t.hash, verify=verify)
             cursor = t.end
         if lpos < len(layout):
             yield layout[lpos:]

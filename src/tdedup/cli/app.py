@@ -1,0 +1,52 @@
+"""The ``tdedup`` typer app: every command registered here, explicitly, in help order.
+
+Command modules only define functions (thin wrappers over the library); nothing registers
+itself on import, so this file is the list of what the CLI offers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .._version import __version__
+from . import analyze, bundle_commands, demo, load
+
+app = typer.Typer(
+    name="tdedup",
+    help="Find the tensors a family of model checkpoints shares, store them once, load them once.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tdedup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = None,
+) -> None:
+    """Find the tensors a family of model checkpoints shares, store them once, load them once."""
+
+
+app.command()(analyze.analyze)
+app.command()(bundle_commands.pack)
+app.command()(bundle_commands.unpack)
+app.command()(bundle_commands.verify)
+app.command()(bundle_commands.inspect)
+app.command()(load.load)
+app.command()(demo.demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

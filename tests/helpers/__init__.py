@@ -1,0 +1,1 @@
+"""Shared test helpers: checkpoint factories, bundle builders, hostile-input generators."""
