@@ -594,7 +594,7 @@ def _default_workers() -> int:
 
 # -- the API --------------------------------------------------------------------------
 
-def load(path: str | os.PathLike, device="cuda", models: Sequence[str] | None = None,
+def load(path: str | os.PathLike, device: "str | torch.device" = "cuda", models: Sequence[str] | None = None,
          verify: bool = False, *, dequantize: bool = False, workers: int | None = None
          ) -> LoadedBundle:
     """Load the tensors of ``models`` (default: every model) of a bundle onto ``device``,
@@ -767,8 +767,8 @@ def _adapt_prefix(module, state: dict) -> dict:
     return state
 
 
-def load_into(module, loaded: LoadedBundle | Mapping, name: str, *, strict: bool = True,
-              prefix: str = ""):
+def load_into(module: "torch.nn.Module", loaded: LoadedBundle | Mapping, name: str, *,
+              strict: bool = True, prefix: str = "") -> tuple[list[str], list[str]]:
     """Load model ``name``'s tensors into ``module`` with ``assign=True``: its parameters
     and buffers *become* the loaded tensors, so a module built on the meta device (see
     :func:`empty_init`) takes no memory of its own and shares storage with every other
