@@ -13,7 +13,7 @@ from helpers.factory import make_safetensors
 from tdedup.analyzers.tensor_hashes import HashedTensor
 from tdedup.analyzers.overlap import compute_overlap
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.format.checkpoints.records import ModelSource, TensorRecord
+from tdedup.format.checkpoints.records import ModelLayout, ModelSource, TensorRecord
 
 # A model is a list of (content id, byte length, dtype) picked from a small pool, so that
 # contents recur within and across models; lengths may be 0.
@@ -26,7 +26,7 @@ def _synthetic(spec: list[list[tuple[int, int, str]]]):
     models, hashed = [], {}
     for i, tensors in enumerate(spec):
         name = f"m{i}"
-        models.append(ModelSource(name, Path(name), "safetensors"))
+        models.append(ModelSource(name, Path(name), ModelLayout.SAFETENSORS))
         hashed[name] = [
             HashedTensor(TensorRecord(name, "w.safetensors", f"t{j}", dtype, (length,),
                                       j * 1000, length), f"{cid:064x}")

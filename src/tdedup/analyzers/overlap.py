@@ -129,7 +129,11 @@ class OverlapReport:
     def shared_matrix(self) -> list[list[int]]:
         """Shared bytes of every ordered pair, in model order; the diagonal holds 0."""
         names = [m.name for m in self.models]
-        return [[0 if a == b else self.pair(a, b).shared_bytes for b in names] for a in names]
+        def shared(a: str, b: str) -> int:
+            p = self.pair(a, b)
+            return 0 if p is None else p.shared_bytes
+
+        return [[shared(a, b) for b in names] for a in names]
 
     def to_dict(self) -> dict:
         """The documented JSON form (docs/analyze-json.md)."""
@@ -186,7 +190,7 @@ def compute_overlap(models: list[ModelSource],
         total = sum(h.record.length for h in hs)
         shared = [h for h in hs if len(models_of[h.key]) > 1]
         shared_bytes = sum(h.record.length for h in shared)
-        summaries.append(ModelSummary(m.name, str(m.path), m.layout, len(m.files),
+        summaries.append(ModelSummary(m.name, str(m.path), m.layout.value, len(m.files),
                                       len(m.weight_files), len(hs), total, len(shared),
                                       shared_bytes, total - shared_bytes))
     names = [m.name for m in models]

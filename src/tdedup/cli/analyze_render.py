@@ -106,7 +106,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                       ("shared", "right"), ("unique", "right"), ("shared %", "right")):
         models.add_column(col, justify=just, no_wrap=just == "right")
     for i, m in enumerate(report.models, 1):
-        models.add_row(str(i), m.name, m.layout, str(m.tensors), human_bytes(m.tensor_bytes),
+        models.add_row(str(i), m.name, str(m.layout), str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
                        _pct(m.shared_bytes, m.tensor_bytes))
     _section(console, "Models")
@@ -186,7 +186,7 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
     out += ["", "### Models", ""]
     out += _md_table(
         ["#", "model", "layout", "tensors", "tensor bytes", "shared", "unique", "shared %"],
-        [[str(i), _md(m.name), m.layout, str(m.tensors), human_bytes(m.tensor_bytes),
+        [[str(i), _md(m.name), str(m.layout), str(m.tensors), human_bytes(m.tensor_bytes),
           human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
           _pct(m.shared_bytes, m.tensor_bytes)] for i, m in enumerate(report.models, 1)],
         {0, 3, 4, 5, 6, 7})

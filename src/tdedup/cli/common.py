@@ -20,6 +20,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -115,7 +116,7 @@ def phased_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], N
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
                   DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def update(phase: str, n: int, total: int) -> None:
             if phase not in tasks:

@@ -223,7 +223,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                     entries.append(FileEntry(f.rel_path, f.size,
                                              sha_futures[id(f)].result(), f.kind.value,
                                              digest, tensors, info))
-                manifest_models.append(ModelEntry(m.name, m.layout, entries))
+                manifest_models.append(ModelEntry(m.name, m.layout.value, entries))
             logical = sum(f.size for f in all_files)
             summary = {"models": len(models), "logical_bytes": logical,
                        "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,

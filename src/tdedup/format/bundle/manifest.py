@@ -297,7 +297,7 @@ class _Parser:
     def check_deltas(self, blobs: dict[str, BlobRecord]) -> None:
         depth: dict[str, int] = {}
         for h in blobs:
-            chain = []
+            chain: list[str] = []
             cur: str | None = h
             while cur is not None and cur not in depth:
                 if cur in chain:

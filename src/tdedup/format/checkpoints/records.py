@@ -24,6 +24,18 @@ class FileKind(str, enum.Enum):
     OTHER = "other"  # config.json, tokenizer files, model_index.json, ...
 
 
+class ModelLayout(str, enum.Enum):
+    """How a model's files are laid out. The value is what manifests and reports write
+    (``spec/FORMAT.md`` lists them; readers keep unknown values as plain strings)."""
+
+    SAFETENSORS = "safetensors"  # one .safetensors file
+    GGUF = "gguf"  # one .gguf file
+    GGUF_SPLIT = "gguf-split"  # a split GGUF (name-00001-of-0000N.gguf)
+    SHARDED = "sharded"  # a folder with a safetensors shard index
+    DIFFUSERS = "diffusers"  # a folder with model_index.json
+    FOLDER = "folder"  # any other folder
+
+
 @dataclass(frozen=True, slots=True)
 class TensorRecord:
     """One tensor of one checkpoint file, located by its bytes in that file.
@@ -70,7 +82,7 @@ class ModelSource:
 
     name: str
     path: Path  # as given (file or folder)
-    layout: str  # "safetensors", "gguf", "gguf-split", "sharded", "diffusers", "folder"
+    layout: ModelLayout
     files: list[SourceFile] = field(default_factory=list)
 
     @property

@@ -13,6 +13,7 @@ A *model* is what one command-line argument names:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import re
 import struct
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ...errors import (
 )
 from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
-from .records import FileKind, ModelSource, SourceFile, is_model_name
+from .records import FileKind, ModelLayout, ModelSource, SourceFile, is_model_name
 from .safetensors import read_safetensors
 
 WEIGHT_SUFFIXES = {".safetensors": FileKind.SAFETENSORS, ".gguf": FileKind.GGUF}
@@ -175,9 +176,9 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
         kind = sniff_kind(path)
         parts = _split_parts(path) if kind is FileKind.GGUF else None
         if parts:
-            files = [read_gguf(p, model=name, rel_path=p.name) for p in parts]
-            return ModelSource(name, path, "gguf-split", files)
-        return ModelSource(name, path, kind.value,
+            return ModelSource(name, path, ModelLayout.GGUF_SPLIT,
+                               [read_gguf(p, model=name, rel_path=p.name) for p in parts])
+        return ModelSource(name, path, ModelLayout(kind.value),
                            [read_weight_file(path, kind, name, path.name)])
     if not path.is_dir():
         raise InputError("not a regular file or folder", path=path)
@@ -186,18 +187,19 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
     files: list[SourceFile] = []
     for p in found:
         rel = p.relative_to(path).as_posix()
-        kind = WEIGHT_SUFFIXES.get(p.suffix.lower())
-        files.append(read_weight_file(p, kind, name, rel) if kind else _other_file(p, rel))
+        weight_kind = WEIGHT_SUFFIXES.get(p.suffix.lower())
+        files.append(read_weight_file(p, weight_kind, name, rel) if weight_kind
+                     else _other_file(p, rel))
     if not any(f.kind is not FileKind.OTHER for f in files):
         raise UnsupportedFormatError("no .safetensors or .gguf files in this folder", path=path)
     names = {p.name for p in found}
-    layout = ("diffusers" if "model_index.json" in names
-              else "sharded" if any(n.endswith(".safetensors.index.json") for n in names)
-              else "folder")
+    layout = (ModelLayout.DIFFUSERS if "model_index.json" in names
+              else ModelLayout.SHARDED if any(n.endswith(".safetensors.index.json") for n in names)
+              else ModelLayout.FOLDER)
     return ModelSource(name, path, layout, files)
 
 
-def open_models(args: list[str] | list[ModelArg]) -> list[ModelSource]:
+def open_models(args: Sequence[str | ModelArg]) -> list[ModelSource]:
     """Parse and index every model argument; names are made unique."""
     parsed = [a if isinstance(a, ModelArg) else parse_model_arg(str(a)) for a in args]
     if not parsed:

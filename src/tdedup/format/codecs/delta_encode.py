@@ -193,7 +193,7 @@ def probe_rank(d: np.ndarray, max_rank: int,
 
 def _orthonormal(rows: np.ndarray) -> np.ndarray:
     """Gram-Schmidt (twice, Kahan) of a few rows: an orthonormal basis of their span."""
-    out = []
+    out: list[np.ndarray] = []
     for row in rows:
         q = row.astype(np.float64, copy=True)
         for _ in range(2):
