@@ -290,7 +290,7 @@ class _Parser:
     def check_blob_ranges(self, blobs: dict[str, BlobRecord]) -> None:
         spans = sorted((b.offset, b.offset + b.stored_length, h) for h, b in blobs.items()
                        if b.stored_length)
-        for (s0, e0, h0), (s1, e1, h1) in zip(spans, spans[1:]):
+        for (_, e0, h0), (s1, _, h1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise _fail(f"blobs {h0[:16]} and {h1[:16]} overlap")
 

@@ -76,7 +76,7 @@ class Bundle:
             self.manifest = self._read_manifest()
         except TdedupError as e:
             self.close()
-            raise e.locate(path=self.path)
+            raise e.locate(path=self.path) from None
         except (OSError, ValueError) as e:
             self.close()
             raise BundleFormatError(f"cannot read the bundle: {e}", path=self.path) from e
