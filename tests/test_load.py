@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
+from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
@@ -363,11 +364,11 @@ def test_load_into_meta_modules_share_storage(tmp_path):
                          device="cpu")
     built = {}
     for name in ("one", "two"):
-        with tl.empty_init():
+        with tm.empty_init():
             m = Tiny()
         assert m.a.weight.is_meta and not m.steps.is_meta
         tdedup.load_into(m, loaded, name)
-        assert not tl.meta_tensors(m)
+        assert not tm.meta_tensors(m)
         built[name] = m
     x = torch.randn(5, 4)
     for name, ref in (("one", one), ("two", two)):

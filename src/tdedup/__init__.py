@@ -18,9 +18,12 @@ from .ops.verify import VerifyResult, verify  # noqa: E402
 
 def __getattr__(name: str):
     # torch is an optional extra: import the loader only when it is asked for.
-    if name in ("load", "load_into", "LoadedBundle"):
+    if name in ("load", "LoadedBundle"):
         from .loaders import torch as torch_loader
         return getattr(torch_loader, name)
+    if name == "load_into":
+        from .loaders import modules
+        return modules.load_into
     raise AttributeError(f"module 'tdedup' has no attribute {name!r}")
 
 

@@ -6,7 +6,7 @@
 
 Each component with weights in the bundle (a Diffusers model, or a transformers model
 such as a text encoder) is built from its config with parameters on the meta device and
-given the loaded tensors (:func:`tdedup.loaders.torch.load_into`); the other components
+given the loaded tensors (:func:`tdedup.loaders.modules.load_into`); the other components
 (schedulers, tokenizers, feature extractors) are made by their own ``from_pretrained``
 from the small files the bundle holds. diffusers is imported only when called.
 """
@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LoadError
-from .torch import LoadedBundle, empty_init, load, require, require_torch
+from .modules import empty_init
+from .torch import LoadedBundle, load, require, require_torch
 from .transformers import assign_weights, build_empty, extract_files
 
 

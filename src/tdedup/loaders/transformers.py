@@ -5,7 +5,7 @@
     tuned = from_bundle(loaded, "ft-freeze")    # shares every unchanged tensor with base
 
 The model is built with its parameters on the meta device (no memory), then the loaded
-tensors are assigned to it (:func:`tdedup.loaders.torch.load_into`), so models of one
+tensors are assigned to it (:func:`tdedup.loaders.modules.load_into`), so models of one
 family share storage for every tensor they have in common. transformers is imported only
 when these functions are called.
 """
@@ -18,16 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LoadError
-from .torch import (
-    LoadedBundle,
-    empty_init,
-    load,
-    load_into,
-    meta_tensors,
-    move_buffers,
-    require,
-    require_torch,
-)
+from .modules import empty_init, load_into, meta_tensors, move_buffers
+from .torch import LoadedBundle, load, require, require_torch
 
 
 def _transformers():
