@@ -72,13 +72,13 @@ def test_from_bundle_path_class_and_errors(tmp_path, bert_family):
     from transformers import BertForMaskedLM
 
     bundle = pack(tmp_path, {"base": bert_family["base"]})
-    m = from_bundle(bundle, "base", device="cpu", model_class="BertModel")
+    m = from_bundle(bundle, "base", device="cpu", cls="BertModel")
     assert type(m).__name__ == "BertModel"
     # A head the checkpoint lacks is refused, not left on the meta device.
     with pytest.raises(LoadError, match="lacks tensors"):
-        from_bundle(bundle, "base", device="cpu", model_class=BertForMaskedLM)
+        from_bundle(bundle, "base", device="cpu", cls=BertForMaskedLM)
     with pytest.raises(LoadError, match="no class"):
-        from_bundle(bundle, "base", device="cpu", model_class="NoSuchModel")
+        from_bundle(bundle, "base", device="cpu", cls="NoSuchModel")
 
 
 @pytest.fixture(scope="module")
