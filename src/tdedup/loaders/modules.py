@@ -192,8 +192,8 @@ def private(model):
 
     require_torch()
     memo: dict = {}
-    for t in [*model.parameters(remove_duplicate=False),
-              *model.buffers(remove_duplicate=False)]:
+    for _, t in [*model.named_parameters(remove_duplicate=False),
+                 *model.named_buffers(remove_duplicate=False)]:
         if id(t) in memo:
             continue
         clone = t.detach().clone()

@@ -90,8 +90,21 @@ def load_config(source, name: str, folder: str = "", config=None):
         return tf.AutoConfig.from_pretrained(extract_files(source, name, Path(tmp), folder))
 
 
-#: Per source: tensors converted by ``dtype=``/``device=``, so models share them too.
-_CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: id(source) -> (weak reference to it, its converted tensors), so that models
+#: converted alike (``dtype=``, ``device=``) share the converted tensors too.
+_CONVERTED: dict[int, tuple] = {}
+
+
+def _conversions(source) -> dict:
+    entry = _CONVERTED.get(id(source))
+    if entry is not None and entry[0]() is source:
+        return entry[1]
+    try:
+        ref = weakref.ref(source, lambda _, key=id(source): _CONVERTED.pop(key, None))
+    except TypeError:  # a source that takes no weak reference: nothing shared
+        return {}
+    _CONVERTED[id(source)] = (ref, {})
+    return _CONVERTED[id(source)][1]
 
 
 def _convert(source, state: dict, dtype, device) -> dict:
@@ -99,10 +112,7 @@ def _convert(source, state: dict, dtype, device) -> dict:
     distinct tensor is converted once per source (the converted tensors are shared)."""
     if dtype is None and device is None:
         return state
-    try:
-        cache = _CONVERTED.setdefault(source, {})
-    except TypeError:  # a source that takes no weak reference: no sharing of conversions
-        cache = {}
+    cache = _conversions(source)
     out = {}
     for key, t in state.items():
         want = dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -144,7 +154,7 @@ def from_bundle(bundle_or_loaded, name: str, *, cls=None, config=None, device="a
     state = _convert(source, state, dtype, None if device in (None, "auto")
                      else torch.device(device))
     if dtype is not None:
-        cfg.torch_dtype = dtype
+        setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", dtype)
     tried = [resolve_class(cls)] if cls is not None else candidate_classes(cfg)
     errors = []
     for klass in tried:
