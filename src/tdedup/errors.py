@@ -137,6 +137,7 @@ class ModuleMismatchError(LoadError):
     def __init__(self, problem: str, *, model: str, module: str,
                  missing: list[str] | None = None, unexpected: list[str] | None = None,
                  on_meta: list[str] | None = None, **kw) -> None:
+        kw.setdefault("models", (model,))
         super().__init__(problem, **kw)
         self.model = model
         self.module = module

@@ -19,6 +19,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoadError
 from .modules import empty_init, load_into
@@ -31,6 +32,13 @@ from .source import (
 )
 from .torch import require, require_torch
 from .transformers import build_empty
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from .source import ModelSource
 
 
 def _diffusers():
@@ -86,8 +94,9 @@ def _build_component(cls, source, model: str, folder: str, directory: Path,
     return built[key]
 
 
-def pipelines(bundle_or_loaded, names: Sequence[str], *, variant: str | None = None,
-              device="auto", pipeline_class=None) -> dict:
+def pipelines(bundle_or_loaded: "ModelSource | str | os.PathLike", names: Sequence[str], *,
+              variant: str | None = None, device: "str | torch.device" = "auto",
+              pipeline_class: "type | None" = None) -> dict[str, Any]:
     """One Diffusers pipeline per model of ``names`` (pipeline folders packed whole),
     keyed by name. Components with weights that are identical across the pipelines
     (same class, config files and tensors: a shared text encoder or VAE) are the *same
@@ -106,8 +115,9 @@ def pipelines(bundle_or_loaded, names: Sequence[str], *, variant: str | None = N
     return {n: _pipeline(source, n, pipeline_class, variant, built) for n in names}
 
 
-def pipeline_from_bundle(bundle_or_loaded, model: str, *, pipeline_class=None,
-                         variant: str | None = None, device="auto"):
+def pipeline_from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", model: str, *,
+                         pipeline_class: "type | None" = None, variant: str | None = None,
+                         device: "str | torch.device" = "auto") -> Any:
     """The Diffusers pipeline of one model: ``pipelines(..., [model])[model]``."""
     return pipelines(bundle_or_loaded, [model], variant=variant, device=device,
                      pipeline_class=pipeline_class)[model]

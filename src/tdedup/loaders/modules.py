@@ -183,7 +183,7 @@ def _rebuild(module):
     return None
 
 
-def private(model):
+def private(model: "torch.nn.Module") -> "torch.nn.Module":
     """A copy of ``model`` with its own parameters and buffers (for training, or writing
     in place): every tensor is cloned once (tied weights stay tied), floating
     parameters get ``requires_grad=True``. Only the model's own tensors are copied, not

@@ -20,11 +20,19 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LoadError
 from .source import as_source, extract_files, source_path
 from .torch import require_torch
 from .transformers import from_bundle
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from .source import ModelSource
 
 #: ``config_sentence_transformers.json`` keys passed on to ``SentenceTransformer``.
 MODEL_SETTINGS = ("prompts", "default_prompt_name", "similarity_fn_name")
@@ -79,7 +87,9 @@ def _load_module(cls, root: Path, folder: str):
     return cls.load(str(root), subfolder=folder, local_files_only=True)
 
 
-def sentence_transformer(bundle_or_loaded, name: str, *, device="auto", dtype=None):
+def sentence_transformer(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, *,
+                         device: "str | torch.device" = "auto",
+                         dtype: "torch.dtype | None" = None) -> "torch.nn.Module":
     """A ``SentenceTransformer`` rebuilt from model ``name`` of a bundle (a bundled
     sentence-transformers folder: ``modules.json``, pooling config...), its transformer's
     weights the bundle's shared tensors (``requires_grad=False``).

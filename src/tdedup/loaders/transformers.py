@@ -17,6 +17,7 @@ import os
 import tempfile
 import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoadError, ModuleMismatchError
 from .modules import empty_init, load_into
@@ -29,6 +30,9 @@ from .source import (
     source_path,
 )
 from .torch import require, require_torch
+
+if TYPE_CHECKING:
+    from .source import ModelSource
 
 try:
     import torch
@@ -128,8 +132,10 @@ def _convert(source, state: dict, dtype, device) -> dict:
     return out
 
 
-def from_bundle(bundle_or_loaded, name: str, *, cls=None, config=None, device="auto",
-                dtype=None, folder: str = ""):
+def from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, *,
+                cls: "type | str | None" = None, config: "Any" = None,
+                device: "str | torch.device" = "auto", dtype: "torch.dtype | None" = None,
+                folder: str = "") -> "torch.nn.Module":
     """A transformers model whose parameters are the bundle's (shared) tensors.
 
     ``bundle_or_loaded``: a bundle path (``name`` is loaded on ``device``), or a model
