@@ -101,7 +101,9 @@ def pipelines(bundle_or_loaded: "ModelSource | str | os.PathLike", names: Sequen
     keyed by name. Components with weights that are identical across the pipelines
     (same class, config files and tensors: a shared text encoder or VAE) are the *same
     module object*, as a server of several pipelines over one backbone needs; the
-    others (UNets of fine-tunes) still share every identical tensor.
+    others (UNets of fine-tunes) still share every identical tensor. A shared component
+    is shared for good: moving it (``pipe.to(...)``) or patching it affects every
+    pipeline that holds it.
 
     ``bundle_or_loaded``: a bundle path (``names`` loaded on ``device``) or a model
     source (:mod:`tdedup.loaders.source`). ``pipeline_class``: default, the
