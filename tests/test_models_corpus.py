@@ -159,7 +159,7 @@ def test_sentence_transformer_encode(minilm):
         tdedup.sentence_transformer(loaded, "resaved")
 
 
-def test_any_model_source(minilm, batch):
+def test_any_model_provider(minilm, batch):
     """The integrations need only [name], files(name) and read_file(name, path): a
     registry with that interface serves them as a loaded bundle does."""
     loaded, _ = minilm

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LoadError
 from .modules import empty_init, load_into
-from .source import (
+from .provider import (
     WEIGHT_SUFFIXES,
-    as_source,
+    as_provider,
     component_state,
     extract_files,
-    source_path,
+    provider_path,
 )
 from .torch import require, require_torch
 from .transformers import build_empty
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .source import ModelSource
+    from .provider import ModelProvider
 
 
 def _diffusers():
@@ -88,13 +88,13 @@ def _build_component(cls, source, model: str, folder: str, directory: Path,
             module = cls.from_config(cls.load_config(directory))
     else:
         raise LoadError(f"component {folder!r} of model {model!r}: do not know how to build "
-                        f"{cls.__name__} from its config", path=source_path(source))
+                        f"{cls.__name__} from its config", path=provider_path(source))
     load_into(module, {model: state}, model, strict=False)
     built[key] = module.eval()
     return built[key]
 
 
-def pipelines(bundle_or_loaded: "ModelSource | str | os.PathLike", names: Sequence[str], *,
+def pipelines(bundle_or_loaded: "ModelProvider | str | os.PathLike", names: Sequence[str], *,
               variant: str | None = None, device: "str | torch.device" = "auto",
               pipeline_class: "type | None" = None) -> dict[str, Any]:
     """One Diffusers pipeline per model of ``names`` (pipeline folders packed whole),
@@ -106,18 +106,18 @@ def pipelines(bundle_or_loaded: "ModelSource | str | os.PathLike", names: Sequen
     pipeline that holds it.
 
     ``bundle_or_loaded``: a bundle path (``names`` loaded on ``device``) or a model
-    source (:mod:`tdedup.loaders.source`). ``pipeline_class``: default, the
+    provider (:mod:`tdedup.loaders.provider`). ``pipeline_class``: default, the
     ``_class_name`` of each ``model_index.json``. ``variant``: weight files of a variant
     (``"fp16"`` for ``*.fp16.safetensors``). Parameters have ``requires_grad=False``.
     """
     require_torch()
     names = list(dict.fromkeys(names))
-    source = as_source(bundle_or_loaded, names, device)
+    source = as_provider(bundle_or_loaded, names, device)
     built: dict = {}
     return {n: _pipeline(source, n, pipeline_class, variant, built) for n in names}
 
 
-def pipeline_from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", model: str, *,
+def pipeline_from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", model: str, *,
                          pipeline_class: "type | None" = None, variant: str | None = None,
                          device: "str | torch.device" = "auto") -> Any:
     """The Diffusers pipeline of one model: ``pipelines(..., [model])[model]``."""
@@ -129,13 +129,13 @@ def _pipeline(source, model: str, pipeline_class, variant: str | None, built: di
     diffusers = _diffusers()
     if "model_index.json" not in source.files(model):
         raise LoadError(f"model {model!r} is not a Diffusers pipeline (no model_index.json)",
-                        path=source_path(source))
+                        path=provider_path(source))
     index = json.loads(source.read_file(model, "model_index.json"))
     if pipeline_class is None:
         pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
         if pipeline_class is None:
             raise LoadError(f"diffusers has no pipeline class {index.get('_class_name')!r}",
-                            path=source_path(source))
+                            path=provider_path(source))
     accepted = inspect.signature(pipeline_class.__init__).parameters
     components = {}
     with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LoadError
-from .source import as_source, extract_files, source_path
+from .provider import as_provider, extract_files, provider_path
 from .torch import require_torch
 from .transformers import from_bundle
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from .source import ModelSource
+    from .provider import ModelProvider
 
 #: ``config_sentence_transformers.json`` keys passed on to ``SentenceTransformer``.
 MODEL_SETTINGS = ("prompts", "default_prompt_name", "similarity_fn_name")
@@ -87,7 +87,7 @@ def _load_module(cls, root: Path, folder: str):
     return cls.load(str(root), subfolder=folder, local_files_only=True)
 
 
-def sentence_transformer(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, *,
+def sentence_transformer(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str, *,
                          device: "str | torch.device" = "auto",
                          dtype: "torch.dtype | None" = None) -> "torch.nn.Module":
     """A ``SentenceTransformer`` rebuilt from model ``name`` of a bundle (a bundled
@@ -95,14 +95,14 @@ def sentence_transformer(bundle_or_loaded: "ModelSource | str | os.PathLike", na
     weights the bundle's shared tensors (``requires_grad=False``).
 
     ``bundle_or_loaded``: a bundle path (``name`` is loaded on ``device``) or a model
-    source (:mod:`tdedup.loaders.source`). ``dtype``: as :func:`tdedup.from_bundle`'s.
+    provider (:mod:`tdedup.loaders.provider`). ``dtype``: as :func:`tdedup.from_bundle`'s.
     """
     require_torch()
-    st = _sentence_transformers()  # before the model source: a missing extra fails first
-    source = as_source(bundle_or_loaded, [name], device)
+    st = _sentence_transformers()  # before the provider: a missing extra fails first
+    source = as_provider(bundle_or_loaded, [name], device)
     if "modules.json" not in source.files(name):
         raise LoadError(f"model {name!r} is not a sentence-transformers folder (no modules.json)",
-                        path=source_path(source))
+                        path=provider_path(source))
     transformer_base = _module_class("sentence_transformers.models.Transformer")
     modules = []
     with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:

@@ -1,7 +1,7 @@
 """What sharing saves, model by model: the memory each model takes loaded on its own
 against what it adds to the models loaded before it, when identical tensors are one.
 
-Works on any model source (:mod:`tdedup.loaders.source`: ``source[name]`` is a state
+Works on any model provider (:mod:`tdedup.loaders.provider`: ``provider[name]`` is a state
 dict); tensors are the same memory when they view the same bytes (device, address,
 length), which is what :func:`tdedup.load` makes of identical tensors.
 """

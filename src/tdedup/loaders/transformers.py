@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LoadError, ModuleMismatchError
 from .modules import empty_init, load_into
-from .source import (
-    as_source,
+from .provider import (
+    as_provider,
     component_state,
     extract_files,
     has_file,
     join,
-    source_path,
+    provider_path,
 )
 from .torch import require, require_torch
 
 if TYPE_CHECKING:
-    from .source import ModelSource
+    from .provider import ModelProvider
 
 try:
     import torch
@@ -87,7 +87,7 @@ def load_config(source, name: str, folder: str = "", config=None):
     where = join(folder, "config.json")
     if not has_file(source, name, where):
         raise LoadError(f"model {name!r} has no {where} in the bundle",
-                        path=source_path(source),
+                        path=provider_path(source),
                         hint="pass its config: from_bundle(..., config=AutoConfig or "
                              "a folder with config.json)")
     with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:
@@ -132,14 +132,14 @@ def _convert(source, state: dict, dtype, device) -> dict:
     return out
 
 
-def from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, *,
+def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str, *,
                 cls: "type | str | None" = None, config: "Any" = None,
                 device: "str | torch.device" = "auto", dtype: "torch.dtype | None" = None,
                 folder: str = "") -> "torch.nn.Module":
     """A transformers model whose parameters are the bundle's (shared) tensors.
 
     ``bundle_or_loaded``: a bundle path (``name`` is loaded on ``device``), or a model
-    source (:class:`LoadedBundle`, a registry: see :mod:`tdedup.loaders.source`).
+    provider (:class:`LoadedBundle`, a registry: see :mod:`tdedup.loaders.provider`).
     ``cls``: the model class (or its name); default: the config's architecture when the
     checkpoint has all its parameters, else ``AutoModel``'s base model (a sentence-
     transformers MPNet says ``MPNetForMaskedLM`` but has no ``lm_head``).
@@ -151,12 +151,12 @@ def from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, 
     Parameters have ``requires_grad=False``; see :func:`tdedup.private`.
     """
     require_torch()
-    source = as_source(bundle_or_loaded, [name], device)
+    source = as_provider(bundle_or_loaded, [name], device)
     cfg = load_config(source, name, folder, config)
     state = component_state(source, name, folder)
     if not state:
         raise LoadError(f"model {name!r} has no weights" + (f" in {folder}/" if folder else ""),
-                        path=source_path(source))
+                        path=provider_path(source))
     state = _convert(source, state, dtype, None if device in (None, "auto")
                      else torch.device(device))
     if dtype is not None:
@@ -173,7 +173,7 @@ def from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, 
             if cls is not None:
                 raise ModuleMismatchError(e.problem, model=e.model, module=e.module,
                                           missing=e.missing, unexpected=e.unexpected,
-                                          on_meta=e.on_meta, path=source_path(source),
+                                          on_meta=e.on_meta, path=provider_path(source),
                                           hint=e.hint) from None
             errors.append(e)
             continue
@@ -182,7 +182,7 @@ def from_bundle(bundle_or_loaded: "ModelSource | str | os.PathLike", name: str, 
     raise ModuleMismatchError(
         f"model {name!r}: no model class fits its tensors ({tell})", model=name,
         module=errors[-1].module, missing=errors[-1].missing, on_meta=errors[-1].on_meta,
-        path=source_path(source),
+        path=provider_path(source),
         hint="pass the class the checkpoint was saved from: from_bundle(..., cls=...)")
 
 

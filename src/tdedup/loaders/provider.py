@@ -1,18 +1,19 @@
 """What the model integrations read models from: a small interface a loaded bundle (or a
-registry of loaded models) provides, and the few helpers built on it.
+registry of loaded models) provides, and the few helpers built on it. (Not to be confused
+with ``format.checkpoints.sources``, the checkpoint files that ``pack`` reads.)
 
-A *model source* is any object with
+A *model provider* is any object with
 
-- ``source[name]`` -> ``Mapping[str, torch.Tensor]``: the model's state dict, keys as
+- ``provider[name]`` -> ``Mapping[str, torch.Tensor]``: the model's state dict, keys as
   :func:`tdedup.load` makes them (a file outside the model's root folder is prefixed
   with its folder: ``unet/conv_in.weight``);
-- ``source.files(name)`` -> list of the model's file paths (as in the bundle);
-- ``source.read_file(name, path)`` -> that file's bytes (config.json, tokenizer files).
+- ``provider.files(name)`` -> list of the model's file paths (as in the bundle);
+- ``provider.read_file(name, path)`` -> that file's bytes (config.json, tokenizer files).
 
-Optional: ``source.component(name, folder, variant=None)`` (the tensors of the weight
+Optional: ``provider.component(name, folder, variant=None)`` (the tensors of the weight
 files directly in ``folder``, by their own names; without it they are taken from the
-``folder/`` keys) and ``source.path`` (named in errors). :class:`LoadedBundle` is one;
-a registry serving several bundles can be another. Wherever a source is accepted, a
+``folder/`` keys) and ``provider.path`` (named in errors). :class:`LoadedBundle` is one;
+a registry serving several bundles can be another. Wherever a provider is accepted, a
 bundle path is too: it is loaded with :func:`tdedup.load`.
 """
 
@@ -27,12 +28,12 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import LoadError
 from .torch import load
 
-#: Weight file suffixes: files a source serves as tensors, never extracted.
+#: Weight file suffixes: files a provider serves as tensors, never extracted.
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
 
 @runtime_checkable
-class ModelSource(Protocol):
+class ModelProvider(Protocol):
     """The interface the integrations need (see the module docstring)."""
 
     def __getitem__(self, name: str) -> Mapping[str, Any]: ...
@@ -42,20 +43,20 @@ class ModelSource(Protocol):
     def read_file(self, name: str, path: str) -> bytes: ...
 
 
-def as_source(bundle_or_loaded, names: Sequence[str], device="auto",
-              **load_kw) -> ModelSource:
-    """``bundle_or_loaded`` if it is a model source, else the bundle at that path with
+def as_provider(bundle_or_loaded, names: Sequence[str], device="auto",
+              **load_kw) -> ModelProvider:
+    """``bundle_or_loaded`` if it is a model provider, else the bundle at that path with
     ``names`` loaded on ``device``."""
     if isinstance(bundle_or_loaded, (str, os.PathLike)):
         return load(bundle_or_loaded, device=device, models=list(names), **load_kw)
-    if not isinstance(bundle_or_loaded, ModelSource):
+    if not isinstance(bundle_or_loaded, ModelProvider):
         raise LoadError(f"not a bundle path nor a loaded bundle: {type(bundle_or_loaded).__name__}"
-                        " (a source needs [name], files(name) and read_file(name, path))")
+                        " (a provider needs [name], files(name) and read_file(name, path))")
     return bundle_or_loaded
 
 
-def source_path(source) -> str | None:
-    """What errors about ``source`` name: its bundle path when it has one."""
+def provider_path(source) -> str | None:
+    """What errors about ``provider`` name: its bundle path when it has one."""
     path = getattr(source, "path", None)
     return None if path is None else str(path)
 
@@ -89,7 +90,7 @@ def extract_files(source, name: str, dest: Path, folder: str = "") -> Path:
         target = (dest / path).resolve()
         if root not in target.parents:
             raise LoadError(f"model {name!r}: file path {path!r} leaves its folder",
-                            path=source_path(source))
+                            path=provider_path(source))
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(source.read_file(name, path))
     return dest / folder if folder else dest
@@ -99,5 +100,5 @@ def join(folder: str, path: str) -> str:
     return posixpath.join(folder, path) if folder else path
 
 
-__all__ = ["ModelSource", "as_source", "component_state", "extract_files", "has_file",
-           "source_path", "WEIGHT_SUFFIXES"]
+__all__ = ["ModelProvider", "as_provider", "component_state", "extract_files", "has_file",
+           "provider_path", "WEIGHT_SUFFIXES"]
