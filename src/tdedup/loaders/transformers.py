@@ -103,12 +103,13 @@ def _conversions(source) -> dict:
     entry = _CONVERTED.get(id(source))
     if entry is not None and entry[0]() is source:
         return entry[1]
+    key = id(source)
     try:
-        ref = weakref.ref(source, lambda _, key=id(source): _CONVERTED.pop(key, None))
+        ref = weakref.ref(source, lambda _: _CONVERTED.pop(key, None))
     except TypeError:  # a source that takes no weak reference: nothing shared
         return {}
-    _CONVERTED[id(source)] = (ref, {})
-    return _CONVERTED[id(source)][1]
+    _CONVERTED[key] = (ref, {})
+    return _CONVERTED[key][1]
 
 
 def _convert(source, state: dict, dtype, device) -> dict:
