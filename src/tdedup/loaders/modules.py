@@ -96,8 +96,9 @@ def load_into(module: "torch.nn.Module", loaded: LoadedBundle | Mapping, name: s
                                   model=name, module=type(module).__name__) from None
     device = next(iter(state.values())).device if state else None
     _fill_buffers(module, extra, device)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
+    tie = getattr(module, "tie_weights", None)  # transformers: tied weights, re-tied
+    if callable(tie):
+        tie()
     if device is not None:
         move_buffers(module, device)
     ptrs = {t.data_ptr() for t in state.values() if t.numel()}
