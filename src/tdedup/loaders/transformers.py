@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,6 +179,11 @@ def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str
                                           hint=e.hint) from None
             errors.append(e)
             continue
+        if errors:  # the config's architecture did not fit: say what was built instead
+            warnings.warn(f"model {name!r}: {errors[0].module} (its config's architecture) "
+                          f"lacks {_few(errors[0].missing or errors[0].on_meta)}; built "
+                          f"{type(module).__name__} instead (pass cls= to choose)",
+                          stacklevel=2)
         return module.eval()
     tell = "; ".join(f"{e.module} lacks {_few(e.missing or e.on_meta)}" for e in errors)
     raise ModuleMismatchError(
