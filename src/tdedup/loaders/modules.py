@@ -117,11 +117,14 @@ def load_into(module: "torch.nn.Module", loaded: LoadedBundle | Mapping, name: s
                                   unexpected=result.unexpected_keys)
     left = meta_tensors(module)
     if left:
+        lacking_params = any(k in params for k in left)
         raise ModuleMismatchError(
             f"model {name!r} lacks tensors {what} needs (still on the meta device): "
             f"{_few(left)}", model=name, module=what, missing=missing,
             unexpected=result.unexpected_keys, on_meta=left,
-            hint="pick a module class the checkpoint has every parameter of (cls=...)")
+            hint="use a module class the checkpoint has every parameter of"
+            if lacking_params else "build the module under tdedup's empty_init() (like "
+            "accelerate's init_empty_weights(include_buffers=False)): buffers are computed")
     for key in state:
         p = params.get(key)
         if p is not None:

@@ -176,7 +176,9 @@ def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str
                 raise ModuleMismatchError(e.problem, model=e.model, module=e.module,
                                           missing=e.missing, unexpected=e.unexpected,
                                           on_meta=e.on_meta, path=provider_path(source),
-                                          hint=e.hint) from None
+                                          hint="pass a class the checkpoint has every "
+                                          "parameter of as cls=, or leave cls= out to let "
+                                          "from_bundle choose") from None
             errors.append(e)
             continue
         if errors:  # the config's architecture did not fit: say what was built instead
