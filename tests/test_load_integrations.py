@@ -89,6 +89,30 @@ def test_from_bundle_path_class_and_errors(tmp_path, bert_family):
     assert "cls=" in e.value.hint
 
 
+def test_tied_head_loads_and_private_keeps_the_tie(tmp_path):
+    """A masked-LM checkpoint (decoder tied to the word embeddings, saved once): the
+    config's architecture is built, the tie is restored; private() copies keep it."""
+    from transformers import BertForMaskedLM
+
+    from helpers.factory import tiny_bert_config
+
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path / "mlm")
+    loaded = tdedup.load(pack(tmp_path, {"mlm": tmp_path / "mlm"}), device="cpu")
+    m = from_bundle(loaded, "mlm")
+    assert type(m) is BertForMaskedLM
+    emb = m.bert.embeddings.word_embeddings.weight
+    assert m.cls.predictions.decoder.weight is emb and not emb.requires_grad
+    ref = BertForMaskedLM.from_pretrained(tmp_path / "mlm").eval()
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    own = tdedup.private(m)
+    oemb = own.bert.embeddings.word_embeddings.weight
+    assert own.cls.predictions.decoder.weight is oemb and oemb.requires_grad
+    assert oemb.data_ptr() != emb.data_ptr() and torch.equal(oemb, emb)
+
+
 def test_load_into_names_what_stays_on_meta(tmp_path):
     """A module with a computed buffer, built on meta, that has no config to rebuild it
     from and no checkpoint value: load_into refuses it, naming the buffer."""
