@@ -156,6 +156,9 @@ def test_sentence_transformer_encode(minilm):
         models[name] = dict(model.named_parameters())
     a, b = models["base"], models["dup-pkg"]
     assert a and all(a[k].data_ptr() == b[k].data_ptr() for k in a)
+    from_path = tdedup.sentence_transformer(loaded.path, "base", device="cpu")
+    assert torch.equal(from_path.encode(SENTENCES, convert_to_tensor=True),
+                       model.encode(SENTENCES, convert_to_tensor=True))
     with pytest.raises(LoadError, match="no modules.json"):
         tdedup.sentence_transformer(loaded, "resaved")
 
