@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
+from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
@@ -363,11 +364,11 @@ def test_load_into_meta_modules_share_storage(tmp_path):
                          device="cpu")
     built = {}
     for name in ("one", "two"):
-        with tl.empty_init():
+        with tm.empty_init():
             m = Tiny()
         assert m.a.weight.is_meta and not m.steps.is_meta
         tdedup.load_into(m, loaded, name)
-        assert not tl.meta_tensors(m)
+        assert not tm.meta_tensors(m)
         built[name] = m
     x = torch.randn(5, 4)
     for name, ref in (("one", one), ("two", two)):
@@ -397,12 +398,20 @@ def test_cli_load_report(bert_bundle):
     r = runner.invoke(app, ["load", str(bert_bundle), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "base" in r.output and "saved" in r.output and "logical" in r.output
+    assert "without sharing" in r.output and "with sharing" in r.output
+    assert "total" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "base", "-m",
                             "frozen", "--json", "--verify"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert list(doc["models"]) == ["base", "frozen"]
     assert doc["saved_bytes"] == doc["logical_bytes"] - doc["device_bytes"] > 0
+    base, frozen = doc["models"]["base"], doc["models"]["frozen"]
+    # The first model adds all of its bytes; the second only what it does not share.
+    assert base["with_sharing_bytes"] == base["logical_bytes"] and base["saved_bytes"] == 0
+    assert 0 < frozen["with_sharing_bytes"] < frozen["logical_bytes"]
+    assert frozen["saved_bytes"] == frozen["logical_bytes"] - frozen["with_sharing_bytes"]
+    assert base["with_sharing_bytes"] + frozen["with_sharing_bytes"] <= doc["device_bytes"]
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "nope"])
     assert r.exit_code == 2 and "no model 'nope'" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "tpu"])

@@ -88,3 +88,46 @@ def test_cuda_rebuilt_bert_matches_cpu(tmp_path, bert_family):
     a = from_bundle(gpu, "base").embeddings.word_embeddings.weight
     b = from_bundle(gpu, "frozen").embeddings.word_embeddings.weight
     assert a.data_ptr() == b.data_ptr()
+
+
+def test_cuda_models_equal_from_pretrained_nothing_on_meta(tmp_path, bert_family):
+    """On CUDA: from_bundle equals from_pretrained moved to the GPU; the meta-device
+    recipe gets its recomputed buffers on the GPU; a CPU-loaded bundle is moved once."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig, BertModel
+
+    bundle = pack(tmp_path, {"base": bert_family["base"], "resaved": bert_family["resaved"]})
+    gpu = tdedup.load(bundle, device="cuda")
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    for name in ("base", "resaved"):
+        ref = BertModel.from_pretrained(bert_family[name]).to("cuda").eval()
+        with torch.device("meta"):
+            meta = BertModel(AutoConfig.from_pretrained(bert_family[name]))
+        tdedup.load_into(meta, gpu, name)
+        for m in (tdedup.from_bundle(gpu, name), meta.eval()):
+            assert all(t.is_cuda for t in [*m.parameters(), *m.buffers()])
+            assert not any(p.requires_grad for p in m.parameters())
+            with torch.no_grad():
+                torch.testing.assert_close(m(input_ids=ids).last_hidden_state,
+                                           ref(input_ids=ids).last_hidden_state,
+                                           rtol=1e-5, atol=1e-5)
+    cpu = tdedup.load(bundle, device="cpu")
+    a, b = (tdedup.from_bundle(cpu, n, device="cuda") for n in ("base", "resaved"))
+    wa, wb = (m.embeddings.word_embeddings.weight for m in (a, b))
+    assert wa.is_cuda and wa.data_ptr() == wb.data_ptr()  # moved once, shared
+    own = tdedup.private(a)
+    assert all(p.is_cuda and p.requires_grad for p in own.parameters())
+
+
+def test_cuda_pipelines_share_modules(tmp_path):
+    pytest.importorskip("diffusers")
+    from test_load_integrations import _tiny_sd_pair
+
+    sources = _tiny_sd_pair(tmp_path)
+    pipes = tdedup.pipelines(pack(tmp_path, sources), list(sources), device="cuda")
+    a, b = pipes["sd-a"], pipes["sd-b"]
+    assert a.text_encoder is b.text_encoder and a.vae is b.vae and a.unet is not b.unet
+    assert all(p.is_cuda for p in a.unet.parameters())
+    image = a("a cat", num_inference_steps=2, height=16, width=16, output_type="np",
+              generator=torch.Generator("cuda").manual_seed(0)).images
+    assert image.shape == (1, 16, 16, 3)

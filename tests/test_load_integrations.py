@@ -1,6 +1,7 @@
 """Models rebuilt from a loaded bundle give the originals' outputs, sharing tensors:
-transformers (a tiny BERT family; the corpus MiniLM) and Diffusers pipelines (a tiny DDPM;
-two tiny Stable Diffusion pipelines with one text encoder and one VAE).
+transformers (a tiny BERT family; the corpus MiniLM in tests/test_models_corpus.py) and
+Diffusers pipelines (a tiny DDPM; two tiny Stable Diffusion pipelines with one text
+encoder and one VAE); what load_into refuses; errors naming a missing extra.
 
 Weights are checked bit for bit (tests/test_load.py); outputs are compared with
 :func:`same_output`, a 1e-5 tolerance: CPU BLAS kernels round differently depending on
@@ -20,10 +21,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import tdedup  # noqa: E402
-from tdedup.errors import LoadError  # noqa: E402
+from tdedup.errors import LoadError, ModuleMismatchError  # noqa: E402
 from tdedup.loaders.transformers import from_bundle  # noqa: E402
 
-from helpers.bundle_helpers import minilm_family  # noqa: E402
 
 
 def same_output(got, want) -> None:
@@ -72,37 +72,86 @@ def test_from_bundle_path_class_and_errors(tmp_path, bert_family):
     from transformers import BertForMaskedLM
 
     bundle = pack(tmp_path, {"base": bert_family["base"]})
-    m = from_bundle(bundle, "base", device="cpu", model_class="BertModel")
+    m = from_bundle(bundle, "base", device="cpu", cls="BertModel")
     assert type(m).__name__ == "BertModel"
     # A head the checkpoint lacks is refused, not left on the meta device.
-    with pytest.raises(LoadError, match="lacks tensors"):
-        from_bundle(bundle, "base", device="cpu", model_class=BertForMaskedLM)
+    with pytest.raises(ModuleMismatchError, match="lacks tensors"):
+        from_bundle(bundle, "base", device="cpu", cls=BertForMaskedLM)
     with pytest.raises(LoadError, match="no class"):
-        from_bundle(bundle, "base", device="cpu", model_class="NoSuchModel")
+        from_bundle(bundle, "base", device="cpu", cls="NoSuchModel")
+    # A config the tensors fit under no class: the error says to pass cls=.
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(bert_family["base"])
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 8
+    with pytest.raises(ModuleMismatchError, match="no model class fits") as e:
+        from_bundle(bundle, "base", device="cpu", config=config)
+    assert "cls=" in e.value.hint
 
 
-@pytest.fixture(scope="module")
-def minilm_loaded(corpus, tmp_path_factory):
-    paths = dict(zip(("base", "ft-freeze"), minilm_family(corpus)[0:4:3]))
-    return tdedup.load(pack(tmp_path_factory.mktemp("minilm"), paths), device="cpu"), paths
+def test_tied_head_loads_and_private_keeps_the_tie(tmp_path):
+    """A masked-LM checkpoint (decoder tied to the word embeddings, saved once): the
+    config's architecture is built, the tie is restored; private() copies keep it."""
+    from transformers import BertForMaskedLM
+
+    from helpers.factory import tiny_bert_config
+
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(tmp_path / "mlm")
+    loaded = tdedup.load(pack(tmp_path, {"mlm": tmp_path / "mlm"}), device="cpu")
+    m = from_bundle(loaded, "mlm")
+    assert type(m) is BertForMaskedLM
+    emb = m.bert.embeddings.word_embeddings.weight
+    assert m.cls.predictions.decoder.weight is emb and not emb.requires_grad
+    ref = BertForMaskedLM.from_pretrained(tmp_path / "mlm").eval()
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    own = tdedup.private(m)
+    oemb = own.bert.embeddings.word_embeddings.weight
+    assert own.cls.predictions.decoder.weight is oemb and oemb.requires_grad
+    assert oemb.data_ptr() != emb.data_ptr() and torch.equal(oemb, emb)
 
 
-def test_corpus_minilm_outputs(minilm_loaded):
-    from transformers import AutoTokenizer, BertModel
+def test_load_into_names_what_stays_on_meta(tmp_path):
+    """A module with a computed buffer, built on meta, that has no config to rebuild it
+    from and no checkpoint value: load_into refuses it, naming the buffer."""
+    from safetensors.torch import save_file
 
-    loaded, paths = minilm_loaded
-    tok = AutoTokenizer.from_pretrained(paths["base"])
-    batch = tok(["Deduplicated tensors load once.", "A second, longer sentence here."],
-                padding=True, return_tensors="pt")
-    for name, folder in paths.items():
-        m = from_bundle(loaded, name)
-        ref = BertModel.from_pretrained(folder).eval()
-        with torch.no_grad():
-            same_output(m(**batch).last_hidden_state, ref(**batch).last_hidden_state)
-    a, b = (params(from_bundle(loaded, n)) for n in paths)
-    shared = [k for k in a if a[k].data_ptr() == b[k].data_ptr()]
-    assert len(shared) == 55  # embeddings, layers 0-2 (frozen) and the pooler (no gradient)
-    assert "embeddings.word_embeddings.weight" in shared
+    class Rotary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.register_buffer("freq", torch.arange(4.0), persistent=False)
+
+    (tmp_path / "m").mkdir()
+    save_file(Rotary().state_dict(), str(tmp_path / "m" / "model.safetensors"))
+    loaded = tdedup.load(pack(tmp_path, {"m": tmp_path / "m"}), device="cpu")
+    with torch.device("meta"):
+        meta = Rotary()
+    with pytest.raises(ModuleMismatchError, match="freq") as e:
+        tdedup.load_into(meta, loaded, "m")
+    assert e.value.on_meta == ["freq"] and "empty_init" in e.value.hint
+    from tdedup.loaders.modules import empty_init
+
+    with empty_init():  # accelerate's include_buffers=False: buffers computed as usual
+        ok = Rotary()
+    tdedup.load_into(ok, loaded, "m")
+    assert torch.equal(ok.freq, torch.arange(4.0)) and not ok.proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("module, extra, call", [
+    ("transformers", "transformers", lambda b: tdedup.from_bundle(b, "base")),
+    ("sentence_transformers", "sentence-transformers",
+     lambda b: tdedup.sentence_transformer(b, "base")),
+    ("diffusers", "diffusers", lambda b: tdedup.pipelines(b, ["base"])),
+])
+def test_missing_extra_is_named(tmp_path, bert_family, monkeypatch, module, extra, call):
+    bundle = pack(tmp_path, {"base": bert_family["base"]})
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # import fails
+    with pytest.raises(LoadError, match=f"needs {extra.replace('-', '.')}") as e:
+        call(bundle)
+    assert f"tdedup[{extra}]" in e.value.hint
 
 
 # -- diffusers ------------------------------------------------------------------------
@@ -170,17 +219,15 @@ def test_stable_diffusion_pipelines_share_text_encoder(tmp_path):
     pytest.importorskip("diffusers")
     from diffusers import StableDiffusionPipeline
 
-    from tdedup.loaders.diffusers import pipeline_from_bundle
-
     sources = _tiny_sd_pair(tmp_path)
-    loaded = tdedup.load(pack(tmp_path, sources), device="cpu")
-    pipes = {n: pipeline_from_bundle(loaded, n) for n in sources}
+    pipes = tdedup.pipelines(pack(tmp_path, sources), list(sources), device="cpu")
     a, b = pipes["sd-a"], pipes["sd-b"]
-    for component in ("text_encoder", "vae"):
-        pa, pb = params(getattr(a, component)), params(getattr(b, component))
-        assert pa and all(pa[k].data_ptr() == pb[k].data_ptr() for k in pa), component
+    # Identical components are one module object, not just the same tensors.
+    assert a.text_encoder is b.text_encoder and a.vae is b.vae
+    assert a.unet is not b.unet and a.scheduler is not b.scheduler
     ua, ub = params(a.unet), params(b.unet)
     assert any(ua[k].data_ptr() != ub[k].data_ptr() for k in ua)
+    assert not any(p.requires_grad for p in [*a.unet.parameters(), *a.vae.parameters()])
     for name, pipe in pipes.items():
         ref = StableDiffusionPipeline.from_pretrained(sources[name])
         run = [p("a cat", num_inference_steps=2, height=16, width=16, output_type="np",

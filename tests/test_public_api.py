@@ -11,6 +11,7 @@ PUBLIC = {
     "pack", "PackResult", "unpack", "UnpackResult", "verify", "VerifyResult",
     "open_bundle", "Bundle",
     "load", "load_into", "LoadedBundle",
+    "from_bundle", "sentence_transformer", "pipelines", "private",
 }
 
 

@@ -129,6 +129,23 @@ class LoadError(TdedupError):
     """Loading a bundle onto a torch device failed (missing extra, bad module)."""
 
 
+class ModuleMismatchError(LoadError):
+    """A model's tensors do not fit a module: keys the module needs but the model lacks
+    (``missing``), keys the module has no place for (``unexpected``), or tensors still on
+    the meta device after loading (``on_meta``)."""
+
+    def __init__(self, problem: str, *, model: str, module: str,
+                 missing: list[str] | None = None, unexpected: list[str] | None = None,
+                 on_meta: list[str] | None = None, **kw) -> None:
+        kw.setdefault("models", (model,))
+        super().__init__(problem, **kw)
+        self.model = model
+        self.module = module
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        self.on_meta = list(on_meta or [])
+
+
 def display_path(path: str | os.PathLike) -> str:
     """A path as users typed it when possible: relative to the cwd if below it."""
     p = Path(path)

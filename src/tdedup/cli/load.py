@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import guarded, human_bytes, stdout_console
@@ -22,27 +23,41 @@ def load(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Load every model (each distinct tensor once) and print what it takes in memory."""
+    from ..loaders.sharing import model_sharing
     from ..loaders.torch import load as load_bundle
 
     loaded = load_bundle(bundle, device=device, models=model, verify=verify,
                          dequantize=dequantize)
     s = loaded.stats
+    rows = model_sharing(loaded)
+    added = sum(r.added_bytes for r in rows)
     if as_json:
         print(json.dumps({"bundle": str(bundle), "device": str(loaded.device),
-                          "models": {n: {"tensors": len(loaded[n]), "logical_bytes": b}
-                                     for n, b in s.models.items()},
+                          "models": {r.model: {"tensors": r.tensors,
+                                               "logical_bytes": r.alone_bytes,
+                                               "with_sharing_bytes": r.added_bytes,
+                                               "saved_bytes": r.saved_bytes}
+                                     for r in rows},
                           "logical_bytes": s.logical_bytes, "device_bytes": s.device_bytes,
                           "mapped_bytes": s.mapped_bytes, "saved_bytes": s.saved_bytes,
                           "distinct_blobs": s.distinct_blobs,
                           "seconds": round(s.seconds, 4)}, indent=2))
         return
     out = stdout_console()
-    t = Table(title=None)
+    t = Table(title=None, caption="with sharing: what each model adds to the ones above it")
     t.add_column("model")
     t.add_column("tensors", justify="right")
-    t.add_column("logical bytes", justify="right")
-    for name, nbytes in s.models.items():
-        t.add_row(name, str(len(loaded[name])), human_bytes(nbytes))
+    t.add_column("without sharing", justify="right")
+    t.add_column("with sharing", justify="right")
+    t.add_column("saved", justify="right")
+    for r in rows:
+        t.add_row(escape(r.model), str(r.tensors), human_bytes(r.alone_bytes),
+                  human_bytes(r.added_bytes), human_bytes(r.saved_bytes))
+    if s.device_bytes > added:  # delta bases no tensor uses, dequantized copies
+        t.add_row("(other blobs)", "", "", human_bytes(s.device_bytes - added), "")
+    t.add_section()
+    t.add_row("total", str(s.tensors), human_bytes(s.logical_bytes),
+              human_bytes(s.device_bytes), human_bytes(s.saved_bytes))
     out.print(t)
     ratio = s.logical_bytes / s.device_bytes if s.device_bytes else 1.0
     mapped = (f" ({human_bytes(s.mapped_bytes)} of it mapped from the bundle)"

@@ -1,28 +1,44 @@
 """Rebuild Diffusers pipelines from a bundle, components sharing loaded tensors.
 
-    loaded = tdedup.load("pipelines.tdd", device="cuda")
-    a = pipeline_from_bundle(loaded, "sd-a")
-    b = pipeline_from_bundle(loaded, "sd-b")   # same text encoder: the same tensors as a's
+    pipes = tdedup.pipelines("pipelines.tdd", ["sd-a", "sd-b"])
+    pipes["sd-a"].text_encoder is pipes["sd-b"].text_encoder    # True when identical
 
 Each component with weights in the bundle (a Diffusers model, or a transformers model
 such as a text encoder) is built from its config with parameters on the meta device and
-given the loaded tensors (:func:`tdedup.loaders.torch.load_into`); the other components
+given the loaded tensors (:func:`tdedup.loaders.modules.load_into`); the other components
 (schedulers, tokenizers, feature extractors) are made by their own ``from_pretrained``
 from the small files the bundle holds. diffusers is imported only when called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
-import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoadError
-from .torch import LoadedBundle, empty_init, load, require, require_torch
-from .transformers import assign_weights, build_empty, extract_files
+from .modules import empty_init, load_into
+from .provider import (
+    WEIGHT_SUFFIXES,
+    as_provider,
+    component_state,
+    extract_files,
+    provider_path,
+)
+from .torch import require, require_torch
+from .transformers import build_empty
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from .provider import ModelProvider
 
 
 def _diffusers():
@@ -44,11 +60,27 @@ def component_class(library: str, class_name: str):
     raise LoadError(f"cannot find class {class_name!r} of library {library!r}")
 
 
-def _build_component(cls, loaded: LoadedBundle, model: str, folder: str, directory: Path,
-                     variant: str | None):
-    state = loaded.component(model, folder, variant=variant)
+def _component_key(cls, source, model: str, folder: str, state: dict) -> tuple:
+    """What makes two components the same module: class, config files, and tensors
+    (the same storage, dtype, shape and strides for every key)."""
+    files = []
+    for path in sorted(source.files(model)):
+        if path.startswith(folder + "/") and not path.endswith(WEIGHT_SUFFIXES):
+            files.append((path[len(folder) + 1:],
+                          hashlib.sha256(source.read_file(model, path)).hexdigest()))
+    tensors = tuple(sorted((k, t.data_ptr(), str(t.dtype), tuple(t.shape), tuple(t.stride()),
+                            str(t.device)) for k, t in state.items()))
+    return (cls, tuple(files), tensors)
+
+
+def _build_component(cls, source, model: str, folder: str, directory: Path,
+                     variant: str | None, built: dict):
+    state = component_state(source, model, folder, variant)
     if not state:  # scheduler, tokenizer, feature extractor: small files only
         return cls.from_pretrained(directory)
+    key = _component_key(cls, source, model, folder, state)
+    if key in built:  # the same component in another pipeline: the same module object
+        return built[key]
     if hasattr(cls, "config_class") and hasattr(cls, "_from_config"):  # transformers model
         module = build_empty(cls, cls.config_class.from_pretrained(directory))
     elif hasattr(cls, "load_config") and hasattr(cls, "from_config"):  # diffusers model
@@ -56,36 +88,58 @@ def _build_component(cls, loaded: LoadedBundle, model: str, folder: str, directo
             module = cls.from_config(cls.load_config(directory))
     else:
         raise LoadError(f"component {folder!r} of model {model!r}: do not know how to build "
-                        f"{cls.__name__} from its config")
-    return assign_weights(module, loaded, model, state)
+                        f"{cls.__name__} from its config", path=provider_path(source))
+    load_into(module, {model: state}, model, strict=False)
+    built[key] = module.eval()
+    return built[key]
 
 
-def pipeline_from_bundle(loaded: LoadedBundle | str | os.PathLike, model: str, *,
-                         pipeline_class=None, variant: str | None = None, device=None,
-                         **load_kw):
-    """A Diffusers pipeline rebuilt from ``model`` (a pipeline folder packed whole).
+def pipelines(bundle_or_loaded: "ModelProvider | str | os.PathLike", names: Sequence[str], *,
+              variant: str | None = None, device: "str | torch.device" = "auto",
+              pipeline_class: "type | None" = None) -> dict[str, Any]:
+    """One Diffusers pipeline per model of ``names`` (pipeline folders packed whole),
+    keyed by name. Components with weights that are identical across the pipelines
+    (same class, config files and tensors: a shared text encoder or VAE) are the *same
+    module object*, as a server of several pipelines over one backbone needs; the
+    others (UNets of fine-tunes) still share every identical tensor. A shared component
+    is shared for good: moving it (``pipe.to(...)``) or patching it affects every
+    pipeline that holds it.
 
-    ``loaded``: a :class:`LoadedBundle`, or a bundle path to load ``model`` from (then
-    ``device`` and ``load_kw`` go to :func:`tdedup.load`). ``pipeline_class``: default,
-    the ``_class_name`` of ``model_index.json``. ``variant``: weight files of a variant
-    (``"fp16"`` for ``*.fp16.safetensors``).
+    ``bundle_or_loaded``: a bundle path (``names`` loaded on ``device``) or a model
+    provider (:mod:`tdedup.loaders.provider`). ``pipeline_class``: default, the
+    ``_class_name`` of each ``model_index.json``. ``variant``: weight files of a variant
+    (``"fp16"`` for ``*.fp16.safetensors``). Parameters have ``requires_grad=False``.
     """
     require_torch()
+    names = list(dict.fromkeys(names))
+    source = as_provider(bundle_or_loaded, names, device)
+    built: dict = {}
+    return {n: _pipeline(source, n, pipeline_class, variant, built) for n in names}
+
+
+def pipeline_from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", model: str, *,
+                         pipeline_class: "type | None" = None, variant: str | None = None,
+                         device: "str | torch.device" = "auto") -> Any:
+    """The Diffusers pipeline of one model: ``pipelines(..., [model])[model]``."""
+    return pipelines(bundle_or_loaded, [model], variant=variant, device=device,
+                     pipeline_class=pipeline_class)[model]
+
+
+def _pipeline(source, model: str, pipeline_class, variant: str | None, built: dict):
     diffusers = _diffusers()
-    if not isinstance(loaded, LoadedBundle):
-        loaded = load(loaded, device=device or "auto", models=[model], **load_kw)
-    if "model_index.json" not in loaded.files(model):
+    if "model_index.json" not in source.files(model):
         raise LoadError(f"model {model!r} is not a Diffusers pipeline (no model_index.json)",
-                        path=loaded.path)
-    index = json.loads(loaded.read_file(model, "model_index.json"))
+                        path=provider_path(source))
+    index = json.loads(source.read_file(model, "model_index.json"))
     if pipeline_class is None:
         pipeline_class = getattr(diffusers, index.get("_class_name", ""), None)
         if pipeline_class is None:
-            raise LoadError(f"diffusers has no pipeline class {index.get('_class_name')!r}")
+            raise LoadError(f"diffusers has no pipeline class {index.get('_class_name')!r}",
+                            path=provider_path(source))
     accepted = inspect.signature(pipeline_class.__init__).parameters
     components = {}
     with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:
-        root = extract_files(loaded, model, Path(tmp))
+        root = extract_files(source, model, Path(tmp))
         for name, spec in index.items():
             if name.startswith("_"):
                 continue
@@ -98,6 +152,9 @@ def pipeline_from_bundle(loaded: LoadedBundle | str | os.PathLike, model: str, *
                 components[name] = None
                 continue
             cls = component_class(library, class_name)
-            components[name] = _build_component(cls, loaded, model, name, root / name,
-                                                variant)
+            components[name] = _build_component(cls, source, model, name, root / name,
+                                                variant, built)
     return pipeline_class(**components)
+
+
+__all__ = ["pipelines", "pipeline_from_bundle", "component_class"]

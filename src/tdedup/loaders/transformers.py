@@ -1,66 +1,72 @@
 """Rebuild transformers models from a bundle: the config stored in it, the shared weights.
 
     loaded = tdedup.load("family.tdd", device="cuda")
-    base = from_bundle(loaded, "base")          # a BertModel whose tensors are loaded's
-    tuned = from_bundle(loaded, "ft-freeze")    # shares every unchanged tensor with base
+    base = tdedup.from_bundle(loaded, "base")        # e.g. a BertModel viewing loaded's tensors
+    tuned = tdedup.from_bundle(loaded, "ft")          # shares every unchanged tensor with base
 
 The model is built with its parameters on the meta device (no memory), then the loaded
-tensors are assigned to it (:func:`tdedup.loaders.torch.load_into`), so models of one
-family share storage for every tensor they have in common. transformers is imported only
-when these functions are called.
+tensors are assigned to it (:func:`tdedup.loaders.modules.load_into`), so models of one
+family share storage for every tensor they have in common. Parameters come back with
+``requires_grad=False``; :func:`tdedup.private` gives a copy to train. transformers is
+imported only when these functions are called (the ``transformers`` extra).
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
 import tempfile
+import warnings
+import weakref
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..errors import LoadError
-from .torch import (
-    LoadedBundle,
-    empty_init,
-    load,
-    load_into,
-    meta_tensors,
-    move_buffers,
-    require,
-    require_torch,
+from ..errors import LoadError, ModuleMismatchError
+from .modules import empty_init, load_into
+from .provider import (
+    as_provider,
+    component_state,
+    extract_files,
+    has_file,
+    join,
+    provider_path,
 )
+from .torch import require, require_torch
+
+if TYPE_CHECKING:
+    from .provider import ModelProvider
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - exercised only without the extra
+    torch = None
 
 
 def _transformers():
     return require("transformers", "rebuilding a transformers model")
 
 
-def extract_files(loaded: LoadedBundle, model: str, dest: Path, folder: str = "") -> Path:
-    """Write ``model``'s non-weight files below ``folder`` (configs, tokenizer files)
-    into ``dest``, keeping their relative paths; returns ``dest / folder``."""
-    weights = {ti.file for ti in loaded.info(model).values()}
-    prefix = f"{folder}/" if folder else ""
-    for path in loaded.files(model):
-        if path in weights or not path.startswith(prefix) or path.endswith(
-                (".safetensors", ".gguf")):
-            continue
-        target = dest / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(loaded.read_file(model, path))
-    return dest / folder if folder else dest
-
-
-def resolve_model_class(config, model_class=None):
-    """The class to build: ``model_class`` (a class or a transformers class name), else
-    the config's first ``architectures`` entry, else ``AutoModel``'s choice."""
+def resolve_class(cls):
+    """``cls`` itself, or the transformers class of that name."""
     tf = _transformers()
-    if model_class is None:
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        model_class = arch if arch and hasattr(tf, arch) else tf.AutoModel
-    if isinstance(model_class, str):
-        if not hasattr(tf, model_class):
-            raise LoadError(f"transformers has no class {model_class!r}")
-        model_class = getattr(tf, model_class)
-    return model_class
+    if isinstance(cls, str):
+        if not hasattr(tf, cls):
+            raise LoadError(f"transformers has no class {cls!r}", hint="cls= takes a model "
+                            "class or the name of one, e.g. cls='BertModel'")
+        return getattr(tf, cls)
+    return cls
+
+
+def candidate_classes(config) -> list:
+    """Classes to try, in order: the config's architecture (when transformers has it),
+    then ``AutoModel`` (the base model, as ``AutoModel.from_pretrained`` builds)."""
+    tf = _transformers()
+    out = []
+    for arch in getattr(config, "architectures", None) or []:
+        if hasattr(tf, arch):
+            out.append(getattr(tf, arch))
+            break
+    out.append(tf.AutoModel)
+    return out
 
 
 def build_empty(cls, config):
@@ -71,41 +77,127 @@ def build_empty(cls, config):
         return cls._from_config(config)
 
 
-def assign_weights(module, loaded: LoadedBundle, model: str, state: dict | None = None):
-    """Assign ``model``'s loaded tensors (or ``state``) to a module built by
-    :func:`build_empty`; ties weights; moves buffers made on the host to the device;
-    refuses to return a module with a tensor left on the meta device."""
-    mapping = {model: state} if state is not None else loaded
-    load_into(module, mapping, model, strict=False)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-    left = meta_tensors(module)
-    if left:
-        shown = ", ".join(left[:5]) + (f" (+{len(left) - 5} more)" if len(left) > 5 else "")
-        raise LoadError(f"model {model!r} lacks tensors the module needs: {shown}",
-                        path=loaded.path)
-    move_buffers(module, loaded.device)
-    return module.eval()
+def load_config(source, name: str, folder: str = "", config=None):
+    """``config`` (a config object, or a folder or config.json path), else the model's
+    config.json from the source."""
+    tf = _transformers()
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        return config
+    if config is not None:
+        return tf.AutoConfig.from_pretrained(Path(config))
+    where = join(folder, "config.json")
+    if not has_file(source, name, where):
+        raise LoadError(f"model {name!r} has no {where} in the bundle",
+                        path=provider_path(source),
+                        hint="pass its config: from_bundle(..., config=AutoConfig or "
+                             "a folder with config.json)")
+    with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:
+        return tf.AutoConfig.from_pretrained(extract_files(source, name, Path(tmp), folder))
 
 
-def from_bundle(loaded: LoadedBundle | str | os.PathLike, model: str, *,
-                model_class=None, folder: str = "", device=None, **load_kw):
-    """A transformers model rebuilt from ``model``'s config.json in the bundle and its
-    loaded tensors (shared with every other model loaded from the same bundle).
+#: id(source) -> (weak reference to it, its converted tensors), so that models
+#: converted alike (``dtype=``, ``device=``) share the converted tensors too.
+_CONVERTED: dict[int, tuple] = {}
 
-    ``loaded``: a :class:`LoadedBundle`, or a bundle path to load ``model`` from (then
-    ``device`` and ``load_kw`` go to :func:`tdedup.load`). ``folder``: where the config
-    and weights lie inside the model (a pipeline component, e.g. ``"text_encoder"``).
+
+def _conversions(source) -> dict:
+    entry = _CONVERTED.get(id(source))
+    if entry is not None and entry[0]() is source:
+        return entry[1]
+    key = id(source)
+    try:
+        ref = weakref.ref(source, lambda _: _CONVERTED.pop(key, None))
+    except TypeError:  # a source that takes no weak reference: nothing shared
+        return {}
+    _CONVERTED[key] = (ref, {})
+    return _CONVERTED[key][1]
+
+
+def _convert(source, state: dict, dtype, device) -> dict:
+    """``state`` with floating tensors in ``dtype`` and every tensor on ``device``; each
+    distinct tensor is converted once per source (the converted tensors are shared)."""
+    if dtype is None and device is None:
+        return state
+    cache = _conversions(source)
+    out = {}
+    for key, t in state.items():
+        want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        where = device if device is not None else t.device
+        if t.dtype == want and t.device == where:
+            out[key] = t
+            continue
+        ck = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device),
+              want, str(where))
+        if ck not in cache:
+            cache[ck] = t.to(device=where, dtype=want)
+        out[key] = cache[ck]
+    return out
+
+
+def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str, *,
+                cls: "type | str | None" = None, config: "Any" = None,
+                device: "str | torch.device" = "auto", dtype: "torch.dtype | None" = None,
+                folder: str = "") -> "torch.nn.Module":
+    """A transformers model whose parameters are the bundle's (shared) tensors.
+
+    ``bundle_or_loaded``: a bundle path (``name`` is loaded on ``device``), or a model
+    provider (:class:`LoadedBundle`, a registry: see :mod:`tdedup.loaders.provider`).
+    ``cls``: the model class (or its name); default: the config's architecture when the
+    checkpoint has all its parameters, else ``AutoModel``'s base model (a sentence-
+    transformers MPNet says ``MPNetForMaskedLM`` but has no ``lm_head``).
+    ``config``: a config object or path, for weights-only models (else config.json).
+    ``device``: with a loaded source, ``"auto"`` keeps the tensors where they are; another
+    device copies them there (once per source). ``dtype``: floating tensors converted
+    (once per source, shared by every model converted alike). ``folder``: where the
+    config and weights lie inside the model (a pipeline component, ``"text_encoder"``).
+    Parameters have ``requires_grad=False``; see :func:`tdedup.private`.
     """
     require_torch()
-    tf = _transformers()
-    if not isinstance(loaded, LoadedBundle):
-        loaded = load(loaded, device=device or "auto", models=[model], **load_kw)
-    with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:
-        config_dir = extract_files(loaded, model, Path(tmp), folder)
-        if not (config_dir / "config.json").is_file():
-            where = posixpath.join(folder, "config.json") if folder else "config.json"
-            raise LoadError(f"model {model!r} has no {where} in the bundle", path=loaded.path)
-        config = tf.AutoConfig.from_pretrained(config_dir)
-    module = build_empty(resolve_model_class(config, model_class), config)
-    return assign_weights(module, loaded, model, loaded.component(model, folder))
+    source = as_provider(bundle_or_loaded, [name], device)
+    cfg = load_config(source, name, folder, config)
+    state = component_state(source, name, folder)
+    if not state:
+        raise LoadError(f"model {name!r} has no weights" + (f" in {folder}/" if folder else ""),
+                        path=provider_path(source))
+    state = _convert(source, state, dtype, None if device in (None, "auto")
+                     else torch.device(device))
+    if dtype is not None:
+        setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", dtype)
+    tried = [resolve_class(cls)] if cls is not None else candidate_classes(cfg)
+    errors = []
+    for klass in tried:
+        module = build_empty(klass, cfg)
+        try:
+            # Keys the class has no place for are left out, as from_pretrained does
+            # (a base model from a checkpoint with a head); missing ones are refused.
+            load_into(module, {name: state}, name, strict=False)
+        except ModuleMismatchError as e:
+            if cls is not None:
+                raise ModuleMismatchError(e.problem, model=e.model, module=e.module,
+                                          missing=e.missing, unexpected=e.unexpected,
+                                          on_meta=e.on_meta, path=provider_path(source),
+                                          hint="pass a class the checkpoint has every "
+                                          "parameter of as cls=, or leave cls= out to let "
+                                          "from_bundle choose") from None
+            errors.append(e)
+            continue
+        if errors:  # the config's architecture did not fit: say what was built instead
+            warnings.warn(f"model {name!r}: {errors[0].module} (its config's architecture) "
+                          f"lacks {_few(errors[0].missing or errors[0].on_meta)}; built "
+                          f"{type(module).__name__} instead (pass cls= to choose)",
+                          stacklevel=2)
+        return module.eval()
+    tell = "; ".join(f"{e.module} lacks {_few(e.missing or e.on_meta)}" for e in errors)
+    raise ModuleMismatchError(
+        f"model {name!r}: no model class fits its tensors ({tell})", model=name,
+        module=errors[-1].module, missing=errors[-1].missing, on_meta=errors[-1].on_meta,
+        path=provider_path(source),
+        hint="pass the class the checkpoint was saved from: from_bundle(..., cls=...)")
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+__all__ = ["from_bundle", "build_empty", "candidate_classes", "load_config",
+           "resolve_class"]
