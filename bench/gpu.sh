@@ -128,8 +128,14 @@ if ((${#MISSING_WHEELS[@]})); then
     say "installing ${#MISSING_WHEELS[@]} carried wheel(s) into $SITE:"
     for whl in "${MISSING_WHEELS[@]}"; do say "  $(basename "$whl")"; done
     rm -rf "$SITE"
-    "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
-        --target "$SITE" "${MISSING_WHEELS[@]}"
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+            --target "$SITE" "${MISSING_WHEELS[@]}"
+    else  # no pip in this interpreter: a wheel is a zip of what goes into site-packages
+        say "(no pip: unpacking the wheels)"
+        "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+            "$SITE" "${MISSING_WHEELS[@]}"
+    fi
 else
     say "every carried wheel's module is already importable"
 fi
