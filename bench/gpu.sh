@@ -210,4 +210,27 @@ step "bench/load.py --device cpu" 120 "$PY" bench/load.py "${FAMILY_ARGS[@]}" \
     --device cpu --layout both --repeat "$REPEAT" --bundle-dir "$BUNDLES" \
     --json "$RESULTS/load-cpu.json"
 
+# -- figures, as a Markdown table for bench/RESULTS.md ------------------------------------
+say ""
+say "== figures (from $RESULTS/load-*.json)"
+"$PY" - "$RESULTS" <<'PYEOF' || true
+import json, pathlib, sys
+rows, d = [], None
+for f in sorted(pathlib.Path(sys.argv[1]).glob("load-*.json")):
+    d = json.loads(f.read_text())
+    for side, v in d["sides"].items():
+        rows.append(f"| {d['device']} | {side} | {v['median_s'] * 1e3:.1f} | "
+                    f"{v['gb_per_s']:.2f} | {v['peak_bytes'] / 1e6:.1f} MB = "
+                    f"{v['peak_x_distinct']:.2f}x | {v.get('ratio_to_ref', 1.0):.2f} |")
+if d is None:
+    print("(no figures)")
+else:
+    print(f"distinct tensor bytes {d['distinct_bytes'] / 1e6:.1f} MB of "
+          f"{d['tensor_bytes'] / 1e6:.1f} MB, repeat {d['repeat']}")
+    print("| device | side | median ms | GB/s logical | peak memory (x distinct) "
+          "| time / reference |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
+PYEOF
+
 finish "$FAILED"
