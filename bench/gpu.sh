@@ -49,6 +49,7 @@ mkdir -p "$WORK" "$RESULTS"
 exec > >(tee -a "$RESULTS/gpu.log") 2>&1
 TEE_PID=$!
 
+export HOME=${HOME:-$WORK} HF_HOME=$WORK/hf MPLCONFIGDIR=$WORK/mpl
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
     TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
     NO_COLOR=1 PYTHONDONTWRITEBYTECODE=1 PIP_ROOT_USER_ACTION=ignore
@@ -180,7 +181,7 @@ then
 fi
 
 # -- 3. the model family ----------------------------------------------------------------
-CORPUS=${TDEDUP_CORPUS:-$HOME/.cache/tdedup-corpus}
+CORPUS=${TDEDUP_CORPUS:-${HOME:-/nonexistent}/.cache/tdedup-corpus}
 if [[ -f $CORPUS/minilm/base/model.safetensors ]]; then
     say ""
     say "== family: the corpus's MiniLM family at $CORPUS"
