@@ -8,7 +8,7 @@ import tdedup
 
 PUBLIC = {
     "__version__", "TdedupError",
-    "pack", "PackResult", "unpack", "UnpackResult", "verify", "VerifyResult",
+    "pack", "PackResult", "convert", "ConvertResult", "unpack", "UnpackResult", "verify", "VerifyResult",
     "open_bundle", "Bundle",
     "load", "load_into", "LoadedBundle",
     "from_bundle", "sentence_transformer", "pipelines", "private",

@@ -40,6 +40,7 @@ def _root(
 
 app.command()(analyze.analyze)
 app.command()(bundle_commands.pack)
+app.command()(bundle_commands.convert)
 app.command()(bundle_commands.unpack)
 app.command()(bundle_commands.verify)
 app.command()(bundle_commands.inspect)

@@ -1,4 +1,4 @@
-"""``tdedup pack``, ``unpack``, ``verify`` and ``inspect``."""
+"""``tdedup pack``, ``convert``, ``unpack``, ``verify`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from ..format.bundle.constants import BundleLayout
 from ..format.bundle.reader import Bundle
 from ..format.codecs import DEFAULT_LEVEL
+from ..ops.convert import convert as convert_bundle
+from ..ops.convert import layout_of
 from ..ops.pack import pack as pack_models
 from ..ops.unpack import unpack as unpack_bundle
 from ..ops.verify import verify as verify_bundle
@@ -24,14 +28,16 @@ def pack(
     output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
     level: Annotated[int, typer.Option("--level", min=-7, max=22, help="zstd level (1 is both smaller and faster than 3 on float planes).")] = DEFAULT_LEVEL,
     delta: Annotated[str, typer.Option("--delta", help="auto: store near-identical tensors as base + delta; off: never.")] = "auto",
+    layout: Annotated[BundleLayout, typer.Option("--layout", help="compact: compress every blob; serving: keep self-contained blobs raw and aligned, for loads that map them (deltas stay compressed).")] = BundleLayout.COMPACT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
     with phased_progress(quiet) as progress:
-        r = pack_models(paths, output, level=level, delta=delta, progress=progress)
+        r = pack_models(paths, output, level=level, delta=delta, progress=progress,
+                        layout=layout)
     if as_json:
-        print(json.dumps({"bundle": str(r.path), "models": r.models,
+        print(json.dumps({"bundle": str(r.path), "layout": r.layout, "models": r.models,
                           "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
                           "distinct_tensor_bytes": r.distinct_tensor_bytes,
                           "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
@@ -39,11 +45,36 @@ def pack(
         return
     out = stdout_console()
     speed = r.logical_bytes / r.seconds if r.seconds else 0
-    out.print(f"packed {len(r.models)} models into {r.path}")
+    out.print(f"packed {len(r.models)} models into {escape(str(r.path))} ({r.layout} layout)")
     out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle {human_bytes(r.bundle_bytes)}"
               f"  ({r.ratio:.2f}x smaller)")
     out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
+
+
+@guarded
+def convert(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to re-lay (.tdd); it is not modified.")],
+    layout: Annotated[BundleLayout, typer.Option("--layout", help="serving: every self-contained blob raw and aligned; compact: compressed.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (not the input).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    level: Annotated[int, typer.Option("--level", min=-7, max=22, help="zstd level of blobs compressed for the compact layout.")] = DEFAULT_LEVEL,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Re-lay a bundle in another layout without re-planning (deltas copied byte for byte)."""
+    with phased_progress(quiet) as progress:
+        r = convert_bundle(bundle, output, layout, force=force, level=level, progress=progress)
+    if as_json:
+        print(json.dumps({"bundle": str(r.path), "layout": r.layout,
+                          "source_bytes": r.source_bytes, "bundle_bytes": r.bundle_bytes,
+                          "decoded": r.decoded, "encoded": r.encoded, "copied": r.copied,
+                          "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
+        return
+    stdout_console().print(
+        f"wrote {escape(str(r.path))} ({r.layout} layout): {human_bytes(r.source_bytes)} -> "
+        f"{human_bytes(r.bundle_bytes)} in {r.seconds:.2f} s; {r.decoded} blobs decoded, "
+        f"{r.encoded} compressed, {r.copied} copied as they were")
 
 
 @guarded
@@ -106,7 +137,8 @@ def inspect_dict(b: Bundle) -> dict:
               for rec in blobs.values() if rec.base is not None]
     return {"bundle": str(b.path), "bundle_bytes": b.size,
             "format_version": list(b.manifest.format_version),
-            "tool_version": b.manifest.tool_version, "models": models,
+            "tool_version": b.manifest.tool_version, "layout": layout_of(b.manifest),
+            "models": models,
             "blobs": len(blobs), "encodings": by_enc, "deltas": deltas,
             "summary": b.manifest.summary}
 
@@ -128,9 +160,9 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     out = stdout_console()
-    out.print(f"{info['bundle']}: format {'.'.join(map(str, info['format_version']))}, "
-              f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, written by "
-              f"tdedup {info['tool_version']}")
+    out.print(f"{escape(info['bundle'])}: format {'.'.join(map(str, info['format_version']))}, "
+              f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, layout "
+              f"{info['layout']}, written by tdedup {escape(info['tool_version'])}")
     t = Table(title="models")
     for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensors",
                 "delta tensors"):

@@ -25,7 +25,7 @@ from ..analyzers.delta_planning import DeltaChoice, choose_bases
 from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..analyzers.tensor_hashes import HashedTensor
 from ..errors import UsageError
-from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.constants import BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.writer import BundleWriter
@@ -61,6 +61,7 @@ class PackResult:
     bundle_bytes: int
     seconds: float
     encodings: dict[str, int] = field(default_factory=dict)  # blob count per encoding
+    layout: str = BundleLayout.COMPACT.value
 
     @property
     def ratio(self) -> float:
@@ -144,14 +145,18 @@ def _blob_order(firsts: dict, deltas: dict) -> list:
 
 
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
-         delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None
-         ) -> PackResult:
+         delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
+         layout: str | BundleLayout = BundleLayout.COMPACT) -> PackResult:
     """Write a bundle holding every model in ``paths`` (``PATH`` or ``NAME=PATH``).
 
     Identical tensors are stored once, near-identical ones as base plus delta
-    (``delta="auto"``), the rest compressed losslessly at zstd ``level``.
+    (``delta="auto"``), the rest compressed losslessly at zstd ``level``
+    (``layout="compact"``) or kept raw and aligned for loads that map them
+    (``layout="serving"``; the same deltas either way, see spec §10.1).
     """
     t0 = time.perf_counter()
+    layout = parse_layout(layout)
+    raw_only = layout is BundleLayout.SERVING
     output = Path(output)
     report = progress or (lambda phase, n, total: None)
     models = index_models(paths)
@@ -182,9 +187,16 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 h = firsts[key]
                 data = source(h)
                 choice = deltas.get(key)
+                if raw_only and choice is None:
+                    return key, BlobEncoding.RAW, data, None
                 base = source(firsts[choice.base]) if choice is not None else None
+                # Serving makes the same choice as compact (so that both layouts hold the
+                # same deltas and ``convert`` between them is exact), then keeps a
+                # self-contained winner raw.
                 enc, stored, used = choose_encoding(
                     data, element_width(h.record.dtype), level, base=base, delta=choice)
+                if raw_only and not used:
+                    enc, stored = BlobEncoding.RAW, data
                 return key, enc, stored, (choice.base[0] if used else None)
 
             pending: list[Future] = []
@@ -208,14 +220,15 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 entries = []
                 digests = {(h.record.file, h.record.name): h.digest for h in scanned.hashed[m.name]}
                 for f in m.files:
-                    layout = _layout_bytes(f, view_of(f.abs_path)) if f.size else b""
-                    digest = hash_bytes(layout)
+                    nontensor = _layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+                    digest = hash_bytes(nontensor)
                     if digest not in writer:
-                        stored = zstd_compress(layout, level)
-                        if len(stored) < len(layout):
-                            writer.add_blob(digest, BlobEncoding.ZSTD, stored, len(layout))
+                        stored = None if raw_only else zstd_compress(nontensor, level)
+                        if stored is not None and len(stored) < len(nontensor):
+                            writer.add_blob(digest, BlobEncoding.ZSTD, stored, len(nontensor))
                         else:
-                            writer.add_blob(digest, BlobEncoding.RAW, layout, len(layout))
+                            writer.add_blob(digest, BlobEncoding.RAW, nontensor,
+                                            len(nontensor))
                     tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
                                            digests[(t.file, t.name)])
                                for t in f.tensors]
@@ -228,9 +241,18 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
             summary = {"models": len(models), "logical_bytes": logical,
                        "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,
                        "stored_blob_bytes": sum(b.stored_length for b in writer.blobs.values()),
-                       "encodings": counts}
+                       "encodings": counts, "layout": layout.value}
             size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
                                           summary=summary), level=level, validate=True)
     return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,
-                      time.perf_counter() - t0, counts)
+                      time.perf_counter() - t0, counts, layout.value)
+
+
+def parse_layout(layout: str | BundleLayout) -> BundleLayout:
+    """``layout`` as a :class:`BundleLayout`, or :class:`UsageError` naming the choices."""
+    try:
+        return BundleLayout(layout)
+    except ValueError:
+        choices = ", ".join(repr(x.value) for x in BundleLayout)
+        raise UsageError(f"unknown layout {layout!r} (use one of {choices})") from None
 

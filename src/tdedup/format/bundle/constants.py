@@ -7,7 +7,7 @@ by the enum, as gguf-py does. ``tests/test_spec.py`` checks these against the sp
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 #: First 8 bytes of every bundle.
 MAGIC = b"TDEDUPB\x00"
@@ -79,3 +79,16 @@ class ManifestEncoding(IntEnum):
     JSON = 0
     ZSTD_JSON = 1
 
+
+
+class BundleLayout(str, Enum):
+    """How a bundle stores its self-contained blobs (spec §10.1; informative, recorded as
+    the manifest's ``summary.layout``). Delta blobs are stored alike in both.
+
+    - ``COMPACT``: the smallest of byte-plane zstd, zstd and raw (``pack``'s default);
+    - ``SERVING``: every self-contained blob ``RAW`` (aligned to ``raw_alignment``), so a
+      load maps it and hands it to the device with no decoding.
+    """
+
+    COMPACT = "compact"
+    SERVING = "serving"
