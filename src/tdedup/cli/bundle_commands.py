@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from ..format.bundle.reader import Bundle
-from ..format.codecs import DEFAULT_LEVEL
-from ..ops.pack import pack as pack_models
-from ..ops.unpack import unpack as unpack_bundle
-from ..ops.verify import verify as verify_bundle
+from ..format.bundle.constants import DEFAULT_LEVEL
 from .common import guarded, human_bytes, phased_progress, stdout_console
+
+if TYPE_CHECKING:
+    from ..format.bundle.reader import Bundle
+
+# The library (numpy, zstd, the planner) is imported inside each command, not here:
+# ``tdedup --help`` imports this module and must start in well under 150 ms.
 
 
 @guarded
@@ -28,6 +29,7 @@ def pack(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
+    from ..ops.pack import pack as pack_models
     with phased_progress(quiet) as progress:
         r = pack_models(paths, output, level=level, delta=delta, progress=progress)
     if as_json:
@@ -55,6 +57,7 @@ def unpack(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Restore every original file byte for byte (sha256 checked)."""
+    from ..ops.unpack import unpack as unpack_bundle
     with phased_progress(quiet) as progress:
         r = unpack_bundle(bundle, dest, models=model, force=force, progress=progress)
     speed = r.bytes / r.seconds if r.seconds else 0
@@ -69,6 +72,7 @@ def verify(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Decode every blob, check every hash and every file's sha256."""
+    from ..ops.verify import verify as verify_bundle
     with phased_progress(quiet) as progress:
         r = verify_bundle(bundle, progress=progress)
     stdout_console().print(f"ok: {r.blobs} blobs ({human_bytes(r.stored_bytes)} stored), "
@@ -117,6 +121,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
 ) -> None:
     """Show what a bundle holds: models, files, sharing, encodings, sizes."""
+    from rich.table import Table
+
+    from ..format.bundle.reader import Bundle
     with Bundle(bundle) as b:
         # Cheap integrity checks (no decoding): zero padding and every blob's stored
         # checksum, so that inspect never describes a corrupted bundle as sound.

@@ -27,6 +27,9 @@ MAX_DELTA_DEPTH = 4
 MAX_MANIFEST_BYTES = 1 << 30
 #: The byte width an element of a byte-plane blob may have.
 MAX_PLANE_WIDTH = 16
+# The writer's zstd level (not a format fact: any level decodes). Here rather than in
+# codecs/zstd.py so that the CLI can show it without importing zstandard (start-up time).
+DEFAULT_LEVEL = 1  # on float planes level 1 beats 3 in size and is 2x faster (bench/RESULTS.md)
 
 # Header: magic, major u16, minor u16, raw alignment u32, reserved (zero) to 64 bytes.
 HEADER_STRUCT = struct.Struct("<8sHHI48x")
