@@ -206,7 +206,7 @@ def pack_with_deltas(tmp: Path, bert_family: dict, monkeypatch, encoding) -> Pat
     from tdedup.ops import pack as pack_module
     from tdedup.format.checkpoints.dtypes import element_width
 
-    def plan(scanned, delta):
+    def plan(scanned, delta, decided=None):
         base = {h.record.name: h.key for h in scanned.hashed["base"]}
         return {h.key: DeltaChoice(base=base[h.record.name], encoding=encoding,
                                    width=element_width(h.record.dtype), estimated_bytes=0,
