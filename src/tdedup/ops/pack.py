@@ -49,6 +49,8 @@ DELTA_CLEAR_WIN = 0.8
 # Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
 WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
+# dtypes whose exponent a one-bit rotation byte-aligns (ROTATED_BYTEPLANE_ZSTD).
+ROTATED_DTYPES = frozenset({"F32", "BF16"})
 
 
 
@@ -71,14 +73,17 @@ class PackResult:
 
 
 def choose_encoding(data, width: int, level: int, *, base=None,
-                    delta: DeltaChoice | None = None) -> tuple[BlobEncoding, object, bool]:
+                    delta: DeltaChoice | None = None,
+                    rotate: bool = False) -> tuple[BlobEncoding, object, bool]:
     """Encode ``data`` with the smallest candidate; returns (encoding, stored, used_base).
 
     Byte planes win on floats, plain zstd on bytes; both are tried in full only on small
     blobs. The planner's delta against ``base`` is tried when given, and the content's own
     encodings are skipped when the planner's estimates put the delta far ahead. Raw is
     kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
-    mmap-able.
+    mmap-able. With ``rotate`` (F32, BF16) the byte planes are those of each element
+    rotated by one bit (ROTATED_BYTEPLANE_ZSTD: the exponent in one plane, never larger
+    than ZipNN's byte grouping; plain planes are tried too on small blobs).
     """
     n = memoryview(data).nbytes
     candidates: list[tuple[int, BlobEncoding, object, bool]] = []
@@ -90,9 +95,15 @@ def choose_encoding(data, width: int, level: int, *, base=None,
                           and delta.estimated_bytes < DELTA_CLEAR_WIN * delta.self_estimated_bytes
                           and candidates[0][0] < n * (1 - MIN_SAVING))
     if not delta_clearly_wins:
+        planes = []
         if width > 1 and n % width == 0:
-            stored = encode(BlobEncoding.BYTEPLANE_ZSTD, data, width=width, level=level)
-            candidates.append((len(stored), BlobEncoding.BYTEPLANE_ZSTD, stored, False))
+            if rotate and width in (2, 4):
+                planes.append(BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+            if not planes or n <= SMALL_BLOB:
+                planes.append(BlobEncoding.BYTEPLANE_ZSTD)
+        for enc in planes:
+            stored = encode(enc, data, width=width, level=level)
+            candidates.append((len(stored), enc, stored, False))
         if width == 1 or n <= SMALL_BLOB or n % width:
             stored = zstd_compress(data, level)
             candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
@@ -229,7 +240,8 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 data = source(h)
                 base = source(firsts[choice.base]) if choice is not None else None
                 enc, stored, used = choose_encoding(
-                    data, element_width(h.record.dtype), level, base=base, delta=choice)
+                    data, element_width(h.record.dtype), level, base=base, delta=choice,
+                    rotate=h.record.dtype in ROTATED_DTYPES)
                 return key, enc, stored, (choice.base[0] if used else None)
 
             pending: deque[Future] = deque()
