@@ -17,6 +17,13 @@ the page cache:
 
 The figure is median(analyze) / median(bare); the target is <= 1.1. ``--profile`` also
 times hashing variants and the header readers (see bench/RESULTS.md, "## analyze").
+
+Whole processes (issue 15, target <= 1.3x), ``--process-repeat`` times, alternately:
+``python -m tdedup analyze --json`` against a bare process (``python -c``: import blake3,
+mmap each weight file and blake3 each tensor's range on all cores; the ranges are read
+from a JSON file written beforehand). Interpreter start and imports count on both sides.
+Each side's CPU seconds (user + system, from the child's rusage) are printed beside its
+wall time: on a loaded machine wall time follows the load, CPU time much less.
 """
 
 from __future__ import annotations
@@ -123,6 +130,59 @@ def analyze_pass(args: list[str]) -> dict[str, float]:
     return {"analyze": t2 - t0, "json": t2 - t1}
 
 
+BARE_PROCESS = """
+import json, mmap, sys
+import blake3
+auto = blake3.blake3.AUTO
+for path, ranges in json.load(open(sys.argv[1])):
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(m)
+        for off, n in ranges:
+            blake3.blake3(view[off:off + n], max_threads=auto).hexdigest()
+        view.release()
+        m.close()
+"""
+
+
+def run_process(argv: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{argv[:4]} exited {proc.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def whole_processes(args: list[str], files, repeat: int) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[str(p), rs] for p, rs in files], f)
+        ranges = f.name
+    sides = {"bare blake3 process": [sys.executable, "-c", BARE_PROCESS, ranges],
+             "tdedup analyze --json": [sys.executable, "-m", "tdedup", "analyze", "--json",
+                                       *args]}
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
+    try:
+        for argv in sides.values():
+            run_process(argv)  # warm-up
+        for i in range(repeat):
+            for k in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                res[k].append(run_process(sides[k]))
+    finally:
+        os.unlink(ranges)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+           for k, v in res.items()}
+    print(f"\nwhole processes (medians of {repeat}, load average {os.getloadavg()[0]:.1f}):")
+    for k, (w, c) in med.items():
+        print(f"  {k:24s} wall {w:.3f} s (min {min(x for x, _ in res[k]):.3f})  cpu {c:.3f} s")
+    (bw, bc), (aw, ac) = med.values()
+    print(f"ratio analyze/bare, whole processes: wall {aw / bw:.3f}x, cpu {ac / bc:.3f}x "
+          "(target <= 1.3x)")
+
+
 def timed(fn, *a) -> float:
     t = time.perf_counter()
     fn(*a)
@@ -168,6 +228,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--generate-gb", type=float, default=1.2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--process-repeat", type=int, default=7,
+                    help="runs per side of the whole-process comparison (0: skip)")
     opts = ap.parse_args()
 
     tmp = None
@@ -203,11 +265,8 @@ def main() -> None:
     print(f"tdedup analyze   : {stats(full)}  (of which JSON {statistics.median(js):.3f} s)")
     print(f"ratio analyze/bare (medians): {ratio:.3f}x   (target <= 1.1x)")
 
-    cmd = [sys.executable, "-m", "tdedup", "analyze", "--json", *args]
-    t = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
-    print(f"whole CLI process (python start-up and imports included): "
-          f"{time.perf_counter() - t:.3f} s")
+    if opts.process_repeat:
+        whole_processes(args, files, opts.process_repeat)
     if opts.profile:
         profile(args, files, opts.repeat)
     if tmp is not None:

@@ -12,32 +12,37 @@ to train).
 from __future__ import annotations
 
 from ._version import __version__
-from .errors import TdedupError  # noqa: E402
-from .format.bundle.reader import Bundle, open_bundle  # noqa: E402
-from .ops.convert import ConvertResult, convert  # noqa: E402
-from .ops.pack import PackResult, pack  # noqa: E402
-from .ops.unpack import UnpackResult, unpack  # noqa: E402
-from .ops.verify import VerifyResult, verify  # noqa: E402
+from .errors import TdedupError
 
-
-#: Model integrations (optional extras), imported on first use.
-_INTEGRATIONS = {"from_bundle": "transformers", "sentence_transformer": "sentence_transformers",
-                 "pipelines": "diffusers"}
+# Every other public name is imported when first asked for: ``tdedup --help`` imports this
+# package, and the bundle reader, pack and the planner pull in numpy and zstandard (~70 ms);
+# torch and the model integrations are optional extras.
+_LAZY = {
+    "Bundle": ".format.bundle.reader", "open_bundle": ".format.bundle.reader",
+    "PackResult": ".ops.pack", "pack": ".ops.pack",
+    "UnpackResult": ".ops.unpack", "unpack": ".ops.unpack",
+    "VerifyResult": ".ops.verify", "verify": ".ops.verify",
+    "ConvertResult": ".ops.convert", "convert": ".ops.convert",
+    "load": ".loaders.torch", "LoadedBundle": ".loaders.torch",
+    "load_into": ".loaders.modules", "private": ".loaders.modules",
+    "from_bundle": ".loaders.transformers",
+    "sentence_transformer": ".loaders.sentence_transformers",
+    "pipelines": ".loaders.diffusers",
+}
 
 
 def __getattr__(name: str):
-    # torch is an optional extra: import the loader only when it is asked for.
-    if name in ("load", "LoadedBundle"):
-        from .loaders import torch as torch_loader
-        return getattr(torch_loader, name)
-    if name in ("load_into", "private"):
-        from .loaders import modules
-        return getattr(modules, name)
-    if name in _INTEGRATIONS:
-        import importlib
-        return getattr(importlib.import_module(f".loaders.{_INTEGRATIONS[name]}", __name__),
-                       name)
-    raise AttributeError(f"module 'tdedup' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tdedup' has no attribute {name!r}")
+    import importlib
+    # Not cached in globals: each access reads the defining module, so a test that
+    # patches ``tdedup.ops.pack.pack`` is seen through ``tdedup.pack`` as well.
+    return getattr(importlib.import_module(module, __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["__version__", "TdedupError", "Bundle", "open_bundle", "pack", "PackResult",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,7 @@ from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_i
 from .scan import ScannedModels
 from .tensor_hashes import ContentKey, HashedTensor
 
-__all__ = ["DeltaChoice", "DeltaPlan", "choose_bases", "element_width", "plan_deltas"]
+__all__ = ["Decided", "DeltaChoice", "DeltaPlan", "choose_bases", "element_width", "plan_deltas"]
 
 #: A delta must be estimated at least this much smaller than the content's own planes.
 MIN_GAIN = 0.03
@@ -241,9 +242,16 @@ def _lowrank_estimate(t: _Key, b: _Key, read: TensorBytes) -> int | None:
 
 # -- the plan ----------------------------------------------------------------------------
 
-def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH) -> DeltaPlan:
+#: Told each distinct content's decision as soon as it is made, in first-occurrence order
+#: (so every base before its deltas): the writer encodes while the planner goes on.
+Decided = Callable[[ContentKey, "DeltaChoice | None"], None]
+
+
+def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH,
+                decided: Decided | None = None) -> DeltaPlan:
     """Plan deltas for every distinct content of ``scanned`` (see the module docstring).
-    Estimates do not depend on the zstd level the writer will use."""
+    Estimates do not depend on the zstd level the writer will use. ``decided``, when
+    given, is called with each content and its choice (None: no delta) in order."""
     firsts = scanned.first_occurrences()
     occurrences: dict[ContentKey, list[HashedTensor]] = defaultdict(list)
     for m in scanned.models:
@@ -269,6 +277,8 @@ def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH) -> 
             self_est[key] = k.self_est
             info[key] = k
             if h.record.length == 0:
+                if decided is not None:
+                    decided(key, None)
                 continue
             cands = _candidates(k, by_name, by_shape, names_of_model, max_depth, stats)
             choice = _best(k, cands, read, stats) if cands else None
@@ -278,6 +288,8 @@ def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH) -> 
                 choices[key] = DeltaChoice(base, enc, k.width, est, tuple(h.record.shape),
                                            k.self_est, k.depth)
                 stats["encodings"][enc.name] += 1
+            if decided is not None:
+                decided(key, choices.get(key))
             for o in occ:
                 rec = o.record
                 by_name[(rec.name, rec.dtype, rec.length)].append(k)
@@ -286,14 +298,14 @@ def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH) -> 
     return DeltaPlan(choices, self_est, stats)
 
 
-def choose_bases(scanned: ScannedModels, *,
-                 max_depth: int = MAX_DELTA_DEPTH) -> dict[ContentKey, DeltaChoice]:
+def choose_bases(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH,
+                 decided: Decided | None = None) -> dict[ContentKey, DeltaChoice]:
     """For each distinct content worth delta-encoding, its chosen base and encoding.
 
     No cycles (bases come earlier in first-occurrence order) and every chain is at most
-    ``max_depth`` deltas long.
+    ``max_depth`` deltas long. ``decided`` streams the decisions (see :func:`plan_deltas`).
     """
-    return plan_deltas(scanned, max_depth=max_depth).choices
+    return plan_deltas(scanned, max_depth=max_depth, decided=decided).choices
 
 
 def _candidates(k: _Key, by_name, by_shape, names_of_model, max_depth: int,

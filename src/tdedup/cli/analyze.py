@@ -10,16 +10,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from ..analyzers.drift import DriftReport, compute_drift
-from ..analyzers.overlap import OverlapReport, compute_overlap
-from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..errors import OutputError, UsageError, display_path
-from ..format.checkpoints.records import FileKind, ModelSource
-from .analyze_render import drift_table, markdown_report, print_report
 from .common import (
     EXIT_THRESHOLD,
     byte_progress,
@@ -30,6 +25,15 @@ from .common import (
     warn,
 )
 
+if TYPE_CHECKING:
+    from ..analyzers.drift import DriftReport
+    from ..analyzers.overlap import OverlapReport
+    from ..analyzers.scan import ScannedModels
+    from ..format.checkpoints.records import ModelSource
+
+# The analyzers (numpy, gguf, the delta planner) and the rich renderers are imported by the
+# functions that use them: ``tdedup --help`` imports this module and must start fast.
+
 # Weight files of other formats that a folder may hold: their tensors are not counted,
 # which the user should know before trusting a low ratio.
 _UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".onnx", ".msgpack")
@@ -37,6 +41,7 @@ _UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".onnx", ".msg
 
 def warn_unread_weights(models: list[ModelSource]) -> None:
     """Warn, per model, about weight files in formats analyze does not read."""
+    from ..format.checkpoints.records import FileKind
     for m in models:
         unread = [f.rel_path for f in m.files
                   if f.kind is FileKind.OTHER and f.rel_path.lower().endswith(_UNREAD_WEIGHTS)]
@@ -81,6 +86,8 @@ def render_json(report: OverlapReport, drift: DriftReport | None = None) -> str:
 
 def analyze_paths(paths: list[str]) -> tuple[ScannedModels, OverlapReport]:
     """Index, hash (with a progress bar on stderr) and compare the given models."""
+    from ..analyzers.overlap import compute_overlap
+    from ..analyzers.scan import hash_models, index_models
     models = index_models(paths)
     warn_unread_weights(models)
     with byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
@@ -144,8 +151,12 @@ def analyze(
         # Fail before hashing gigabytes, not after.
         raise OutputError("cannot write the Markdown report: no such folder",
                           path=display_path(markdown))
+    from .analyze_render import drift_table, markdown_report, print_report
     scanned, report = analyze_paths(paths)
-    drift_report = compute_drift(scanned) if drift else None
+    drift_report = None
+    if drift:
+        from ..analyzers.drift import compute_drift
+        drift_report = compute_drift(scanned)
     if as_json:
         sys.stdout.write(render_json(report, drift_report))
     elif markdown != "-":

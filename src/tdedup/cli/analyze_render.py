@@ -8,14 +8,18 @@ The JSON form is ``OverlapReport.to_dict``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..analyzers.drift import DriftReport
-from ..analyzers.overlap import OverlapReport, SharedGroup
 from .common import human_bytes
+
+if TYPE_CHECKING:  # drift imports numpy and the delta planner: only --drift needs them
+    from ..analyzers.drift import DriftReport
+    from ..analyzers.overlap import OverlapReport, SharedGroup
 
 # Tensor names listed per group before "+N more": a group of 18 copies would not fit.
 _NAMES_SHOWN = 3

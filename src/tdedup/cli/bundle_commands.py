@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from ..format.bundle.constants import BundleLayout
-from ..format.bundle.reader import Bundle
-from ..format.codecs import DEFAULT_LEVEL
-from ..ops.convert import convert as convert_bundle
-from ..ops.convert import layout_of
-from ..ops.pack import pack as pack_models
-from ..ops.unpack import unpack as unpack_bundle
-from ..ops.verify import verify as verify_bundle
+from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
 from .common import guarded, human_bytes, phased_progress, stdout_console
+
+if TYPE_CHECKING:
+    from ..format.bundle.reader import Bundle
+
+# The library (numpy, zstd, the planner) is imported inside each command, not here:
+# ``tdedup --help`` imports this module and must start in well under 150 ms.
 
 
 @guarded
@@ -33,6 +31,7 @@ def pack(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
+    from ..ops.pack import pack as pack_models
     with phased_progress(quiet) as progress:
         r = pack_models(paths, output, level=level, delta=delta, progress=progress,
                         layout=layout)
@@ -63,6 +62,7 @@ def convert(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Re-lay a bundle in another layout without re-planning (deltas copied byte for byte)."""
+    from ..ops.convert import convert as convert_bundle
     with phased_progress(quiet) as progress:
         r = convert_bundle(bundle, output, layout, force=force, level=level, progress=progress)
     if as_json:
@@ -86,6 +86,7 @@ def unpack(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Restore every original file byte for byte (sha256 checked)."""
+    from ..ops.unpack import unpack as unpack_bundle
     with phased_progress(quiet) as progress:
         r = unpack_bundle(bundle, dest, models=model, force=force, progress=progress)
     speed = r.bytes / r.seconds if r.seconds else 0
@@ -100,6 +101,7 @@ def verify(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Decode every blob, check every hash and every file's sha256."""
+    from ..ops.verify import verify as verify_bundle
     with phased_progress(quiet) as progress:
         r = verify_bundle(bundle, progress=progress)
     stdout_console().print(f"ok: {r.blobs} blobs ({human_bytes(r.stored_bytes)} stored), "
@@ -109,6 +111,7 @@ def verify(
 
 def inspect_dict(b: Bundle) -> dict:
     """What ``inspect --json`` prints: models, files, sharing, encodings, sizes."""
+    from ..ops.convert import layout_of
     blobs = b.manifest.blobs
     uses = Counter(t.hash for m in b.manifest.models for f in m.files for t in f.tensors)
     by_enc: dict[str, dict[str, int]] = {}
@@ -149,6 +152,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
 ) -> None:
     """Show what a bundle holds: models, files, sharing, encodings, sizes."""
+    from rich.table import Table
+
+    from ..format.bundle.reader import Bundle
     with Bundle(bundle) as b:
         # Cheap integrity checks (no decoding): zero padding and every blob's stored
         # checksum, so that inspect never describes a corrupted bundle as sound.

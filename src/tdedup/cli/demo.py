@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..demo import build_demo_family
 from .analyze import analyze
 from .bundle_commands import inspect, pack, unpack, verify
 from .common import guarded, hint, stderr_console, stdout_console
@@ -23,6 +22,7 @@ def demo(
     workdir: Annotated[Optional[Path], typer.Argument(help="Folder for the demo's files (default: a new temporary folder).")] = None,
 ) -> None:
     """Train a small model family (numpy, seconds), then analyze, pack, verify, unpack it."""
+    from ..demo import build_demo_family  # numpy: not imported for --help
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tdedup-demo-"))
     _step("1. build a model family (real gradient steps, saved as safetensors and GGUF)")
     with stderr_console().status("training base, full and frozen fine-tunes..."):

@@ -23,7 +23,7 @@ import zstandard
 from ..errors import IntegrityError
 from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
 from ..format.bundle.manifest import BlobRecord
-from ..format.codecs.byteplane import byteplane_frames
+from ..format.codecs.byteplane import ROTATED_TYPES, byteplane_frames, unrotate_
 from ..format.codecs.delta import add_residual_, parse_delta_header, residual_width
 from ..format.codecs.zstd import check_frame_size
 
@@ -180,6 +180,21 @@ class PlaneReader(BlobReader):
             plane.finish()
 
 
+class RotatedPlaneReader(PlaneReader):
+    """``ROTATED_BYTEPLANE_ZSTD``: a byte-plane blob whose elements are rotated back by
+    one bit, chunk by chunk, as they are read."""
+
+    def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
+                 expected: int, what: str, *, release: bool = True) -> None:
+        super().__init__(mm, view, start, length, expected, what, release=release)
+        if self.width not in ROTATED_TYPES:
+            raise IntegrityError(f"{what}: bad rotated byte-plane width {self.width}")
+
+    def readinto(self, out: np.ndarray) -> None:
+        super().readinto(out)
+        unrotate_(out, self.width)
+
+
 class DeltaReader(BlobReader):
     """A delta blob finished on the host, chunk by chunk: its byte-plane residual is
     decoded into ``out``, then combined with the base's bytes for that range, with
@@ -225,7 +240,8 @@ class DeltaReader(BlobReader):
 #: plane width), ``zigzag-add`` (data = base + unzigzag(r)). :class:`DeltaReader` reads
 #: those and the ``PREDICTED`` ones on the host; any other encoding is left to
 #: :func:`tdedup.format.codecs.decode`.
-STREAMED = frozenset({BlobEncoding.RAW, BlobEncoding.ZSTD, BlobEncoding.BYTEPLANE_ZSTD})
+STREAMED = frozenset({BlobEncoding.RAW, BlobEncoding.ZSTD, BlobEncoding.BYTEPLANE_ZSTD,
+                      BlobEncoding.ROTATED_BYTEPLANE_ZSTD})
 DELTA_OPS = {enc: op for name, op in (("XOR_BYTEPLANE_ZSTD", "xor"),
                                       ("SUB_BYTEPLANE_ZSTD", "add"),
                                       ("ZIGZAG_SUB_BYTEPLANE_ZSTD", "zigzag-add"))
@@ -244,6 +260,9 @@ def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
         return ZstdReader(MappedSource(mm, view, rec.offset, rec.stored_length,
                                        release=release),
                           rec.decoded_length, what, _decompressors(1)[0])
+    if rec.encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
+        return RotatedPlaneReader(mm, view, rec.offset, rec.stored_length, rec.decoded_length,
+                                  what, release=release)
     if rec.encoding is BlobEncoding.BYTEPLANE_ZSTD or rec.encoding in DELTA_OPS:
         return PlaneReader(mm, view, rec.offset, rec.stored_length, rec.decoded_length, what,
                            release=release)

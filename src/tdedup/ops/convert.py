@@ -30,7 +30,7 @@ from ..format.bundle.writer import BundleWriter
 from ..format.checkpoints.dtypes import element_width
 from ..format.codecs import DEFAULT_LEVEL
 from . import ProgressFn
-from .pack import WINDOW_PER_WORKER, choose_encoding, parse_layout
+from .pack import ROTATED_DTYPES, WINDOW_PER_WORKER, choose_encoding, parse_layout
 
 
 @dataclass(slots=True)
@@ -59,13 +59,14 @@ def layout_of(manifest: Manifest) -> str:
     return BundleLayout.COMPACT.value if compressed else BundleLayout.SERVING.value
 
 
-def _widths(manifest: Manifest) -> dict[str, int]:
-    """Byte-plane width per tensor blob: its dtype's element size (first use wins)."""
-    out: dict[str, int] = {}
+def _dtypes(manifest: Manifest) -> dict[str, str]:
+    """The dtype each tensor blob is first used as (it sets the byte-plane width and
+    whether the planes are rotated, as pack decides)."""
+    out: dict[str, str] = {}
     for m in manifest.models:
         for f in m.files:
             for t in f.tensors:
-                out.setdefault(t.hash, element_width(t.dtype))
+                out.setdefault(t.hash, t.dtype)
     return out
 
 
@@ -98,7 +99,7 @@ def convert(bundle_path: str | os.PathLike, output: str | os.PathLike,
     _check_paths(source, output, force)
     report = progress or (lambda phase, n, total: None)
     with Bundle(source, cache_bytes=0) as b:
-        widths = _widths(b.manifest)
+        dtypes = _dtypes(b.manifest)
         recs = list(b.manifest.blobs.values())
         total = sum(r.decoded_length for r in recs)
         result = ConvertResult(output, target.value, b.size, 0, 0.0)
@@ -118,7 +119,9 @@ def convert(bundle_path: str | os.PathLike, output: str | os.PathLike,
                 return rec, BlobEncoding.RAW, data, "decoded"
             if rec.encoding is not BlobEncoding.RAW:
                 return rec, rec.encoding, stored, "copied"
-            enc, out, _ = choose_encoding(stored, widths.get(rec.hash, 1), level)
+            dtype = dtypes.get(rec.hash, "U8")
+            enc, out, _ = choose_encoding(stored, element_width(dtype), level,
+                                          rotate=dtype in ROTATED_DTYPES)
             return rec, enc, out, "encoded" if enc is not BlobEncoding.RAW else "copied"
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \

@@ -12,7 +12,10 @@ Two passes over the inputs, both streaming through mmap:
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -46,6 +49,8 @@ DELTA_CLEAR_WIN = 0.8
 # Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
 WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
+# dtypes whose exponent a one-bit rotation byte-aligns (ROTATED_BYTEPLANE_ZSTD).
+ROTATED_DTYPES = frozenset({"F32", "BF16"})
 
 
 
@@ -69,14 +74,17 @@ class PackResult:
 
 
 def choose_encoding(data, width: int, level: int, *, base=None,
-                    delta: DeltaChoice | None = None) -> tuple[BlobEncoding, object, bool]:
+                    delta: DeltaChoice | None = None,
+                    rotate: bool = False) -> tuple[BlobEncoding, object, bool]:
     """Encode ``data`` with the smallest candidate; returns (encoding, stored, used_base).
 
     Byte planes win on floats, plain zstd on bytes; both are tried in full only on small
     blobs. The planner's delta against ``base`` is tried when given, and the content's own
     encodings are skipped when the planner's estimates put the delta far ahead. Raw is
     kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
-    mmap-able.
+    mmap-able. With ``rotate`` (F32, BF16) the byte planes are those of each element
+    rotated by one bit (ROTATED_BYTEPLANE_ZSTD: the exponent in one plane, never larger
+    than ZipNN's byte grouping; plain planes are tried too on small blobs).
     """
     n = memoryview(data).nbytes
     candidates: list[tuple[int, BlobEncoding, object, bool]] = []
@@ -88,9 +96,15 @@ def choose_encoding(data, width: int, level: int, *, base=None,
                           and delta.estimated_bytes < DELTA_CLEAR_WIN * delta.self_estimated_bytes
                           and candidates[0][0] < n * (1 - MIN_SAVING))
     if not delta_clearly_wins:
+        planes = []
         if width > 1 and n % width == 0:
-            stored = encode(BlobEncoding.BYTEPLANE_ZSTD, data, width=width, level=level)
-            candidates.append((len(stored), BlobEncoding.BYTEPLANE_ZSTD, stored, False))
+            if rotate and width in (2, 4):
+                planes.append(BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+            if not planes or n <= SMALL_BLOB:
+                planes.append(BlobEncoding.BYTEPLANE_ZSTD)
+        for enc in planes:
+            stored = encode(enc, data, width=width, level=level)
+            candidates.append((len(stored), enc, stored, False))
         if width == 1 or n <= SMALL_BLOB or n % width:
             stored = zstd_compress(data, level)
             candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
@@ -118,30 +132,72 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _plan_deltas(scanned: ScannedModels, delta: str) -> dict[tuple[str, int], DeltaChoice]:
+def _check_delta(delta: str) -> None:
+    if delta not in ("auto", "off"):
+        raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
+
+
+def _plan_deltas(scanned: ScannedModels, delta: str, decided=None) -> dict:
+    """The planner's choices; ``decided`` (see ``choose_bases``) streams them."""
     if delta == "off":
         return {}
-    if delta != "auto":
-        raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
-    return choose_bases(scanned)
+    return choose_bases(scanned, decided=decided)
 
 
-def _blob_order(firsts: dict, deltas: dict) -> list:
-    """Distinct contents in first-occurrence order, every base before its deltas."""
-    order, placed = [], set()
+class _Planner:
+    """The delta planner on its own thread, handing each decision over as it is made.
 
-    def place(key, depth=0):
-        if key in placed:
-            return
-        choice = deltas.get(key)
-        if choice is not None and depth < 64:
-            place(choice.base, depth + 1)
-        placed.add(key)
-        order.append(key)
+    Decisions come in first-occurrence order, every base before its deltas, so the
+    writer encodes and writes content *i* while the planner scores content *i + 1*
+    (planning is single-threaded numpy: without this, one core idled through it).
+    """
 
-    for key in firsts:
-        place(key)
-    return order
+    _END = object()
+
+    def __init__(self, scanned: ScannedModels, firsts: dict, delta: str) -> None:
+        self.choices: dict = {}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(scanned, firsts, delta),
+                                        name="tdedup-planner", daemon=True)
+        self._thread.start()
+
+    def _decided(self, key, choice) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._told.add(key)
+        self._queue.put((key, choice))
+
+    def _run(self, scanned: ScannedModels, firsts: dict, delta: str) -> None:
+        self._told: set = set()
+        try:
+            self.choices = _plan_deltas(scanned, delta, self._decided)
+            for key in firsts:  # whatever the planner did not stream, in order
+                if key not in self._told:
+                    self._decided(key, self.choices.get(key))
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 (handed to the writer's thread, raised there)
+            self._error = e
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._END:
+            yield item
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop early (the writer failed) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+class _Stopped(Exception):
+    pass
 
 
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
@@ -163,30 +219,30 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     all_files = [f for m in models for f in m.files]
     total_tensor = sum(m.tensor_bytes for m in models)
 
+    _check_delta(delta)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         sha_futures = {id(f): pool.submit(_sha256_file, f.abs_path) for f in all_files}
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
-        deltas = _plan_deltas(scanned, delta)
         firsts = scanned.first_occurrences()
-        order = _blob_order(firsts, deltas)
         distinct = sum(k[1] for k in firsts)
 
         with ExitStack() as stack, BundleWriter(output) as writer:
             views: dict[Path, memoryview] = {}
+            views_lock = threading.Lock()
 
             def view_of(path: Path):
-                if path not in views:
-                    views[path] = stack.enter_context(mapped(path))
-                return views[path]
+                with views_lock:  # the planner's thread and the writer's both map files
+                    if path not in views:
+                        views[path] = stack.enter_context(mapped(path))
+                    return views[path]
 
             def source(h: HashedTensor):
                 path, off, length = scanned.locate(h)
                 return view_of(path)[off:off + length]
 
-            def job(key):
+            def job(key, choice):
                 h = firsts[key]
                 data = source(h)
-                choice = deltas.get(key)
                 if raw_only and choice is None:
                     return key, BlobEncoding.RAW, data, None
                 base = source(firsts[choice.base]) if choice is not None else None
@@ -194,25 +250,31 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 # same deltas and ``convert`` between them is exact), then keeps a
                 # self-contained winner raw.
                 enc, stored, used = choose_encoding(
-                    data, element_width(h.record.dtype), level, base=base, delta=choice)
+                    data, element_width(h.record.dtype), level, base=base, delta=choice,
+                    rotate=h.record.dtype in ROTATED_DTYPES)
                 if raw_only and not used:
                     enc, stored = BlobEncoding.RAW, data
                 return key, enc, stored, (choice.base[0] if used else None)
 
-            pending: list[Future] = []
+            pending: deque[Future] = deque()
             window = WINDOW_PER_WORKER * max(1, workers)
             counts: dict[str, int] = {}
 
             def drain(limit: int) -> None:
-                while len(pending) > limit:
-                    key, enc, stored, base = pending.pop(0).result()
+                # Write finished blobs in order; wait only while more than `limit` are out.
+                while pending and (len(pending) > limit or pending[0].done()):
+                    key, enc, stored, base = pending.popleft().result()
                     writer.add_blob(key[0], enc, stored, key[1], base=base)
                     counts[enc.name.lower()] = counts.get(enc.name.lower(), 0) + 1
                     report("packing", key[1], distinct)
 
-            for key in order:
-                pending.append(pool.submit(job, key))
-                drain(window)
+            planner = _Planner(scanned, firsts, delta)
+            try:
+                for key, choice in planner:
+                    pending.append(pool.submit(job, key, choice))
+                    drain(window)
+            finally:
+                planner.stop()
             drain(0)
 
             manifest_models = []

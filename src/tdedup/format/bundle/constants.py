@@ -27,6 +27,9 @@ MAX_DELTA_DEPTH = 4
 MAX_MANIFEST_BYTES = 1 << 30
 #: The byte width an element of a byte-plane blob may have.
 MAX_PLANE_WIDTH = 16
+# The writer's zstd level (not a format fact: any level decodes). Here rather than in
+# codecs/zstd.py so that the CLI can show it without importing zstandard (start-up time).
+DEFAULT_LEVEL = 1  # on float planes level 1 beats 3 in size and is 2x faster (bench/RESULTS.md)
 
 # Header: magic, major u16, minor u16, raw alignment u32, reserved (zero) to 64 bytes.
 HEADER_STRUCT = struct.Struct("<8sHHI48x")
@@ -43,8 +46,9 @@ assert FOOTER_BODY_STRUCT.size + FOOTER_CHECK_SIZE == FOOTER_SIZE
 class BlobEncoding(IntEnum):
     """How a blob's stored bytes turn into its decoded bytes.
 
-    0-15 are self-contained encodings; 16-31 are delta encodings, which need the decoded
-    bytes of the blob named by the record's ``base`` (layouts in ``format.codecs.delta``):
+    0-15 and 32 up are self-contained encodings; 16-31 are delta encodings, which need the
+    decoded bytes of the blob named by the record's ``base`` (layouts in
+    ``format.codecs.delta``):
 
     - ``XOR_BYTEPLANE_ZSTD``: byte planes of ``data XOR base``;
     - ``SUB_BYTEPLANE_ZSTD``: byte planes of ``data - base`` on unsigned integers of the
@@ -57,6 +61,10 @@ class BlobEncoding(IntEnum):
     - ``LOWRANK_SUB_BYTEPLANE_ZSTD`` (20): rows, cols, rank, factors ``U``, ``V``, then byte
       planes of ``zigzag(data - P)``, ``P = float32(base + U @ V)`` summed in float64 (a
       merged LoRA).
+
+    ``ROTATED_BYTEPLANE_ZSTD`` (32, self-contained): every element of 2 or 4 bytes rotated
+    left by one bit, then byte planes: the sign goes to bit 0, so the 8 exponent bits of
+    an F32 or BF16 fill the top byte and compress as one symbol (ZipNN's byte grouping).
     """
 
     RAW = 0
@@ -67,10 +75,11 @@ class BlobEncoding(IntEnum):
     ZIGZAG_SUB_BYTEPLANE_ZSTD = 18
     DECAY_SUB_BYTEPLANE_ZSTD = 19
     LOWRANK_SUB_BYTEPLANE_ZSTD = 20
+    ROTATED_BYTEPLANE_ZSTD = 32
 
     @property
     def is_delta(self) -> bool:
-        return self >= 16
+        return 16 <= self < 32
 
 
 class ManifestEncoding(IntEnum):

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from ...errors import BundleFormatError, IntegrityError
 from ..bundle.constants import BlobEncoding
-from .byteplane import byteplane_compress, byteplane_decompress
+from .byteplane import (
+    byteplane_compress,
+    byteplane_decompress,
+    rotated_compress,
+    rotated_decompress,
+)
 from .delta import decode_delta
 from .delta_encode import encode_delta
 from .zstd import DEFAULT_LEVEL, zstd_compress, zstd_decompress
@@ -30,6 +35,8 @@ def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT
         return zstd_compress(data, level)
     if encoding is BlobEncoding.BYTEPLANE_ZSTD:
         return byteplane_compress(data, width, level)
+    if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
+        return rotated_compress(data, width, level)
     if encoding.is_delta:
         return encode_delta(encoding, data, base, width=width, level=level, shape=shape)
     raise BundleFormatError(f"unknown blob encoding {int(encoding)}")
@@ -49,6 +56,8 @@ def decode(encoding: BlobEncoding, stored, expected: int, *, base=None,
         return zstd_decompress(stored, expected, what)
     if encoding is BlobEncoding.BYTEPLANE_ZSTD:
         return byteplane_decompress(stored, expected, what)
+    if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
+        return rotated_decompress(stored, expected, what)
     if encoding.is_delta:
         if base is None or len(base) != expected:
             raise BundleFormatError("delta base missing or of the wrong size", part=what)

@@ -13,8 +13,7 @@ import threading
 import zstandard
 
 from ...errors import BundleFormatError, DecompressionBombError, IntegrityError
-
-DEFAULT_LEVEL = 1  # on float planes level 1 beats 3 in size and is 2x faster (bench/RESULTS.md)
+from ..bundle.constants import DEFAULT_LEVEL
 
 # zstandard's (de)compressor objects are not thread-safe: one per thread and level.
 _local = threading.local()

@@ -1,0 +1,98 @@
+"""ROTATED_BYTEPLANE_ZSTD (32, spec §4.3.1): any bytes round-trip bit for bit, F32/BF16
+tensors are packed with it, and its frames are checked like every byte-plane blob."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tdedup.errors import IntegrityError
+from tdedup.format.bundle.constants import BlobEncoding
+from tdedup.format.codecs import decode, encode
+from tdedup.format.codecs.byteplane import ROTATE_CHUNK, byteplane_compress
+
+ROT = BlobEncoding.ROTATED_BYTEPLANE_ZSTD
+SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 1.17e-38,
+                     3.4e38, -3.4e38, 1.0, -2.5], dtype=np.float32)
+
+
+def roundtrip(data: bytes, width: int) -> bytes:
+    stored = encode(ROT, data, width=width)
+    return bytes(decode(ROT, stored, len(data)))
+
+
+def test_is_self_contained():
+    assert not ROT.is_delta and BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD.is_delta
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=4096), st.sampled_from([2, 4]))
+def test_any_bytes_roundtrip(data, width):
+    data = data[:len(data) // width * width]
+    assert roundtrip(data, width) == data
+
+
+@pytest.mark.parametrize("n", [1, ROTATE_CHUNK - 1, ROTATE_CHUNK, 2 * ROTATE_CHUNK + 3])
+def test_floats_with_specials_and_subnormals_roundtrip(n):
+    rng = np.random.default_rng(n)
+    a = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    k = min(n, len(SPECIALS))
+    a[:k] = SPECIALS[:k]
+    assert roundtrip(a.tobytes(), 4) == a.tobytes()
+    bf16 = (a.view(np.uint32) >> 16).astype(np.uint16)
+    assert roundtrip(bf16.tobytes(), 2) == bf16.tobytes()
+
+
+def test_every_16_bit_pattern_roundtrips():
+    data = np.arange(1 << 16, dtype=np.uint16).tobytes()
+    assert roundtrip(data, 2) == data
+
+
+def test_exponent_lands_in_the_top_plane_and_shrinks_trained_like_weights():
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(1 << 18) * 0.05).astype(np.float32).tobytes()
+    assert len(encode(ROT, a, width=4)) < len(byteplane_compress(a, 4))
+
+
+def test_width_other_than_2_or_4_is_refused():
+    stored = byteplane_compress(bytes(24), 8)
+    with pytest.raises(IntegrityError, match="rotated"):
+        decode(ROT, stored, 24)
+
+
+def test_pack_uses_it_for_f32_and_bf16(tmp_path):
+    from helpers.factory import make_safetensors
+
+    import tdedup
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((512, 1024)) * 0.05).astype(np.float32)
+    make_safetensors(tmp_path / "m" / "model.safetensors", {"w": w, "i": np.arange(8)})
+    r = tdedup.pack([str(tmp_path / "m")], tmp_path / "b.tdd")
+    assert r.encodings.get("rotated_byteplane_zstd") == 1
+    tdedup.unpack(tmp_path / "b.tdd", tmp_path / "out")
+    assert ((tmp_path / "out" / "m" / "model.safetensors").read_bytes()
+            == (tmp_path / "m" / "model.safetensors").read_bytes())
+
+
+def test_load_streams_it_bit_for_bit(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    import tdedup
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {"w": torch.randn(300, 700, generator=g) * 0.05,  # odd chunk edges
+               "bf": (torch.randn(333, 257, generator=g) * 0.05).to(torch.bfloat16)}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    tdedup.pack([str(tmp_path / "m")], tmp_path / "b.tdd")
+    with tdedup.open_bundle(tmp_path / "b.tdd") as b:
+        assert {b.blob(t.hash).encoding for f in b.model("m").files for t in f.tensors} == {
+            BlobEncoding.ROTATED_BYTEPLANE_ZSTD}
+    for verify in (False, True):
+        got = tdedup.load(tmp_path / "b.tdd", device="cpu", verify=verify)["m"]
+        for k, v in tensors.items():
+            assert torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
