@@ -134,7 +134,7 @@ def convert(bundle_path: str | os.PathLike, output: str | os.PathLike,
                     rec, enc, stored, how = pending.pop(0).result()
                     writer.add_blob(rec.hash, enc, stored, rec.decoded_length, base=rec.base)
                     setattr(result, how, getattr(result, how) + 1)
-                    if rec.hash in widths:  # tensor blobs, as pack's summary counts them
+                    if rec.hash in dtypes:  # tensor blobs, as pack's summary counts them
                         name = enc.name.lower()
                         result.encodings[name] = result.encodings.get(name, 0) + 1
                     report("converting", rec.decoded_length, total)
