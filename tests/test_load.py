@@ -22,6 +22,7 @@ from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa:
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
+from tdedup.loaders import placement as pl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 
@@ -99,8 +100,10 @@ def test_models_subset_and_errors(bert_bundle, monkeypatch):
         tdedup.load(bert_bundle, device="cpu", models=["nope"])
     if not torch.cuda.is_available():
         with pytest.raises(LoadError, match="CUDA is not available"):
-            tdedup.load(bert_bundle)  # the default device is cuda
-    monkeypatch.setattr(tl, "torch", None)
+            tdedup.load(bert_bundle, device="cuda")
+        assert tdedup.load(bert_bundle).device.type == "cpu"  # the default: auto
+    from tdedup.loaders import deps
+    monkeypatch.setattr(deps, "torch", None)
     with pytest.raises(LoadError, match="needs PyTorch") as e:
         tdedup.load(bert_bundle, device="cpu")
     assert "tdedup[torch]" in e.value.hint
@@ -241,12 +244,12 @@ class _NoStream:
         pass
 
 
-class _HostStager(tl._Stager):
+class _HostStager(pl.Stager):
     """The CUDA staging logic with host buffers and no streams: runs without a GPU."""
 
     def __init__(self, device) -> None:
         self.device = device
-        self.buffers = [torch.empty(tl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+        self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
 
@@ -264,17 +267,16 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
-    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(tl._Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
-        needed = [t.hash for m in b.manifest.models for f in m.files for t in f.tensors
-                  if t.length]
-        order, depth = b.manifest.placement_order(needed), b.manifest.with_bases(needed)
+        order, depth = pl.blob_order(b, [t.hash for m in b.manifest.models
+                                          for f in m.files for t in f.tensors if t.length])
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
-        placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
@@ -285,7 +287,7 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                                       ("add", 8), ("zigzag-add", 2), ("zigzag-add", 4),
                                       ("zigzag-add", 8)])
 def test_combine_matches_numpy(op, width, monkeypatch):
-    monkeypatch.setattr(tl, "COMBINE_CHUNK", 7)  # several chunks, a short last one
+    monkeypatch.setattr(pl, "COMBINE_CHUNK", 7)  # several chunks, a short last one
     rng = np.random.default_rng(width)
     base = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
     res = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
@@ -298,7 +300,7 @@ def test_combine_matches_numpy(op, width, monkeypatch):
             r = (r >> ut(1)) ^ (-(r & ut(1))).astype(ut)
         want = (b + r).view(np.uint8)
     out = torch.from_numpy(res.copy())
-    tl.combine(out, torch.from_numpy(base), op, width)
+    pl.combine(out, torch.from_numpy(base), op, width)
     assert out.numpy().tobytes() == want.tobytes()
 
 

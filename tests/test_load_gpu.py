@@ -11,6 +11,7 @@ import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
+from tdedup.loaders import placement as pl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 from test_load import (as_bytes, assert_matches_safetensors, pack,  # noqa: E402
@@ -23,8 +24,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture
 def small_staging(monkeypatch):
     """Staging buffers of 4 KiB: every blob crosses several chunks and both buffers."""
-    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(tl._Stager, "_cache", {})
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(pl.Stager, "_cache", {})
 
 
 def test_cuda_bit_for_bit_and_shared(tmp_path, bert_family, gguf_family, small_staging):
