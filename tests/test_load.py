@@ -327,10 +327,22 @@ def test_verify_finds_corruption_before_handing_out(tmp_path, bert_family):
         damaged.write_bytes(bundle.read_bytes())
         flip(damaged, rec.offset + rec.stored_length - 1)  # deep in the data, not a header
         with pytest.raises(IntegrityError, match=r"used by m\b"):
-            tdedup.load(damaged, device="cpu", verify=True)
+            tdedup.load(damaged)  # verify=True is the default
         with pytest.raises(IntegrityError):
             tdedup.load(damaged, device="cpu", models=["m"], verify=True)
-        tdedup.load(damaged, device="cpu", models=["base"], verify=True)  # untouched
+        tdedup.load(damaged, device="cpu", models=["base"])  # untouched
+
+
+def test_a_flipped_byte_in_a_delta_is_refused_by_default(tmp_path, bert_family, monkeypatch):
+    bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
+                              BlobEncoding.ZIGZAG_SUB_BYTEPLANE_ZSTD)
+    with tdedup.open_bundle(bundle) as b:
+        rec = max((r for r in b.manifest.blobs.values() if r.base is not None),
+                  key=lambda r: r.stored_length)
+    flip(bundle, rec.offset + rec.stored_length // 2)
+    with pytest.raises(IntegrityError, match="checksum"):
+        tdedup.load(bundle)
+    assert tdedup.load(bundle, models=["base"])["base"]  # base does not read the delta
 
 
 def test_truncated_frame_is_an_integrity_error(tmp_path, bert_bundle):
@@ -398,13 +410,14 @@ def test_cli_load_report(bert_bundle):
     from tdedup.cli.app import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["load", str(bert_bundle), "--device", "cpu"])
+    r = runner.invoke(app, ["load", str(bert_bundle)])  # device auto: the CPU here
     assert r.exit_code == 0, r.output
     assert "base" in r.output and "saved" in r.output and "logical" in r.output
     assert "without sharing" in r.output and "with sharing" in r.output
     assert "total" in r.output
+    assert "GB/s" in r.output and "checksums verified" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "base", "-m",
-                            "frozen", "--json", "--verify"])
+                            "frozen", "--json", "--no-verify"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert list(doc["models"]) == ["base", "frozen"]
@@ -415,7 +428,31 @@ def test_cli_load_report(bert_bundle):
     assert 0 < frozen["with_sharing_bytes"] < frozen["logical_bytes"]
     assert frozen["saved_bytes"] == frozen["logical_bytes"] - frozen["with_sharing_bytes"]
     assert base["with_sharing_bytes"] + frozen["with_sharing_bytes"] <= doc["device_bytes"]
+    assert doc["seconds"] > 0 and doc["gb_per_s"] > 0 and doc["verified"] is False
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "nope"])
     assert r.exit_code == 2 and "no model 'nope'" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "tpu"])
     assert r.exit_code == 2
+
+
+def test_cli_progress_bar_only_for_loads_over_a_second(monkeypatch):
+    from contextlib import ExitStack, contextmanager
+
+    from tdedup.cli import load as cli_load
+
+    calls: list = []
+
+    @contextmanager
+    def bar(quiet):
+        calls.append("open")
+        yield lambda phase, n, total: calls.append((n, total))
+
+    monkeypatch.setattr(cli_load, "phased_progress", bar)
+    with ExitStack() as stack:
+        late = cli_load._LateBar(stack, False)
+        late(10, 100)
+        assert calls == []  # under a second: no bar
+        late.t0 -= 2
+        late(30, 100)
+        late(100, 100)
+    assert calls == ["open", (30, 100), (70, 100)]
