@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 from ..errors import LoadError
 
+torch: Any
 try:
     import torch
 except ImportError:  # pragma: no cover - exercised only without the extra

@@ -230,7 +230,9 @@ class Placer:
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.view = memoryview(self.mm)
 
-    def base(self, digest: str) -> Any:
+    def base(self, digest: str | None) -> Any:
+        """The placed or resident bytes of a delta's base."""
+        assert digest is not None, "a delta names its base"
         found = self.blobs.get(digest)
         return self.resident[digest] if found is None else found
 

@@ -127,7 +127,7 @@ class ZstdReader(BlobReader):
             raise IntegrityError(f"{what}: zstd frame declares {declared} bytes, expected "
                                  f"{expected}")
         self.source, self.what = source, what
-        self.reader = dctx.stream_reader(source, read_size=READ_SIZE)
+        self.reader = dctx.stream_reader(source, read_size=READ_SIZE)  # type: ignore[arg-type]  # file-like
 
     def readinto(self, out) -> None:
         mv = memoryview(out).cast("B")

@@ -97,6 +97,8 @@ def dequantized(raw, f: FileEntry, t: TensorEntry, dev) -> Any:
     from gguf.quants import dequantize
 
     q = quant_of(f, t)
+    if q is None:
+        raise BundleFormatError(f"tensor {t.name!r} of {f.path}: {t.dtype} is not quantized")
     check_fits(t, f, q, None)
     shape = tuple(t.shape)
     if raw is None:
