@@ -59,6 +59,14 @@ VERIFY_STEP = 1 << 20
 #: Host blobs at least this large get their own map with every page mapped up front.
 POPULATE_MIN = 1 << 20
 _SIGNED = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+_local = threading.local()
+
+
+def _verify_buffer() -> memoryview:
+    buf = getattr(_local, "verify", None)
+    if buf is None:
+        buf = _local.verify = memoryview(bytearray(VERIFY_STEP))
+    return buf
 
 
 def resolve_device(device: Any) -> Any:
@@ -231,7 +239,16 @@ class Placer:
                                 path=bundle.path)
             # Private map: tensors over it can be written (copy on write), never the file.
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.fd = os.dup(f.fileno())  # for verification reads (closed with the placer)
         self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        """Close the verification descriptor (placed tensors stay valid)."""
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    __del__ = close
 
     def base(self, digest: str | None) -> Any:
         """The placed or resident bytes of a delta's base."""
@@ -256,19 +273,21 @@ class Placer:
     def check_stored(self, rec: BlobRecord) -> None:
         """With ``verify``: the stored bytes against their stored BLAKE3 checksum.
 
-        Hashed in steps, dropping each step's pages from the process behind it (the page
-        cache keeps them for the decoder), so that checking does not hold a whole stored
-        blob in the resident set; one thread per blob, as the pool keeps the cores busy.
+        Read with ``pread`` into a per-thread buffer, not through the map, so that
+        checking adds no page of the bundle to the process (the decoder then maps only
+        what it reads); one thread per blob, as the pool keeps every core busy.
         """
         if not self.verify:
             return
         hasher = blake3.blake3()
-        start, end = rec.offset, rec.offset + rec.stored_length
-        source = MappedSource(self.mm, self.view, start, end - start,
-                              release=rec.encoding is not BlobEncoding.RAW)
-        while source.pos < end:
-            hasher.update(source.read(VERIFY_STEP))
-        source.close()
+        buf = _verify_buffer()
+        pos, end = rec.offset, rec.offset + rec.stored_length
+        while pos < end:
+            n = os.preadv(self.fd, [buf[:min(VERIFY_STEP, end - pos)]], pos)
+            if n <= 0:
+                raise self.corrupt(rec, "the bundle ends inside the blob (truncated)")
+            hasher.update(buf[:n])
+            pos += n
         if hasher.hexdigest() != rec.checksum:
             raise self.corrupt(rec, "stored bytes fail their checksum (corrupted)")
 

@@ -224,13 +224,16 @@ class Registry(Mapping, ModelAccess):
         placer = Placer(bundle, self.device, depth, verify=self.verify,
                         workers=self.workers, resident=resident, progress=progress)
         device_recs = [r for r in order if r.hash in on_device]
-        # Device blobs first: a host-only blob may be a delta on a device base.
-        if self.device.type == "cuda":
-            placer.place_cuda(device_recs)
-        else:
-            placer.place_host(device_recs)
-        placer.place_host([r for r in order if r.hash not in on_device])
-        placer.drop_pages()
+        try:
+            # Device blobs first: a host-only blob may be a delta on a device base.
+            if self.device.type == "cuda":
+                placer.place_cuda(device_recs)
+            else:
+                placer.place_host(device_recs)
+            placer.place_host([r for r in order if r.hash not in on_device])
+            placer.drop_pages()
+        finally:
+            placer.close()
         stats = LoadStats(distinct_blobs=len(order), verified=self.verify,
                           read_bytes=sum(r.stored_length for r in order))
         raw = {r.hash for r in device_recs if r.encoding is BlobEncoding.RAW}
