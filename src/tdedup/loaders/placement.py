@@ -33,7 +33,6 @@ import numpy as np
 
 from ..errors import IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
-from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import BlobRecord
 from ..format.bundle.reader import Bundle
 from ..format.codecs import decode
@@ -244,8 +243,9 @@ class Placer:
 
     def close(self) -> None:
         """Close the verification descriptor (placed tensors stay valid)."""
-        fd, self.fd = getattr(self, "fd", None), None
-        if fd is not None:
+        fd: int | None = getattr(self, "fd", None)
+        self.fd = -1
+        if fd is not None and fd >= 0:
             os.close(fd)
 
     __del__ = close
@@ -255,9 +255,6 @@ class Placer:
         assert digest is not None, "a delta names its base"
         found = self.blobs.get(digest)
         return self.resident[digest] if found is None else found
-
-    def what(self, rec: BlobRecord) -> None:
-        return None  # codec errors name no part of their own; corrupt() adds the blob
 
     def corrupt(self, rec: BlobRecord, problem: str, part: str | None = None
                 ) -> IntegrityError:
@@ -299,12 +296,12 @@ class Placer:
         :meth:`finish_delta`."""
         try:
             if rec.encoding in STREAMED or (device_combine and rec.encoding in DELTA_OPS):
-                return open_reader(self.mm, self.view, rec, self.what(rec))
+                return open_reader(self.mm, self.view, rec, None)
             if rec.encoding in DELTA_OPS or rec.encoding in PREDICTED:
                 if base_bytes is None:
                     base = self.base(rec.base)
                     base_bytes = lambda a, b: base[a:b].cpu().numpy()
-                return DeltaReader(self.mm, self.view, rec, self.what(rec), base_bytes)
+                return DeltaReader(self.mm, self.view, rec, None, base_bytes)
         except IntegrityError as e:
             raise self.corrupt(rec, e.problem, e.part) from e
         # An encoding not streamed here: decoded whole on the host by the format's
@@ -316,7 +313,7 @@ class Placer:
         source = MappedSource(self.mm, self.view, rec.offset, rec.stored_length)
         try:
             data = decode(rec.encoding, source.read(), rec.decoded_length, base=base,
-                          what=self.what(rec))
+                          what=None)
         except TdedupError as e:
             raise self.corrupt(rec, e.problem, e.part) from e
         finally:

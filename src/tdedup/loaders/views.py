@@ -22,9 +22,14 @@ import numpy as np
 
 from ..errors import BundleFormatError
 from ..format.bundle.manifest import FileEntry, ModelEntry, TensorEntry
-from ..format.checkpoints.dtypes import (GgmlBlocks, ggml_blocks, is_quantized,
-                                         torch_dtype_name)
+from ..format.checkpoints.dtypes import (
+    GgmlBlocks,
+    ggml_blocks,
+    is_quantized,
+    torch_dtype_name,
+)
 from .deps import torch
+
 
 def torch_dtype(dtype: str, kind: str) -> Any:
     """The torch dtype a tensor of ``dtype`` loads as, or None for raw bytes (uint8):
@@ -94,6 +99,7 @@ def typed_view(raw, f: FileEntry, t: TensorEntry, dev) -> Any:
 
 def dequantized(raw, f: FileEntry, t: TensorEntry, dev) -> Any:
     """A quantized GGUF tensor as float32 on ``dev`` (a new tensor, not a view)."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     q = quant_of(f, t)
@@ -103,7 +109,7 @@ def dequantized(raw, f: FileEntry, t: TensorEntry, dev) -> Any:
     shape = tuple(t.shape)
     if raw is None:
         return torch.empty(shape, dtype=torch.float32, device=dev)
-    values = dequantize(raw.cpu().numpy(), q.type_id).reshape(shape)
+    values = dequantize(raw.cpu().numpy(), GGMLQuantizationType(q.type_id)).reshape(shape)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dev)
 
 
