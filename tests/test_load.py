@@ -258,6 +258,7 @@ class _HostStager(pl.Stager):
 
 
 @pytest.mark.parametrize("encoding", [None, "XOR_BYTEPLANE_ZSTD", "ZIGZAG_SUB_BYTEPLANE_ZSTD",
+                                      "DECAY_SUB_BYTEPLANE_ZSTD",
                                       "LOWRANK_SUB_BYTEPLANE_ZSTD"])
 def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding):
     """``place_cuda`` (chunked staging, deltas finished after the upload, verification)
@@ -287,7 +288,6 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                                       ("add", 8), ("zigzag-add", 2), ("zigzag-add", 4),
                                       ("zigzag-add", 8)])
 def test_combine_matches_numpy(op, width, monkeypatch):
-    monkeypatch.setattr(pl, "COMBINE_CHUNK", 7)  # several chunks, a short last one
     rng = np.random.default_rng(width)
     base = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
     res = rng.integers(0, 256, 8 * 40, dtype=np.uint8)

@@ -12,9 +12,11 @@ keyed by hash) are neither read nor decoded again: deltas use them as their base
   besides the decoded bytes.
 - **CUDA**: a reused pair of pinned staging buffers feeds chunked ``non_blocking`` copies
   on a side stream, so that reading and decoding the next chunk overlaps the transfer of
-  the last; delta blobs are finished on the device (XOR, or integer addition, of the
-  residual with the base, which is resident by then). Stored checksums are checked on the
-  thread pool meanwhile.
+  the last; delta blobs are finished on the device with :mod:`.device_decode` (XOR, or
+  integer addition, of the residual with the base, which is resident by then, or with the
+  weight-decay or low-rank prediction made from it there), so only residuals cross the
+  bus and no base ever comes back to the host. Stored checksums are checked on the thread
+  pool meanwhile.
 - ``verify``: each blob's stored bytes are checked against their stored BLAKE3 checksum
   before any tensor is handed out (a raw blob's checksum is its hash).
 """
@@ -36,6 +38,7 @@ from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import BlobRecord
 from ..format.bundle.reader import Bundle
 from ..format.codecs import decode
+from ..format.codecs.delta import DeltaHeader
 from .deps import torch
 from .stream import (
     DELTA_OPS,
@@ -51,13 +54,10 @@ from .stream import (
 STAGING_BYTES = 32 << 20
 #: Bytes decoded per step on the host (bounds the temporaries of predicted deltas).
 HOST_CHUNK = 1 << 20
-#: Elements per step of :func:`combine` (bounds its temporaries on the host).
-COMBINE_CHUNK = 1 << 20
 #: Stored bytes hashed per step while verifying.
 VERIFY_STEP = 1 << 20
 #: Host blobs at least this large get their own map with every page mapped up front.
 POPULATE_MIN = 1 << 20
-_SIGNED = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 _local = threading.local()
 
 
@@ -118,24 +118,31 @@ def blob_order(bundle: Bundle, digests: Sequence[str], resident: Mapping[str, An
 def combine(out, base, op: str, width: int) -> None:
     """Finish a delta blob in place: ``out`` holds its residual, ``base`` the base's bytes
     (uint8 tensors of one length, on one device). See ``stream.DELTA_OPS``."""
-    if op == "xor":
-        out.bitwise_xor_(base)
-        return
-    name = _SIGNED.get(width)
-    if name is None or len(out) % width:
-        raise LoadError(f"cannot add a delta residual of element width {width}")
-    dt = getattr(torch, name)
-    # Signed views: two's complement addition wraps exactly like the unsigned one.
-    o, b = out.view(dt), base.view(dt)
-    if op == "add":
-        o.add_(b)
-        return
-    top = (1 << (8 * width - 1)) - 1  # unzigzag: logical shift right = arithmetic & top
-    for i in range(0, len(o), COMBINE_CHUNK):
-        z = o[i:i + COMBINE_CHUNK]
-        sign = z.bitwise_and(1).neg_()
-        z.bitwise_right_shift_(1).bitwise_and_(top).bitwise_xor_(sign).add_(
-            b[i:i + COMBINE_CHUNK])
+    from . import device_decode  # imports torch: only once a load runs
+
+    try:
+        device_decode.combine_(out, base, op, width)
+    except ValueError as e:
+        raise LoadError(f"cannot finish a delta residual: {e}") from None
+
+
+def predict_add(out, base, head: DeltaHeader, width: int) -> None:
+    """Finish a predicted delta (``stream.PREDICTED``) in place on ``out``'s device:
+    ``out`` holds its residual, ``base`` the base's bytes; the prediction (weight decay,
+    merged low rank) is made from ``base`` there, so only the residual crossed the bus."""
+    from . import device_decode as dd
+
+    if head.decay is not None:
+        pred = dd.decay_predict(base, *head.decay)
+    elif head.lowrank is not None:
+        u, v = (torch.tensor(np.ascontiguousarray(f), device=out.device) for f in head.lowrank)
+        pred = dd.lowrank_predict(base, u, v)
+    else:
+        pred = base
+    if head.op == "xor":
+        dd.xor_residual_(out, pred)
+    else:
+        dd.add_residual_(out, pred, width, zigzag=head.op == "zigzag-add")
 
 
 def host_buffer(nbytes: int) -> Any:
@@ -211,6 +218,10 @@ class Stager:
     def combine(self, out, base, op: str, width: int) -> None:
         with torch.cuda.stream(self.stream):  # after the residual's and the base's copies
             combine(out, base, op, width)
+
+    def predict_add(self, out, base, head: DeltaHeader, width: int) -> None:
+        with torch.cuda.stream(self.stream):
+            predict_add(out, base, head, width)
 
     def finish(self) -> None:
         self.stream.synchronize()
@@ -292,11 +303,13 @@ class Placer:
                device_combine: bool = False) -> BlobReader:
         """A reader of ``rec``'s decoded bytes. Deltas are finished by the reader, from
         ``base_bytes(start, stop)`` (default: the placed base's bytes, on the host); with
-        ``device_combine``, a ``DELTA_OPS`` delta reads as its residual, for
-        :meth:`finish_delta`."""
+        ``device_combine``, a delta reads as its residual (a ``DeltaReader`` whose
+        ``residual`` is uploaded), for :meth:`finish_delta` on the device."""
         try:
             if rec.encoding in STREAMED or (device_combine and rec.encoding in DELTA_OPS):
                 return open_reader(self.mm, self.view, rec, None)
+            if device_combine and rec.encoding in PREDICTED:
+                return DeltaReader(self.mm, self.view, rec, None, None)
             if rec.encoding in DELTA_OPS or rec.encoding in PREDICTED:
                 if base_bytes is None:
                     base = self.base(rec.base)
@@ -321,10 +334,12 @@ class Placer:
         return ArrayReader(data)
 
     def finish_delta(self, rec: BlobRecord, out, reader: BlobReader, stager: Stager) -> None:
-        """Apply a residual uploaded as is to its base, on the device."""
-        if rec.encoding not in DELTA_OPS or isinstance(reader, DeltaReader):
-            return  # not a delta, or one its reader already finished
-        stager.combine(out, self.base(rec.base), DELTA_OPS[rec.encoding], reader.width)
+        """Apply a residual uploaded as is to its base (or to the prediction made from
+        it), on the device."""
+        if rec.encoding in PREDICTED and isinstance(reader, DeltaReader):
+            stager.predict_add(out, self.base(rec.base), reader.head, reader.width)
+        elif rec.encoding in DELTA_OPS and not isinstance(reader, DeltaReader):
+            stager.combine(out, self.base(rec.base), DELTA_OPS[rec.encoding], reader.width)
 
     # -- host ------------------------------------------------------------------------
 
@@ -422,7 +437,9 @@ class Placer:
                 reader = self.reader(rec, self._device_bytes(stager, rec.base),
                                      device_combine=True)
                 try:
-                    stager.upload(reader, dest)
+                    residual = (reader.residual if isinstance(reader, DeltaReader)
+                                and rec.encoding in PREDICTED else reader)
+                    stager.upload(residual, dest)
                     reader.finish()
                 except IntegrityError as e:
                     raise self.corrupt(rec, e.problem, e.part) from e
@@ -433,7 +450,6 @@ class Placer:
 
 
 __all__ = [
-    "COMBINE_CHUNK",
     "HOST_CHUNK",
     "STAGING_BYTES",
     "ArrayReader",
