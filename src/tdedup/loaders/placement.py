@@ -55,7 +55,7 @@ STAGING_BYTES = 32 << 20
 #: Bytes decoded per step on the host (bounds the temporaries of predicted deltas).
 HOST_CHUNK = 1 << 20
 #: Stored bytes hashed per step while verifying.
-VERIFY_STEP = 1 << 20
+VERIFY_STEP = 1 << 18
 #: Host blobs at least this large get their own map with every page mapped up front.
 POPULATE_MIN = 1 << 20
 _local = threading.local()
