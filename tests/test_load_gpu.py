@@ -10,7 +10,6 @@ torch = pytest.importorskip("torch")
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
-from tdedup.loaders import torch as tl  # noqa: E402
 from tdedup.loaders import placement as pl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +27,7 @@ class _LateBar:
     def __init__(self, stack: ExitStack, quiet: bool) -> None:
         self.stack, self.quiet = stack, quiet
         self.t0 = time.monotonic()
-        self.update = None
+        self.update: Callable[[str, int, int], None] | None = None
         self.shown = 0
         self.lock = threading.Lock()  # called from the decoding threads
 

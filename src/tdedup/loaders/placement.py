@@ -312,8 +312,7 @@ class Placer:
                 return DeltaReader(self.mm, self.view, rec, None, None)
             if rec.encoding in DELTA_OPS or rec.encoding in PREDICTED:
                 if base_bytes is None:
-                    base = self.base(rec.base)
-                    base_bytes = lambda a, b: base[a:b].cpu().numpy()
+                    base_bytes = self._host_bytes(self.base(rec.base))
                 return DeltaReader(self.mm, self.view, rec, None, base_bytes)
         except IntegrityError as e:
             raise self.corrupt(rec, e.problem, e.part) from e
@@ -332,6 +331,14 @@ class Placer:
         finally:
             source.close()
         return ArrayReader(data)
+
+    @staticmethod
+    def _host_bytes(base: Any) -> Callable[[int, int], np.ndarray]:
+        """``(start, stop) -> that range of a placed blob, as a host uint8 array``."""
+        def fetch(start: int, stop: int) -> np.ndarray:
+            return base[start:stop].cpu().numpy()
+
+        return fetch
 
     def finish_delta(self, rec: BlobRecord, out, reader: BlobReader, stager: Stager) -> None:
         """Apply a residual uploaded as is to its base (or to the prediction made from

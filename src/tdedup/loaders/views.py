@@ -1,10 +1,11 @@
 """How placed blob bytes become the tensors a checkpoint declared.
 
 A placed blob is a flat uint8 tensor; each tensor that uses it is a typed, shaped view of
-it (no copy), so every model using a blob shares its storage. The dtype facts needed for
-that (``format.checkpoints.dtypes`` holds every dtype fact) are applied here: safetensors
-dtypes and plain ggml types map to torch dtypes; quantized ggml types stay uint8 blocks (shape: the logical shape with its last dimension replaced by its
-byte count), or become float32 through ``gguf.quants`` when dequantized.
+it (no copy), so every model using a blob shares its storage. The dtype facts
+(``format.checkpoints.dtypes`` holds every one) are applied here: safetensors dtypes and
+plain ggml types map to torch dtypes; quantized ggml types stay uint8 blocks (shape: the
+logical shape with its last dimension replaced by its byte count), or become float32
+through ``gguf.quants`` when dequantized.
 
 State-dict keys are the checkpoint's tensor names, prefixed with the folder of their file
 within the model when it is not the model's root (a Diffusers pipeline's
