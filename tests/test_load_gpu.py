@@ -131,3 +131,23 @@ def test_cuda_pipelines_share_modules(tmp_path):
     image = a("a cat", num_inference_steps=2, height=16, width=16, output_type="np",
               generator=torch.Generator("cuda").manual_seed(0)).images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_cuda_registry_unload_returns_device_memory(tmp_path, bert_family):
+    """Per-blob device storages: unloading a model gives its unique bytes back to the
+    allocator (``memory_allocated``), and a resident base is not placed twice."""
+    import gc
+
+    bundle = pack(tmp_path, {"base": bert_family["base"], "finetune": bert_family["finetune"],
+                             "frozen": bert_family["frozen"]})
+    reg = tdedup.Registry(device="cuda")
+    reg.load(bundle, ["base", "frozen"])
+    before = torch.cuda.memory_allocated()
+    added = reg.place(bundle, ["finetune"]).stats.device_bytes
+    assert added == reg.stats.models["finetune"].unique_bytes > 0
+    assert torch.cuda.memory_allocated() - before >= added
+    assert reg.place(bundle, ["base"]).stats.device_bytes == 0  # resident: nothing placed
+    assert reg.unload("finetune") == added
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
+    assert_matches_safetensors(reg["frozen"], bert_family["frozen"] / "model.safetensors")
