@@ -22,6 +22,7 @@ from tdedup.errors import IntegrityError, LoadError, ModelNotFoundError  # noqa:
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
+from tdedup.loaders import placement as pl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 
@@ -99,8 +100,10 @@ def test_models_subset_and_errors(bert_bundle, monkeypatch):
         tdedup.load(bert_bundle, device="cpu", models=["nope"])
     if not torch.cuda.is_available():
         with pytest.raises(LoadError, match="CUDA is not available"):
-            tdedup.load(bert_bundle)  # the default device is cuda
-    monkeypatch.setattr(tl, "torch", None)
+            tdedup.load(bert_bundle, device="cuda")
+        assert tdedup.load(bert_bundle).device.type == "cpu"  # the default: auto
+    from tdedup.loaders import deps
+    monkeypatch.setattr(deps, "torch", None)
     with pytest.raises(LoadError, match="needs PyTorch") as e:
         tdedup.load(bert_bundle, device="cpu")
     assert "tdedup[torch]" in e.value.hint
@@ -241,12 +244,12 @@ class _NoStream:
         pass
 
 
-class _HostStager(tl._Stager):
+class _HostStager(pl.Stager):
     """The CUDA staging logic with host buffers and no streams: runs without a GPU."""
 
     def __init__(self, device) -> None:
         self.device = device
-        self.buffers = [torch.empty(tl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+        self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
 
@@ -255,6 +258,7 @@ class _HostStager(tl._Stager):
 
 
 @pytest.mark.parametrize("encoding", [None, "XOR_BYTEPLANE_ZSTD", "ZIGZAG_SUB_BYTEPLANE_ZSTD",
+                                      "DECAY_SUB_BYTEPLANE_ZSTD",
                                       "LOWRANK_SUB_BYTEPLANE_ZSTD"])
 def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding):
     """``place_cuda`` (chunked staging, deltas finished after the upload, verification)
@@ -264,17 +268,16 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
-    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(tl._Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
-        needed = [t.hash for m in b.manifest.models for f in m.files for t in f.tensors
-                  if t.length]
-        order, depth = b.manifest.placement_order(needed), b.manifest.with_bases(needed)
+        order, depth = pl.blob_order(b, [t.hash for m in b.manifest.models
+                                          for f in m.files for t in f.tensors if t.length])
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
-        placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
@@ -285,7 +288,6 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                                       ("add", 8), ("zigzag-add", 2), ("zigzag-add", 4),
                                       ("zigzag-add", 8)])
 def test_combine_matches_numpy(op, width, monkeypatch):
-    monkeypatch.setattr(tl, "COMBINE_CHUNK", 7)  # several chunks, a short last one
     rng = np.random.default_rng(width)
     base = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
     res = rng.integers(0, 256, 8 * 40, dtype=np.uint8)
@@ -298,7 +300,7 @@ def test_combine_matches_numpy(op, width, monkeypatch):
             r = (r >> ut(1)) ^ (-(r & ut(1))).astype(ut)
         want = (b + r).view(np.uint8)
     out = torch.from_numpy(res.copy())
-    tl.combine(out, torch.from_numpy(base), op, width)
+    pl.combine(out, torch.from_numpy(base), op, width)
     assert out.numpy().tobytes() == want.tobytes()
 
 
@@ -325,10 +327,22 @@ def test_verify_finds_corruption_before_handing_out(tmp_path, bert_family):
         damaged.write_bytes(bundle.read_bytes())
         flip(damaged, rec.offset + rec.stored_length - 1)  # deep in the data, not a header
         with pytest.raises(IntegrityError, match=r"used by m\b"):
-            tdedup.load(damaged, device="cpu", verify=True)
+            tdedup.load(damaged)  # verify=True is the default
         with pytest.raises(IntegrityError):
             tdedup.load(damaged, device="cpu", models=["m"], verify=True)
-        tdedup.load(damaged, device="cpu", models=["base"], verify=True)  # untouched
+        tdedup.load(damaged, device="cpu", models=["base"])  # untouched
+
+
+def test_a_flipped_byte_in_a_delta_is_refused_by_default(tmp_path, bert_family, monkeypatch):
+    bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
+                              BlobEncoding.ZIGZAG_SUB_BYTEPLANE_ZSTD)
+    with tdedup.open_bundle(bundle) as b:
+        rec = max((r for r in b.manifest.blobs.values() if r.base is not None),
+                  key=lambda r: r.stored_length)
+    flip(bundle, rec.offset + rec.stored_length // 2)
+    with pytest.raises(IntegrityError, match="checksum"):
+        tdedup.load(bundle)
+    assert tdedup.load(bundle, models=["base"])["base"]  # base does not read the delta
 
 
 def test_truncated_frame_is_an_integrity_error(tmp_path, bert_bundle):
@@ -396,13 +410,14 @@ def test_cli_load_report(bert_bundle):
     from tdedup.cli.app import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["load", str(bert_bundle), "--device", "cpu"])
+    r = runner.invoke(app, ["load", str(bert_bundle)])  # device auto: the CPU here
     assert r.exit_code == 0, r.output
     assert "base" in r.output and "saved" in r.output and "logical" in r.output
     assert "without sharing" in r.output and "with sharing" in r.output
     assert "total" in r.output
+    assert "GB/s" in r.output and "checksums verified" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "base", "-m",
-                            "frozen", "--json", "--verify"])
+                            "frozen", "--json", "--no-verify"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert list(doc["models"]) == ["base", "frozen"]
@@ -413,7 +428,31 @@ def test_cli_load_report(bert_bundle):
     assert 0 < frozen["with_sharing_bytes"] < frozen["logical_bytes"]
     assert frozen["saved_bytes"] == frozen["logical_bytes"] - frozen["with_sharing_bytes"]
     assert base["with_sharing_bytes"] + frozen["with_sharing_bytes"] <= doc["device_bytes"]
+    assert doc["seconds"] > 0 and doc["gb_per_s"] > 0 and doc["verified"] is False
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "cpu", "-m", "nope"])
     assert r.exit_code == 2 and "no model 'nope'" in r.output
     r = runner.invoke(app, ["load", str(bert_bundle), "-d", "tpu"])
     assert r.exit_code == 2
+
+
+def test_cli_progress_bar_only_for_loads_over_a_second(monkeypatch):
+    from contextlib import ExitStack, contextmanager
+
+    from tdedup.cli import load as cli_load
+
+    calls: list = []
+
+    @contextmanager
+    def bar(quiet):
+        calls.append("open")
+        yield lambda phase, n, total: calls.append((n, total))
+
+    monkeypatch.setattr(cli_load, "phased_progress", bar)
+    with ExitStack() as stack:
+        late = cli_load._LateBar(stack, False)
+        late(10, 100)
+        assert calls == []  # under a second: no bar
+        late.t0 -= 2
+        late(30, 100)
+        late(100, 100)
+    assert calls == ["open", (30, 100), (70, 100)]

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
-from tdedup.loaders import torch as tl  # noqa: E402
+from tdedup.loaders import placement as pl  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 from test_load import (as_bytes, assert_matches_safetensors, pack,  # noqa: E402
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture
 def small_staging(monkeypatch):
     """Staging buffers of 4 KiB: every blob crosses several chunks and both buffers."""
-    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(tl._Stager, "_cache", {})
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(pl.Stager, "_cache", {})
 
 
 def test_cuda_bit_for_bit_and_shared(tmp_path, bert_family, gguf_family, small_staging):
@@ -131,3 +131,23 @@ def test_cuda_pipelines_share_modules(tmp_path):
     image = a("a cat", num_inference_steps=2, height=16, width=16, output_type="np",
               generator=torch.Generator("cuda").manual_seed(0)).images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_cuda_registry_unload_returns_device_memory(tmp_path, bert_family):
+    """Per-blob device storages: unloading a model gives its unique bytes back to the
+    allocator (``memory_allocated``), and a resident base is not placed twice."""
+    import gc
+
+    bundle = pack(tmp_path, {"base": bert_family["base"], "finetune": bert_family["finetune"],
+                             "frozen": bert_family["frozen"]})
+    reg = tdedup.Registry(device="cuda")
+    reg.load(bundle, ["base", "frozen"])
+    before = torch.cuda.memory_allocated()
+    added = reg.place(bundle, ["finetune"]).stats.device_bytes
+    assert added == reg.stats.models["finetune"].unique_bytes > 0
+    assert torch.cuda.memory_allocated() - before >= added
+    assert reg.place(bundle, ["base"]).stats.device_bytes == 0  # resident: nothing placed
+    assert reg.unload("finetune") == added
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
+    assert_matches_safetensors(reg["frozen"], bert_family["frozen"] / "model.safetensors")

@@ -10,7 +10,7 @@ PUBLIC = {
     "__version__", "TdedupError",
     "pack", "PackResult", "convert", "ConvertResult", "unpack", "UnpackResult", "verify", "VerifyResult",
     "open_bundle", "Bundle",
-    "load", "load_into", "LoadedBundle",
+    "load", "load_into", "LoadedBundle", "Registry",
     "from_bundle", "sentence_transformer", "pipelines", "private",
 }
 

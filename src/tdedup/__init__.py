@@ -24,6 +24,7 @@ _LAZY = {
     "VerifyResult": ".ops.verify", "verify": ".ops.verify",
     "ConvertResult": ".ops.convert", "convert": ".ops.convert",
     "load": ".loaders.torch", "LoadedBundle": ".loaders.torch",
+    "Registry": ".loaders.registry",
     "load_into": ".loaders.modules", "private": ".loaders.modules",
     "from_bundle": ".loaders.transformers",
     "sentence_transformer": ".loaders.sentence_transformers",
@@ -47,5 +48,5 @@ def __dir__() -> list[str]:
 
 __all__ = ["__version__", "TdedupError", "Bundle", "open_bundle", "pack", "PackResult",
            "convert", "ConvertResult", "unpack", "UnpackResult", "verify", "VerifyResult",
-           "load", "load_into", "LoadedBundle", "private", "from_bundle", "sentence_transformer",
-           "pipelines"]
+           "load", "load_into", "LoadedBundle", "Registry", "private", "from_bundle",
+           "sentence_transformer", "pipelines"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +14,31 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import guarded, human_bytes, stdout_console
+from .common import guarded, human_bytes, phased_progress, stdout_console
+
+#: A load shorter than this shows no progress bar.
+PROGRESS_AFTER_S = 1.0
+
+
+class _LateBar:
+    """A ``progress(done, total)`` callback that opens the stderr bytes bar only once the
+    load has run for :data:`PROGRESS_AFTER_S` (short loads stay quiet)."""
+
+    def __init__(self, stack: ExitStack, quiet: bool) -> None:
+        self.stack, self.quiet = stack, quiet
+        self.t0 = time.monotonic()
+        self.update: Callable[[str, int, int], None] | None = None
+        self.shown = 0
+        self.lock = threading.Lock()  # called from the decoding threads
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            if self.update is None:
+                if time.monotonic() - self.t0 < PROGRESS_AFTER_S:
+                    return
+                self.update = self.stack.enter_context(phased_progress(self.quiet))
+            self.update("load", done - self.shown, total)
+            self.shown = done
 
 
 @guarded
@@ -18,16 +46,18 @@ def load(
     bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
     device: Annotated[str, typer.Option("--device", "-d", help="cpu, cuda, cuda:N, or auto (cuda when available).")] = "auto",
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Load only this model (repeatable).")] = None,
-    verify: Annotated[bool, typer.Option("--verify", help="Check every blob's hash before its tensors are used.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every blob read against its stored checksum before any tensor is used.")] = True,
     dequantize: Annotated[bool, typer.Option("--dequantize", help="Quantized GGUF tensors as float32.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Load every model (each distinct tensor once) and print what it takes in memory."""
     from ..loaders.sharing import model_sharing
     from ..loaders.torch import load as load_bundle
 
-    loaded = load_bundle(bundle, device=device, models=model, verify=verify,
-                         dequantize=dequantize)
+    with ExitStack() as stack:
+        loaded = load_bundle(bundle, device=device, models=model, verify=verify,
+                             dequantize=dequantize, progress=_LateBar(stack, quiet))
     s = loaded.stats
     rows = model_sharing(loaded)
     added = sum(r.added_bytes for r in rows)
@@ -40,8 +70,9 @@ def load(
                                      for r in rows},
                           "logical_bytes": s.logical_bytes, "device_bytes": s.device_bytes,
                           "mapped_bytes": s.mapped_bytes, "saved_bytes": s.saved_bytes,
-                          "distinct_blobs": s.distinct_blobs,
-                          "seconds": round(s.seconds, 4)}, indent=2))
+                          "distinct_blobs": s.distinct_blobs, "read_bytes": s.read_bytes,
+                          "verified": s.verified, "seconds": round(s.seconds, 4),
+                          "gb_per_s": round(s.gb_per_s, 3)}, indent=2))
         return
     out = stdout_console()
     t = Table(title=None, caption="with sharing: what each model adds to the ones above it")
@@ -62,7 +93,9 @@ def load(
     ratio = s.logical_bytes / s.device_bytes if s.device_bytes else 1.0
     mapped = (f" ({human_bytes(s.mapped_bytes)} of it mapped from the bundle)"
               if s.mapped_bytes else "")
-    out.print(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s")
+    checked = "checksums verified" if s.verified else "not verified"
+    out.print(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s "
+              f"({s.gb_per_s:.2f} GB/s logical; {checked})")
     out.print(f"  logical {human_bytes(s.logical_bytes)} -> device "
               f"{human_bytes(s.device_bytes)}{mapped}: saved {human_bytes(s.saved_bytes)} "
               f"({ratio:.2f}x less)")

@@ -30,7 +30,7 @@ from .provider import (
     extract_files,
     provider_path,
 )
-from .torch import require, require_torch
+from .deps import require, require_torch
 from .transformers import build_empty
 
 if TYPE_CHECKING:

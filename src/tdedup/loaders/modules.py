@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 
 from ..errors import ModuleMismatchError
-from .torch import LoadedBundle, require_torch
+from .deps import require_torch
+from .results import LoadedBundle
 
 try:
     import torch

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LoadError
 from .provider import as_provider, extract_files, provider_path
-from .torch import require_torch
+from .deps import require_torch
 from .transformers import from_bundle
 
 if TYPE_CHECKING:

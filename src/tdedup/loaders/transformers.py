@@ -30,7 +30,7 @@ from .provider import (
     join,
     provider_path,
 )
-from .torch import require, require_torch
+from .deps import require, require_torch
 
 if TYPE_CHECKING:
     from .provider import ModelProvider

@@ -119,7 +119,7 @@ class RawReader(BlobReader):
 class ZstdReader(BlobReader):
     """One zstd frame that must decode to exactly ``expected`` bytes."""
 
-    def __init__(self, source: MappedSource, expected: int, what: str,
+    def __init__(self, source: MappedSource, expected: int, what: str | None,
                  dctx: zstandard.ZstdDecompressor) -> None:
         head = source.view[source.start:min(source.end, source.start + 32)]
         declared = check_frame_size(head, expected, what)
@@ -127,7 +127,7 @@ class ZstdReader(BlobReader):
             raise IntegrityError(f"{what}: zstd frame declares {declared} bytes, expected "
                                  f"{expected}")
         self.source, self.what = source, what
-        self.reader = dctx.stream_reader(source, read_size=READ_SIZE)
+        self.reader = dctx.stream_reader(source, read_size=READ_SIZE)  # type: ignore[arg-type]  # file-like
 
     def readinto(self, out) -> None:
         mv = memoryview(out).cast("B")
@@ -156,7 +156,7 @@ class PlaneReader(BlobReader):
     (stored at ``[start, start + length)`` of the map, ``expected`` bytes decoded)."""
 
     def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
-                 expected: int, what: str, *, release: bool = True) -> None:
+                 expected: int, what: str | None, *, release: bool = True) -> None:
         self.width, frames = byteplane_frames(view[start:start + length], expected, what)
         self.unit = self.width
         plane = expected // self.width
@@ -204,7 +204,7 @@ class DeltaReader(BlobReader):
     larger than a chunk is made. ``base(start, stop)``: the base's bytes (uint8 array).
     """
 
-    def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, base,
+    def __init__(self, mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str | None, base,
                  *, release: bool = True) -> None:
         n, enc = rec.decoded_length, rec.encoding
         if enc not in DELTA_OPS and enc not in PREDICTED:
@@ -250,7 +250,7 @@ PREDICTED = frozenset(enc for name in ("DECAY_SUB_BYTEPLANE_ZSTD", "LOWRANK_SUB_
                       if (enc := BlobEncoding.__members__.get(name)) is not None)
 
 
-def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str, *,
+def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str | None, *,
                 release: bool = True) -> BlobReader:
     """A reader of ``rec``'s decoded bytes (for a delta blob: of its residual)."""
     if rec.encoding is BlobEncoding.RAW:

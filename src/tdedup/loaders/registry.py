@@ -1,0 +1,298 @@
+"""A resident registry: models added to and dropped from a running process, each distinct
+blob resident once across every bundle loaded.
+
+Entries are keyed by blob hash (the BLAKE3 of the decoded bytes, which every manifest
+records), so identical content from two bundles is one storage. Loading a model places
+only the blobs not yet resident (a delta is decoded against its resident base); a model
+whose every blob is resident costs no memory and no decoding. Unloading a model frees
+every entry no resident model uses any more: each blob has a storage of its own, so its
+memory really goes back (device memory; on CPU, decoded blobs go back to the system and
+raw blobs are views of a private map of their bundle, unmapped with its last view).
+
+:func:`tdedup.load` is a :class:`Registry` used once, privately, so the two paths are one.
+Loads and unloads are serialized by one lock (each load decodes on every core): two
+threads loading overlapping models place each blob once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.manifest import FileEntry, TensorEntry
+from ..format.bundle.reader import Bundle
+from .deps import require_torch
+from .placement import Placer, blob_order, default_workers, resolve_device
+from .results import (
+    LoadedBundle,
+    LoadStats,
+    ModelAccess,
+    ModelRecord,
+    ModelStats,
+    RegistryStats,
+    TensorInfo,
+)
+from .views import dequantized, quant_of, state_keys, typed_view
+
+#: Suffix of the entry key of a dequantized tensor (its blob's hash + this).
+DEQUANTIZED = ":f32"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One resident piece of content: a blob's bytes (uint8) or a dequantized tensor;
+    the typed views made of it, and the models using it."""
+
+    tensor: Any
+    nbytes: int
+    mapped: bool = False
+    users: set[str] = field(default_factory=set)
+    views: dict[tuple, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Use:
+    """One tensor of one model to be handed out."""
+
+    model: str
+    key: str
+    file: FileEntry
+    tensor: TensorEntry
+    deq: bool
+
+    @property
+    def entry(self) -> str | None:
+        if not self.tensor.length:
+            return None  # empty: no bytes to hold
+        return self.tensor.hash + DEQUANTIZED if self.deq else self.tensor.hash
+
+    def info(self) -> TensorInfo:
+        q = quant_of(self.file, self.tensor)
+        t = self.tensor
+        return TensorInfo(t.name, self.file.path, t.dtype, tuple(t.shape), t.hash,
+                          q.name if q else None, self.deq)
+
+
+class Registry(Mapping, ModelAccess):
+    """Model name -> state dict of every resident model, each distinct blob once.
+
+    ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:N]"``.
+    ``verify``: check each blob read against its stored checksum before any tensor is
+    handed out (resident blobs are not read again). ``workers``: decoding threads.
+    """
+
+    def __init__(self, device: Any = "auto", *, verify: bool = True,
+                 workers: int | None = None) -> None:
+        require_torch()
+        ModelAccess.__init__(self)
+        self.device = resolve_device(device)
+        self.verify = verify
+        self.workers = default_workers() if workers is None else max(1, workers)
+        self._entries: dict[str, Entry] = {}
+        self._models: dict[str, ModelRecord] = {}
+        self._lock = threading.RLock()
+
+    # -- the mapping -------------------------------------------------------------------
+
+    def record(self, model: str) -> ModelRecord:
+        with self._lock:
+            try:
+                return self._models[model]
+            except KeyError:
+                raise KeyError(f"model {model!r} is not resident (resident: "
+                               f"{', '.join(self._models) or 'none'})") from None
+
+    def __getitem__(self, model: str) -> dict:
+        return self.record(model).state
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._models))
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __repr__(self) -> str:
+        return f"Registry(device={str(self.device)!r}, models={list(self._models)})"
+
+    @property
+    def stats(self) -> RegistryStats:
+        with self._lock:
+            models = {}
+            for name, rec in self._models.items():
+                unique = sum(self._entries[k].nbytes for k in rec.entries
+                             if self._entries[k].users == {name})
+                models[name] = ModelStats(rec.logical_bytes, unique)
+            return RegistryStats(sum(e.nbytes for e in self._entries.values()), models)
+
+    # -- adding and dropping -----------------------------------------------------------
+
+    def load(self, bundle: str | os.PathLike, names: Sequence[str] | None = None, *,
+             dequantize: bool = False) -> dict[str, dict]:
+        """Make ``names`` (default: every model) of ``bundle`` resident, placing only
+        the blobs not resident yet; their state dicts."""
+        loaded = self.place(bundle, names, dequantize=dequantize)
+        return {n: loaded[n] for n in loaded}
+
+    def unload(self, name: str) -> int:
+        """Drop model ``name``; free every entry no resident model uses. Returns the
+        bytes freed."""
+        with self._lock:
+            rec = self.record(name)
+            del self._models[name]
+            freed = 0
+            for key in rec.entries:
+                entry = self._entries[key]
+                entry.users.discard(name)
+                if not entry.users:
+                    freed += entry.nbytes
+                    del self._entries[key]
+            return freed
+
+    def place(self, path: str | os.PathLike, names: Sequence[str] | None = None, *,
+              dequantize: bool = False, progress: Callable[[int, int], None] | None = None
+              ) -> LoadedBundle:
+        """:meth:`load`, returned as a :class:`LoadedBundle` whose stats are this call's
+        (``device_bytes``: what it added to the resident set). ``progress(done, total)``
+        is called with stored bytes as blobs are placed."""
+        t0 = time.perf_counter()
+        with self._lock, Bundle(path) as bundle:
+            wanted = list(dict.fromkeys(names)) if names else bundle.model_names
+            chosen = [bundle.model(n) for n in wanted]
+            if self.verify:  # bytes no tensor uses too, so a damaged bundle never loads
+                bundle.check_padding()
+                for f in {f.layout: f for m in chosen for f in m.files}.values():
+                    bundle.check_stored(bundle.blob(f.layout))
+            # From here on only the manifest is used (the placer reads through a private
+            # map of its own): unmapping the bundle's map now returns the pages those
+            # checks faulted in (with the kernel's fault-around, ~3 % of the distinct
+            # bytes on the corpus family) before the decoded bytes pile up.
+            bundle.close()
+            uses: dict[str, list[Use]] = {}
+            for m in chosen:
+                uses[m.name] = [Use(m.name, key, f, t,
+                                    dequantize and quant_of(f, t) is not None)
+                                for key, f, t in state_keys(m)]
+            fresh = self._check_names(uses)
+            placed, stats = self._place(bundle, [u for n in fresh for u in uses[n]],
+                                        progress)
+            records = {n: self._models[n] for n in wanted if n not in fresh}
+            try:
+                for n in fresh:
+                    records[n] = self._record(Path(path), bundle, n, uses[n], placed)
+            except BaseException:
+                self._forget(fresh)
+                raise
+            records = {n: records[n] for n in wanted}
+            for n, rec in records.items():
+                self._models[n] = rec
+                stats.models[n] = rec.logical_bytes
+            stats.logical_bytes = sum(stats.models.values())
+            stats.tensors = sum(len(r.state) for r in records.values())
+        stats.seconds = time.perf_counter() - t0
+        return LoadedBundle(Path(path), self.device, records, stats)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check_names(self, uses: dict[str, list[Use]]) -> list[str]:
+        """The models not resident yet; a resident one must be the same model."""
+        fresh = []
+        for name, us in uses.items():
+            rec = self._models.get(name)
+            if rec is None:
+                fresh.append(name)
+            elif rec.signature() != frozenset((u.key, u.tensor.hash, u.tensor.dtype,
+                                               tuple(u.tensor.shape), u.deq) for u in us):
+                raise UsageError(f"another model named {name!r} is resident (from "
+                                 f"{rec.path}); unload it first")
+        return fresh
+
+    def _place(self, bundle: Bundle, uses: list[Use], progress) -> tuple[dict, LoadStats]:
+        """Place every blob ``uses`` needs that is not resident; new entries by key."""
+        resident = {k: e.tensor for k, e in self._entries.items()}
+        need = {u.entry: u for u in uses if u.entry is not None and u.entry not in resident}
+        # Blobs that only feed dequantization stay on the host; any other use, or being
+        # the base of a device blob, puts a blob on the device.
+        digests = [u.tensor.hash for u in need.values()]
+        order, depth = blob_order(bundle, digests, resident)
+        on_device = {u.tensor.hash for u in need.values() if not u.deq}
+        for rec in reversed(order):
+            if rec.hash in on_device and rec.base is not None:
+                on_device.add(rec.base)
+        placer = Placer(bundle, self.device, depth, verify=self.verify,
+                        workers=self.workers, resident=resident, progress=progress)
+        device_recs = [r for r in order if r.hash in on_device]
+        try:
+            # Device blobs first: a host-only blob may be a delta on a device base.
+            if self.device.type == "cuda":
+                placer.place_cuda(device_recs)
+            else:
+                placer.place_host(device_recs)
+            placer.place_host([r for r in order if r.hash not in on_device])
+            placer.drop_pages()
+        finally:
+            placer.close()
+        stats = LoadStats(distinct_blobs=len(order), verified=self.verify,
+                          read_bytes=sum(r.stored_length for r in order))
+        raw = {r.hash for r in device_recs if r.encoding is BlobEncoding.RAW}
+        entries: dict[str, Entry] = {}
+        for key, u in need.items():
+            h = u.tensor.hash
+            blob = placer.blobs.get(h)
+            if blob is None:
+                blob = resident[h]
+            if u.deq:
+                tensor = dequantized(blob, u.file, u.tensor, self.device)
+                entries[key] = Entry(tensor, tensor.nbytes)
+            else:
+                mapped = self.device.type == "cpu" and h in raw
+                entries[key] = Entry(blob, len(blob), mapped)
+                stats.mapped_bytes += len(blob) if mapped else 0
+            stats.device_bytes += entries[key].nbytes
+        return entries, stats
+
+    def _forget(self, names: list[str]) -> None:
+        """Undo a failed load: entries it made that no resident model uses go."""
+        for key in list(self._entries):
+            entry = self._entries[key]
+            entry.users.difference_update(n for n in names if n not in self._models)
+            if not entry.users:
+                del self._entries[key]
+
+    def _record(self, path: Path, bundle: Bundle, name: str, uses: list[Use],
+                placed: dict) -> ModelRecord:
+        """Model ``name``'s tensors as views of resident entries (``placed``: new ones,
+        made resident as they are first used)."""
+        state, info, keys, logical = {}, {}, set(), 0
+        for u in uses:
+            ek = u.entry
+            if ek is None:
+                tensor = typed_view(None, u.file, u.tensor, self.device) if not u.deq \
+                    else dequantized(None, u.file, u.tensor, self.device)
+            else:
+                entry = self._entries.get(ek)
+                if entry is None:
+                    entry = self._entries[ek] = placed[ek]
+                vkey = (u.tensor.dtype, tuple(u.tensor.shape), u.file.kind)
+                tensor = entry.views.get(vkey)
+                if tensor is None:
+                    tensor = entry.tensor if u.deq else typed_view(entry.tensor, u.file,
+                                                                   u.tensor, self.device)
+                    entry.views[vkey] = tensor
+                entry.users.add(u.model)
+                keys.add(ek)
+            state[u.key] = tensor
+            info[u.key] = u.info()
+            logical += tensor.nbytes
+        return ModelRecord(name, path, state, info, list(bundle.model(name).files),
+                           frozenset(keys), logical)
+
+
+__all__ = ["DEQUANTIZED", "Entry", "Registry", "Use"]
