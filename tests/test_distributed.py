@@ -24,7 +24,7 @@ SUBSET = ("minilm/base", "minilm/ft-freeze", "minilm-gguf/q8_0.gguf", "smollm/q4
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     with cluster, distributed.Client(cluster) as c:
         yield c
 
@@ -101,3 +101,18 @@ def test_workers_dying_too_often_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(TdedupError) as e:
         list(run_units(Client(), units))
     assert e.value.path == units[0].path and "allowed-failures" in e.value.message
+
+
+@pytest.mark.corpus
+def test_cli_json_equals_the_local_run_on_the_corpus(corpus, corpus_facts):
+    """``--dask local:2`` (a LocalCluster of 2 processes) prints the local run's report."""
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    args = [f"{e.replace('/', '-')}={corpus / e}" for e in corpus_facts["models"]]
+    runner = CliRunner()
+    local = runner.invoke(app, ["analyze", "--json", *args])
+    dask = runner.invoke(app, ["analyze", "--json", "--dask", "local:2", *args])
+    assert local.exit_code == dask.exit_code == 0, dask.stderr
+    assert dask.stdout == local.stdout

@@ -153,3 +153,30 @@ def test_refuses_a_newer_schema(tmp_path):
     with pytest.raises(InputError, match="newer") as e:
         TensorIndex(path)
     assert e.value.hint
+
+
+# -- through the command line -----------------------------------------------------------
+
+
+def test_cli_second_run_hashes_nothing_and_stats(family, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    runner = CliRunner()
+    db = tmp_path / "tensors.db"
+    args = ["analyze", "--json", "--index", str(db), *map(str, family)]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == second.exit_code == 0, first.stderr
+    assert first.stdout == second.stdout == runner.invoke(app, args[:2] + args[4:]).stdout
+    assert "0 of 3 weight files taken from" in first.stderr
+    assert "3 of 3 weight files taken from" in second.stderr and "0 hashed" in second.stderr
+    stats = runner.invoke(app, ["index", str(db), "--stats", "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["files"] == 3
+    table = runner.invoke(app, ["index", str(db), "--stats"], env={"NO_COLOR": "1"})
+    assert "distinct tensors" in table.stdout
+    missing = runner.invoke(app, ["index", str(tmp_path / "nope.db"), "--stats"])
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
+    assert "nope.db: no such index" in missing.stderr

@@ -79,9 +79,11 @@ def dask_runner(address: str) -> Iterator[UnitRunner]:
     cluster = None
     try:
         if where.local_workers is not None:
+            # ":0": the scheduler's HTTP server on a free port, not 8787, which another
+            # cluster on the machine may hold (distributed then warns on stderr).
             cluster = distributed.LocalCluster(
                 n_workers=where.local_workers, threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR)
+                dashboard_address=":0", silence_logs=logging.ERROR)
             client = distributed.Client(cluster)
         else:
             client = distributed.Client(where.scheduler, timeout=CONNECT_TIMEOUT_S)
