@@ -104,15 +104,28 @@ def test_workers_dying_too_often_is_one_line(monkeypatch, tmp_path):
 
 
 @pytest.mark.corpus
-def test_cli_json_equals_the_local_run_on_the_corpus(corpus, corpus_facts):
-    """``--dask local:2`` (a LocalCluster of 2 processes) prints the local run's report."""
+def test_cli_json_equals_the_local_run_on_the_corpus(corpus, corpus_facts, tmp_path):
+    """``--dask local:2`` (a LocalCluster of 2 processes) prints the local run's report,
+    and the index it fills serves a local run."""
     from typer.testing import CliRunner
 
     from tdedup.cli.app import app
 
     args = [f"{e.replace('/', '-')}={corpus / e}" for e in corpus_facts["models"]]
+    db = str(tmp_path / "tensors.db")
     runner = CliRunner()
     local = runner.invoke(app, ["analyze", "--json", *args])
-    dask = runner.invoke(app, ["analyze", "--json", "--dask", "local:2", *args])
+    dask = runner.invoke(app, ["analyze", "--json", "--dask", "local:2", "--index", db, *args])
     assert local.exit_code == dask.exit_code == 0, dask.stderr
     assert dask.stdout == local.stdout
+    again = runner.invoke(app, ["analyze", "--json", "--index", db, *args])
+    assert again.stdout == local.stdout and ", 0 hashed (0 B)" in again.stderr
+
+
+def test_without_distributed_is_one_line(monkeypatch):
+    from tdedup.analyzers.distributed import dask_runner
+
+    monkeypatch.setitem(__import__("sys").modules, "distributed", None)
+    with pytest.raises(UsageError) as e, dask_runner("local:1"):
+        pass
+    assert "tdedup[dask]" in e.value.hint
