@@ -8,8 +8,8 @@ import sqlite3
 import time
 
 import pytest
-
 from helpers.factory import make_gguf, make_safetensors, random_tensors
+
 from tdedup.analyzers.index import APPLICATION_ID, SCHEMA_VERSION, TensorIndex
 from tdedup.analyzers.overlap import compute_overlap
 from tdedup.analyzers.scan import hash_models, index_models

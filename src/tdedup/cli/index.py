@@ -83,8 +83,8 @@ def index_command(
             ("index", escape(s.path)), ("schema version", str(s.schema_version)),
             ("weight files", f"{s.files:,}"),
             ("tensors", f"{s.tensors:,} ({human_bytes(s.tensor_bytes)})"),
-            ("distinct tensors", f"{s.distinct_tensors:,} "
-                                 f"({human_bytes(s.distinct_tensor_bytes)}, {ratio:.2f}x)"),
+            ("distinct tensors", (f"{s.distinct_tensors:,} "
+                                  f"({human_bytes(s.distinct_tensor_bytes)}, {ratio:.2f}x)")),
             ("stale files", f"{s.stale_files:,} (missing or changed since recorded)"),
             ("database", human_bytes(s.database_bytes))):
         t.add_row(what, value)
