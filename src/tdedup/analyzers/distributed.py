@@ -37,9 +37,6 @@ LOCAL_RE = re.compile(r"^local(?::(\d+))?$")
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*://.+")
 CONNECT_TIMEOUT_S = 30
 
-UnitRunner = Callable[[Sequence[HashUnit], Callable[[int], None] | None],
-                      Iterator[tuple[int, UnitDigests]]]
-
 
 @dataclass(frozen=True, slots=True)
 class DaskAddress:
@@ -71,8 +68,28 @@ def _import_distributed():
     return distributed
 
 
+class DaskRunner:
+    """Runs units on a connected cluster; ``address`` and ``workers`` say which."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    @property
+    def address(self) -> str:
+        return str(self.client.scheduler.address)
+
+    @property
+    def workers(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
+
+    def __call__(self, units: Sequence[HashUnit],
+                 progress: Callable[[int], None] | None = None
+                 ) -> Iterator[tuple[int, UnitDigests]]:
+        return run_units(self.client, units, progress)
+
+
 @contextmanager
-def dask_runner(address: str) -> Iterator[UnitRunner]:
+def dask_runner(address: str) -> Iterator[DaskRunner]:
     """Connect to (or start) the cluster ``address`` names; yield a unit runner."""
     where = DaskAddress.parse(address)
     distributed = _import_distributed()
@@ -91,12 +108,8 @@ def dask_runner(address: str) -> Iterator[UnitRunner]:
         if cluster is not None:
             cluster.close()
         raise TdedupError(f"cannot reach the Dask scheduler at {address}: {e}") from e
-    def runner(units: Sequence[HashUnit], progress: Callable[[int], None] | None = None
-               ) -> Iterator[tuple[int, UnitDigests]]:
-        return run_units(client, units, progress)
-
     try:
-        yield runner
+        yield DaskRunner(client)
     finally:
         client.close()
         if cluster is not None:

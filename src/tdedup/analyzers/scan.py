@@ -19,10 +19,9 @@ from ..errors import TdedupError
 from ..format.checkpoints.records import ModelSource, SourceFile
 from ..format.checkpoints.sources import ModelArg, open_models
 from .tensor_hashes import ContentKey, HashedTensor
-from .work_units import FileStamp, HashUnit, UnitDigests, hash_here, plan_units
+from .work_units import FileStamp, HashUnit, UnitDigests, UnitRunner, hash_here, plan_units
 
 if TYPE_CHECKING:
-    from .distributed import UnitRunner
     from .index import TensorIndex
 
 

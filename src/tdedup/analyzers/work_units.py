@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .._fs import mapped
@@ -32,6 +32,12 @@ UNIT_BYTES = 256 << 20
 # mtime moving (coarse file-system clocks): like git's "racily clean" entries, its
 # digests are used but not recorded.
 RACY_WINDOW_NS = 2_000_000_000
+
+#: Where units run: given the units and a progress callback (bytes done), yields
+#: ``(unit number, digests)`` in any order. :func:`hash_here` runs them in this process,
+#: :class:`.distributed.DaskRunner` on a Dask cluster.
+UnitRunner = Callable[[Sequence["HashUnit"], Callable[[int], None] | None],
+                      Iterator[tuple[int, "UnitDigests"]]]
 
 
 @dataclass(frozen=True, slots=True)

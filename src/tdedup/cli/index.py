@@ -18,17 +18,17 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import guarded, human_bytes, stdout_console, warn
+from .common import guarded, human_bytes, stderr_console, stdout_console, warn
 
 if TYPE_CHECKING:
-    from ..analyzers.distributed import UnitRunner
+    from ..analyzers.distributed import DaskRunner
     from ..analyzers.index import TensorIndex
     from ..analyzers.scan import ScannedModels
 
 
 @contextmanager
 def scan_backends(dask: str | None, index: Path | None
-                  ) -> Iterator[tuple[TensorIndex | None, UnitRunner | None]]:
+                  ) -> Iterator[tuple[TensorIndex | None, DaskRunner | None]]:
     """The index (``--index``) and the Dask runner (``--dask``) a scan uses, if given."""
     from ..analyzers.index import TensorIndex
 
@@ -37,7 +37,10 @@ def scan_backends(dask: str | None, index: Path | None
         runner = None
         if dask is not None:
             from ..analyzers.distributed import dask_runner
-            runner = stack.enter_context(dask_runner(dask))
+            with stderr_console().status(f"connecting to Dask ({escape(dask)})"):
+                runner = stack.enter_context(dask_runner(dask))
+            print(f"dask: hashing on {runner.address} ({runner.workers} workers)",
+                  file=sys.stderr)
         yield idx, runner
 
 
