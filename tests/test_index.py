@@ -60,8 +60,9 @@ def test_touched_file_alone_is_rehashed(family, tmp_path):
         settle(family[1], age_s=30)  # new mtime, same bytes
         again = scan(family, index=index)
         assert again.counts.hashed_files == 1 and again.counts.indexed_files == 2
-        # ... and recorded under its new stamp.
+        # ... and recorded under its new stamp, in place of the old entry.
         assert scan(family, index=index).counts.hashed_files == 0
+        assert (index.stats().files, index.stats().tensors) == (3, 9)
 
 
 def test_rewritten_file_gets_its_new_digests(family, tmp_path):
