@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -86,6 +89,8 @@ def test_workers_dying_too_often_is_one_line(monkeypatch, tmp_path):
     units = [HashUnit(str(tmp_path / "m.safetensors"), FileStamp(8, 0, 1), 0, ((0, 8),))]
 
     class Client:
+        loop = None
+
         def map(self, fn, items, key):
             self.keys = key
             return key
@@ -93,7 +98,7 @@ def test_workers_dying_too_often_is_one_line(monkeypatch, tmp_path):
         def cancel(self, futures):
             pass
 
-    def as_completed(futures, with_results):
+    def as_completed(futures, with_results, loop=None):
         raise distributed.KilledWorker(futures[0], "tcp://127.0.0.1:1", 3)
         yield
 
@@ -103,22 +108,56 @@ def test_workers_dying_too_often_is_one_line(monkeypatch, tmp_path):
     assert e.value.path == units[0].path and "allowed-failures" in e.value.message
 
 
+def test_another_current_client_in_the_process(client, tmp_path):
+    """A ``with Client():`` of another cluster (the fixture's, current for this module)
+    must not capture our run: as_completed once took the current client's loop and then
+    waited forever, about one run in three. A hang fails here instead of stalling."""
+    from helpers.factory import make_safetensors, random_tensors
+
+    from tdedup.analyzers.distributed import dask_runner
+
+    path = make_safetensors(tmp_path / "m.safetensors",
+                            random_tensors(0, {"a": (256, 256), "b": (64,)}))
+    expected = hash_models(index_models([str(path)])).hashed
+    got: list = []
+
+    def work():
+        with dask_runner("local:1") as runner:
+            got.append(hash_models(index_models([str(path)]), runner=runner).hashed)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the Dask run hung"
+    assert got == [expected]
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python -m tdedup ...`` in its own session, killed whole (cluster processes too)
+    if it outlives ``timeout``: a hang fails the test instead of stalling the suite."""
+    proc = subprocess.Popen([sys.executable, "-m", "tdedup", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"tdedup {' '.join(args[:3])} ... hung for {timeout} s; stderr:\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.mark.corpus
 def test_cli_json_equals_the_local_run_on_the_corpus(corpus, corpus_facts, tmp_path):
-    """``--dask local:2`` (a LocalCluster of 2 processes) prints the local run's report,
-    and the index it fills serves a local run."""
-    from typer.testing import CliRunner
-
-    from tdedup.cli.app import app
-
+    """``python -m tdedup analyze --dask local:2`` (a LocalCluster of 2 processes) prints
+    the local run's report, and the index it fills serves a local run."""
     args = [f"{e.replace('/', '-')}={corpus / e}" for e in corpus_facts["models"]]
     db = str(tmp_path / "tensors.db")
-    runner = CliRunner()
-    local = runner.invoke(app, ["analyze", "--json", *args])
-    dask = runner.invoke(app, ["analyze", "--json", "--dask", "local:2", "--index", db, *args])
-    assert local.exit_code == dask.exit_code == 0, dask.stderr
+    local = run_cli("analyze", "--json", *args)
+    dask = run_cli("analyze", "--json", "--dask", "local:2", "--index", db, *args)
+    assert local.returncode == dask.returncode == 0, dask.stderr
     assert dask.stdout == local.stdout
-    again = runner.invoke(app, ["analyze", "--json", "--index", db, *args])
+    assert "dask: hashing on tcp://" in dask.stderr and "(2 workers)" in dask.stderr
+    again = run_cli("analyze", "--json", "--index", db, *args)
     assert again.stdout == local.stdout and ", 0 hashed (0 B)" in again.stderr
 
 

@@ -129,7 +129,11 @@ def run_units(client, units: Sequence[HashUnit], progress: Callable[[int], None]
     futures = client.map(hash_unit, units, key=keys)
     try:
         seen: set[int] = set()
-        for future, result in distributed.as_completed(futures, with_results=True):
+        # The client's own loop: left out, as_completed takes the *current* client's
+        # (a `with Client():` block elsewhere in the process), and with another
+        # cluster's client there it waits forever.
+        done = distributed.as_completed(futures, with_results=True, loop=client.loop)
+        for future, result in done:
             i = number[future.key]
             if i in seen:  # a result gathered again after a reschedule: the same digests
                 continue
