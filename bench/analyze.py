@@ -18,6 +18,12 @@ the page cache:
 The figure is median(analyze) / median(bare); the target is <= 1.1. ``--profile`` also
 times hashing variants and the header readers (see bench/RESULTS.md, "## analyze").
 
+``--dask ADDRESS`` (repeatable: ``--dask local:1 --dask local:2``) times the same analyze
+with the hashing on that cluster, started once and kept for the repeats (its start-up is
+printed apart), against the local run. ``--index`` times a first run into an empty
+incremental index and a second run over the unchanged models (target: >= 10x faster),
+locally and on each ``--dask`` cluster. ``--scale-only`` skips the other comparisons.
+
 Whole processes (issue 15, target <= 1.3x), ``--process-repeat`` times, alternately:
 ``python -m tdedup analyze --json`` against a bare process (``python -c``: import blake3,
 mmap each weight file and blake3 each tensor's range on all cores; the ranges are read
@@ -42,8 +48,11 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from tdedup.analyzers.scan import index_models
+from tdedup.analyzers.index import TensorIndex
+from tdedup.analyzers.overlap import compute_overlap
+from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.cli.analyze import analyze_paths, render_json
+from tdedup.cli.index import scan_backends
 
 
 def corpus_args(root: Path) -> list[str] | None:
@@ -183,9 +192,9 @@ def whole_processes(args: list[str], files, repeat: int) -> None:
           "(target <= 1.3x)")
 
 
-def timed(fn, *a) -> float:
+def timed(fn, *a, **kw) -> float:
     t = time.perf_counter()
-    fn(*a)
+    fn(*a, **kw)
     return time.perf_counter() - t
 
 
@@ -221,6 +230,83 @@ def profile(args: list[str], files, repeat: int) -> None:
               f"gguf.GGUFReader {theirs * 1e3:.0f} ms")
 
 
+def analyze_with(args: list[str], index=None, runner=None) -> float:
+    """What ``analyze --json [--index] [--dask]`` runs, with the cluster already up."""
+    t = time.perf_counter()
+    scanned = hash_models(index_models(args), index=index, runner=runner)
+    render_json(compute_overlap(scanned.models, scanned.hashed))
+    return time.perf_counter() - t
+
+
+def index_runs(args: list[str], runner, repeat: int) -> tuple[list[float], list[float]]:
+    """First run into an empty index, second run over the unchanged models; ``repeat``
+    fresh indexes."""
+    first, second = [], []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="tdedup-index-") as d, \
+                TensorIndex(Path(d) / "tensors.db") as idx:
+            first.append(analyze_with(args, idx, runner))
+            second.append(analyze_with(args, idx, runner))
+    return first, second
+
+
+def scale(args: list[str], dasks: list[str], with_index: bool, repeat: int) -> None:
+    """The ``--dask`` / ``--index`` figures (bench/RESULTS.md, "## analyze at scale")."""
+    analyze_with(args)
+    local = [analyze_with(args) for _ in range(repeat)]
+    base = statistics.median(local)
+    print(f"\nanalyze in this process, no index : {stats(local)}")
+    if with_index:
+        first, second = index_runs(args, None, repeat)
+        print(f"  --index, first run (empty index) : {stats(first)}")
+        print(f"  --index, second run (unchanged)  : {stats(second)}  -> "
+              f"{statistics.median(first) / statistics.median(second):.1f}x faster than "
+              f"the first (target >= 10x)")
+        with tempfile.TemporaryDirectory(prefix="tdedup-index-") as d:
+            cmd = [sys.executable, "-m", "tdedup", "analyze", "--json", "--index",
+                   str(Path(d) / "tensors.db"), *args]
+            cli = [timed(subprocess.run, cmd, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, check=True) for _ in range(2)]
+        print(f"  whole CLI process with --index   : first {cli[0]:.3f} s, second "
+              f"{cli[1]:.3f} s ({cli[0] / cli[1]:.1f}x; python start-up and imports "
+              "included)")
+    for address in dasks:
+        t = time.perf_counter()
+        with scan_backends(address, None) as (_, runner):
+            up = time.perf_counter() - t
+            analyze_with(args, runner=runner)  # workers import tdedup, map the files
+            times = [analyze_with(args, runner=runner) for _ in range(repeat)]
+            print(f"--dask {address} (cluster up in {up:.2f} s): {stats(times)}  -> "
+                  f"{statistics.median(times) / base:.2f}x the local run's time")
+            if with_index:
+                first, second = index_runs(args, runner, repeat)
+                print(f"  --index, first run (empty index) : {stats(first)}")
+                print(f"  --index, second run (unchanged)  : {stats(second)}  -> "
+                      f"{statistics.median(first) / statistics.median(second):.1f}x faster")
+        print(f"  cluster down; start-up + {repeat} runs + shutdown "
+              f"{time.perf_counter() - t:.1f} s")
+
+
+def compare_with_bare(args: list[str], files, nbytes: int, repeat: int) -> None:
+    """The analyze/bare ratio, as bench/RESULTS.md "## analyze" has it."""
+    analyze_pass(args)
+    bare, full, js = [], [], []
+    for i in range(repeat):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            if which == 0:
+                r = analyze_pass(args)
+                full.append(r["analyze"])
+                js.append(r["json"])
+            else:
+                bare.append(timed(bare_pass, files))
+    ratio = statistics.median(full) / statistics.median(bare)
+    print(f"bare blake3 pass : {stats(bare)}  "
+          f"({nbytes / statistics.median(bare) / 1e9:.2f} GB/s)")
+    print(f"tdedup analyze   : {stats(full)}  (of which JSON {statistics.median(js):.3f} s)")
+    print(f"ratio analyze/bare (medians): {ratio:.3f}x   (target <= 1.1x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path(
@@ -230,6 +316,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--process-repeat", type=int, default=7,
                     help="runs per side of the whole-process comparison (0: skip)")
+    ap.add_argument("--dask", action="append", default=[], metavar="ADDRESS",
+                    help="also time the hashing on this Dask cluster (repeatable)")
+    ap.add_argument("--index", action="store_true",
+                    help="also time a first and a second run with an incremental index")
+    ap.add_argument("--scale-only", action="store_true",
+                    help="only the --dask / --index figures")
     opts = ap.parse_args()
 
     tmp = None
@@ -248,27 +340,14 @@ def main() -> None:
           f"{sys.version.split()[0]}")
 
     bare_pass(files)  # warm the page cache for both
-    analyze_pass(args)
-    bare, full, js = [], [], []
-    for i in range(opts.repeat):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
-            if which == 0:
-                r = analyze_pass(args)
-                full.append(r["analyze"])
-                js.append(r["json"])
-            else:
-                bare.append(timed(bare_pass, files))
-    ratio = statistics.median(full) / statistics.median(bare)
-    print(f"bare blake3 pass : {stats(bare)}  "
-          f"({nbytes / statistics.median(bare) / 1e9:.2f} GB/s)")
-    print(f"tdedup analyze   : {stats(full)}  (of which JSON {statistics.median(js):.3f} s)")
-    print(f"ratio analyze/bare (medians): {ratio:.3f}x   (target <= 1.1x)")
-
-    if opts.process_repeat:
-        whole_processes(args, files, opts.process_repeat)
-    if opts.profile:
-        profile(args, files, opts.repeat)
+    if not opts.scale_only:
+        compare_with_bare(args, files, nbytes, opts.repeat)
+        if opts.process_repeat:
+            whole_processes(args, files, opts.process_repeat)
+        if opts.profile:
+            profile(args, files, opts.repeat)
+    if opts.dask or opts.index:
+        scale(args, opts.dask, opts.index, opts.repeat)
     if tmp is not None:
         tmp.cleanup()
 

@@ -28,7 +28,8 @@ def loaded_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["pack", "--help"],
-                                  ["analyze", "--help"], ["unpack", "--help"]])
+                                  ["analyze", "--help"], ["unpack", "--help"],
+                                  ["index", "--help"]])
 def test_help_and_version_import_no_heavy_module(argv):
     code = ("import sys\nfrom tdedup.cli.app import app\n"
             f"try:\n    app({argv!r}, standalone_mode=False)\nexcept SystemExit:\n    pass")

@@ -1,14 +1,39 @@
-"""Index and hash a set of models: the first pass that analyze and pack share."""
+"""Index and hash a set of models: the first pass that analyze and pack share.
+
+Hashing is planned as work units (:mod:`.work_units`): every weight file is stamped,
+looked up in the incremental index when one is given (:mod:`.index`), and the rest is
+hashed here or on a Dask cluster (:mod:`.distributed`). Digests are put back in file
+order, so the result is the same wherever the bytes were hashed.
+"""
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import TdedupError
 from ..format.checkpoints.records import ModelSource, SourceFile
 from ..format.checkpoints.sources import ModelArg, open_models
-from .tensor_hashes import ContentKey, HashedTensor, hash_model
+from .tensor_hashes import ContentKey, HashedTensor
+from .work_units import FileStamp, HashUnit, UnitDigests, UnitRunner, hash_here, plan_units
+
+if TYPE_CHECKING:
+    from .index import TensorIndex
+
+
+@dataclass(slots=True)
+class HashCounts:
+    """Where a scan's digests came from (weight files, and their tensor bytes)."""
+
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    indexed_files: int = 0  # taken from the index, not read
+    indexed_bytes: int = 0
+    changed: list[str] = field(default_factory=list)  # moved while hashed: not recorded
 
 
 @dataclass(slots=True)
@@ -17,6 +42,7 @@ class ScannedModels:
 
     models: list[ModelSource]
     hashed: dict[str, list[HashedTensor]]
+    counts: HashCounts = field(default_factory=HashCounts)
 
     @property
     def tensor_bytes(self) -> int:
@@ -51,6 +77,67 @@ def index_models(paths: Sequence[str | ModelArg]) -> list[ModelSource]:
 
 
 def hash_models(models: list[ModelSource],
-                progress: Callable[[int], None] | None = None) -> ScannedModels:
-    """Hash every tensor of every model (the expensive, streaming pass)."""
-    return ScannedModels(models, {m.name: hash_model(m, progress) for m in models})
+                progress: Callable[[int], None] | None = None, *,
+                index: TensorIndex | None = None,
+                runner: UnitRunner | None = None) -> ScannedModels:
+    """Hash every tensor of every model (the expensive, streaming pass).
+
+    ``index``: reuse the digests of files it holds under their current stamp, and record
+    every file hashed here that held still. ``runner``: where units run (a Dask cluster,
+    :func:`.distributed.dask_runner`); this process by default.
+    """
+    files = [f for m in models for f in m.weight_files]
+    digests: list[list[str] | None] = [None] * len(files)
+    counts = HashCounts()
+    todo: list[HashUnit] = []
+    owner: list[int] = []  # file number of each unit
+    for n, f in enumerate(files):
+        ranges = [(t.offset, t.length) for t in f.tensors]
+        if not ranges:
+            digests[n] = []
+            continue
+        path = os.path.realpath(f.abs_path)
+        stamp = FileStamp.of(path)
+        known = index.lookup(path, stamp, ranges) if index is not None else None
+        if known is not None:
+            digests[n] = known
+            counts.indexed_files += 1
+            counts.indexed_bytes += f.tensor_bytes
+            if progress:
+                progress(f.tensor_bytes)
+            continue
+        units = plan_units(path, stamp, ranges)
+        todo += units
+        owner += [n] * len(units)
+
+    parts: dict[int, dict[int, UnitDigests]] = {}
+    expected = Counter(owner)
+    for u, result in (runner or hash_here)(todo, progress):
+        n = owner[u]
+        parts.setdefault(n, {})[todo[u].first] = result
+        if len(parts[n]) < expected[n]:
+            continue
+        done = [r for _, r in sorted(parts.pop(n).items())]
+        found = [d for r in done for d in r.digests]
+        digests[n] = found
+        f = files[n]
+        counts.hashed_files += 1
+        counts.hashed_bytes += f.tensor_bytes
+        if any(r.changed for r in done):
+            counts.changed.append(str(f.abs_path))
+        elif index is not None and all(r.recordable for r in done):
+            index.record(todo[u].path, todo[u].stamp,
+                         [(t.offset, t.length) for t in f.tensors], found)
+
+    hashed: dict[str, list[HashedTensor]] = {}
+    n = 0
+    for m in models:
+        out = hashed.setdefault(m.name, [])
+        for f in m.weight_files:
+            got = digests[n]
+            if got is None or len(got) != len(f.tensors):  # never a wrong report
+                raise TdedupError("hashing ended without every tensor's digest",
+                                  path=f.abs_path)
+            out += [HashedTensor(t, d) for t, d in zip(f.tensors, got)]
+            n += 1
+    return ScannedModels(models, hashed, counts)

@@ -84,14 +84,19 @@ def render_json(report: OverlapReport, drift: DriftReport | None = None) -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def analyze_paths(paths: list[str]) -> tuple[ScannedModels, OverlapReport]:
-    """Index, hash (with a progress bar on stderr) and compare the given models."""
+def analyze_paths(paths: list[str], *, dask: str | None = None, index: Path | None = None
+                  ) -> tuple[ScannedModels, OverlapReport]:
+    """Index, hash (with a progress bar on stderr) and compare the given models; on a
+    Dask cluster and through an incremental index when asked."""
     from ..analyzers.overlap import compute_overlap
     from ..analyzers.scan import hash_models, index_models
+    from .index import report_counts, scan_backends
     models = index_models(paths)
     warn_unread_weights(models)
-    with byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
-        scanned = hash_models(models, advance)
+    with scan_backends(dask, index) as (idx, runner), \
+            byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
+        scanned = hash_models(models, advance, index=idx, runner=runner)
+    report_counts(scanned, index)
     return scanned, compute_overlap(scanned.models, scanned.hashed)
 
 
@@ -142,6 +147,15 @@ def analyze(
         "--drift", help="Also describe tensors that differ between models (bytes, "
         "elements and byte planes changed, relative L2, by layer) and estimate the bundle "
         "with base-plus-delta storage. Reads the differing tensors again.")] = False,
+    dask: Annotated[Optional[str], typer.Option(
+        "--dask", metavar="ADDRESS",
+        help="Hash on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] "
+             "for N local worker processes. Workers must see the models at the same "
+             "paths (a shared file system). Needs tdedup[dask].")] = None,
+    index: Annotated[Optional[Path], typer.Option(
+        "--index", metavar="PATH",
+        help="Keep every file's tensor hashes in this SQLite index and hash only files "
+             "that are new or changed since (created when missing).")] = None,
 ) -> None:
     """Report the tensors a set of checkpoints shares, and what storing them once saves."""
     if as_json and markdown == "-":
@@ -152,7 +166,7 @@ def analyze(
         raise OutputError("cannot write the Markdown report: no such folder",
                           path=display_path(markdown))
     from .analyze_render import drift_table, markdown_report, print_report
-    scanned, report = analyze_paths(paths)
+    scanned, report = analyze_paths(paths, dask=dask, index=index)
     drift_report = None
     if drift:
         from ..analyzers.drift import compute_drift

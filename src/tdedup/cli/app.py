@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from .._version import __version__
-from . import analyze, bundle_commands, demo, load
+from . import analyze, bundle_commands, demo, index, load
 
 app = typer.Typer(
     name="tdedup",
@@ -39,6 +39,7 @@ def _root(
 
 
 app.command()(analyze.analyze)
+app.command("index")(index.index_command)
 app.command()(bundle_commands.pack)
 app.command()(bundle_commands.convert)
 app.command()(bundle_commands.unpack)
