@@ -1,8 +1,9 @@
-"""Content hashes of tensors: blake3 of each tensor's stored bytes, read through mmap.
+"""Content hashes of tensors: blake3 of each tensor's stored bytes.
 
-A tensor's *content key* is ``(blake3 hex digest, byte length)``. Hashing maps each file
-once and hands blake3 zero-copy slices of the map, so no second in-memory copy of a model
-is ever made; large tensors are hashed with blake3's own threads.
+A tensor's *content key* is ``(blake3 hex digest, byte length)``. Each tensor is read in
+chunks into one reused buffer (bounded memory) and hashed with blake3's own threads. Reads,
+not a map: a file that shrinks while it is hashed (being rewritten) must give one line
+naming it, and a mapped file that shrinks kills the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._fs import mapped
-from ..errors import InputError
-from ..format.bundle.hashing import hash_bytes
+from .._fs import InputFile
+from ..format.bundle.hashing import hash_chunks
 from ..format.checkpoints.records import ModelSource, SourceFile, TensorRecord
 
 ContentKey = tuple[str, int]
@@ -35,12 +35,9 @@ def hash_file(f: SourceFile, progress: Callable[[int], None] | None = None) -> l
     out: list[HashedTensor] = []
     if not f.tensors:
         return out
-    with mapped(f.abs_path) as view:
-        if len(view) < f.size:
-            raise InputError(f"file shrank while reading ({len(view)} < {f.size} bytes)",
-                             path=f.abs_path)
+    with InputFile(f.abs_path, expect_size=f.size) as src:
         for t in f.tensors:
-            out.append(HashedTensor(t, hash_bytes(view[t.offset:t.end])))
+            out.append(HashedTensor(t, hash_chunks(src.chunks(t.offset, t.length))))
             if progress:
                 progress(t.length)
     return out

@@ -155,7 +155,7 @@ def inspect(
     from rich.table import Table
 
     from ..format.bundle.reader import Bundle
-    with Bundle(bundle) as b:
+    with Bundle(bundle, mapped=False) as b:
         # Cheap integrity checks (no decoding): zero padding and every blob's stored
         # checksum, so that inspect never describes a corrupted bundle as sound.
         b.check_padding()

@@ -95,6 +95,10 @@ def guarded(fn: F) -> F:
         except OSError as e:  # disk full, permission denied: still one line, exit 2
             report_error(TdedupError(e.strerror or str(e), path=e.filename))
             raise typer.Exit(EXIT_ERROR) from None
+        except MemoryError:
+            # A size no check could foresee (the system's memory moved meanwhile).
+            report_error(TdedupError("not enough memory for this operation"))
+            raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None

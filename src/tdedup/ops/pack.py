@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._fs import mapped
+from .._fs import InputFile
 from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
 from ..analyzers.scan import ScannedModels, hash_models, index_models
@@ -114,21 +114,22 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     return enc, stored, used_base
 
 
-def _layout_bytes(f: SourceFile, view) -> bytes:
+def _layout_bytes(f: SourceFile, src: InputFile) -> bytes:
     """A file's non-tensor bytes (header, metadata, padding; whole file if no tensors)."""
     parts, cursor = [], 0
     for t in f.tensors:
-        parts.append(view[cursor:t.offset])
+        if t.offset > cursor:
+            parts.append(src.read(cursor, t.offset - cursor))
         cursor = max(cursor, t.end)
-    parts.append(view[cursor:f.size])
+    if f.size > cursor:
+        parts.append(src.read(cursor, f.size - cursor))
     return b"".join(parts)
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(src: InputFile, size: int) -> str:
     h = hashlib.sha256()
-    with mapped(path) as view:
-        for i in range(0, len(view), SHA_CHUNK):
-            h.update(view[i:i + SHA_CHUNK])
+    for chunk in src.chunks(0, size, SHA_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -220,25 +221,31 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     total_tensor = sum(m.tensor_bytes for m in models)
 
     _check_delta(delta)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sha_futures = {id(f): pool.submit(_sha256_file, f.abs_path) for f in all_files}
+    with ExitStack() as inputs_open, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Every input is opened once, before anything is hashed: its identity then tells
+        # whether it was replaced or rewritten before the bundle is published.
+        inputs: dict[Path, InputFile] = {}
+        for f in all_files:
+            if f.abs_path not in inputs:
+                inputs[f.abs_path] = inputs_open.enter_context(
+                    InputFile(f.abs_path, expect_size=f.size))
+        sha_futures = {id(f): pool.submit(_sha256_file, inputs[f.abs_path], f.size)
+                       for f in all_files}
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
         firsts = scanned.first_occurrences()
         distinct = sum(k[1] for k in firsts)
 
-        with ExitStack() as stack, BundleWriter(output) as writer:
-            views: dict[Path, memoryview] = {}
-            views_lock = threading.Lock()
+        with BundleWriter(output) as writer:
 
-            def view_of(path: Path):
-                with views_lock:  # the planner's thread and the writer's both map files
-                    if path not in views:
-                        views[path] = stack.enter_context(mapped(path))
-                    return views[path]
-
-            def source(h: HashedTensor):
+            def source(h: HashedTensor) -> bytes:
+                """A tensor's bytes, read again and checked against the hash pass 1 gave
+                them: what is stored is what was hashed, even if the file changed."""
                 path, off, length = scanned.locate(h)
-                return view_of(path)[off:off + length]
+                data = inputs[path].read(off, length)
+                if hash_bytes(data) != h.digest:
+                    raise inputs[path].changed(f"tensor {h.record.name!r} no longer has the "
+                                               "bytes it was hashed with")
+                return data
 
             def job(key, choice):
                 h = firsts[key]
@@ -282,7 +289,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 entries = []
                 digests = {(h.record.file, h.record.name): h.digest for h in scanned.hashed[m.name]}
                 for f in m.files:
-                    nontensor = _layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+                    nontensor = _layout_bytes(f, inputs[f.abs_path]) if f.size else b""
                     digest = hash_bytes(nontensor)
                     if digest not in writer:
                         stored = None if raw_only else zstd_compress(nontensor, level)
@@ -304,6 +311,10 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                        "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,
                        "stored_blob_bytes": sum(b.stored_length for b in writer.blobs.values()),
                        "encodings": counts, "layout": layout.value}
+            # The sha256s, the layouts and the tensors were read at different times: the
+            # bundle is published only if no input was replaced or rewritten meanwhile.
+            for src in inputs.values():
+                src.check_unchanged()
             size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
                                           summary=summary), level=level, validate=True)
     return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,

@@ -176,7 +176,7 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
     t0 = time.perf_counter()
     dest = Path(dest)
     report = progress or (lambda phase, n, total: None)
-    with Bundle(bundle_path) as bundle:
+    with Bundle(bundle_path, mapped=False) as bundle:
         chosen = [bundle.model(n) for n in (models or bundle.model_names)]
         _target_checks(dest, chosen, force)
         bundle.check_padding()
