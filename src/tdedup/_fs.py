@@ -40,29 +40,34 @@ TEMP_NAME_RE = re.compile(r"^\.(?P<name>.+)\.tdedup-(?P<pid>[0-9]+)-[0-9a-f]{8}\
 _TEMP_EXTRA = len(".") + len(".tdedup-") + 10 + len("-") + 8 + len(".tmp")
 
 
-def _name_max(folder: Path) -> int:
+def _name_max(folder: Path | int) -> int:
     try:
+        if isinstance(folder, int):
+            return os.fpathconf(folder, "PC_NAME_MAX")
         return os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
 
 
-def temp_path_for(target: Path) -> Path:
-    """A hidden temporary name beside ``target`` (same file system, so rename is atomic).
+def temp_name_for(name: str, name_max: int = 255) -> str:
+    """A hidden temporary name for a file called ``name``.
 
-    Where the target's name is so long that the temporary one would pass the file
-    system's name limit, the name is shortened to a prefix plus a digest of the whole
-    name, so that a temporary name fits wherever its final name fits."""
-    name = target.name
-    limit = _name_max(target.parent)
-    if len(os.fsencode(name)) + _TEMP_EXTRA > limit:
+    Where ``name`` is so long that the temporary name would pass the file system's name
+    limit, it is shortened to a prefix plus a digest of the whole name, so that a
+    temporary name fits wherever its final name fits."""
+    if len(os.fsencode(name)) + _TEMP_EXTRA > name_max:
         import hashlib
 
         tag = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-        keep = max(1, limit - _TEMP_EXTRA - len(tag) - 1)
+        keep = max(1, name_max - _TEMP_EXTRA - len(tag) - 1)
         head = os.fsencode(name)[:keep].decode("utf-8", "ignore") or "x"
         name = f"{head}~{tag}"
-    return target.with_name(f".{name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return f".{name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def temp_path_for(target: Path) -> Path:
+    """A hidden temporary name beside ``target`` (same file system, so rename is atomic)."""
+    return target.with_name(temp_name_for(target.name, _name_max(target.parent)))
 
 
 def temp_name_matches(temp: str, target: str) -> bool:
@@ -95,6 +100,29 @@ def open_temp(target: Path):
     return tmp, f
 
 
+def open_temp_at(dir_fd: int, name: str):
+    """:func:`open_temp` relative to an open folder: the temporary file for ``name`` is
+    created in ``dir_fd`` without following a link (whatever the folder's path now leads
+    to). Returns ``(temporary name, binary file)``."""
+    tmp = temp_name_for(name, _name_max(dir_fd))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666, dir_fd=dir_fd)
+    f = os.fdopen(fd, "wb")
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+    return tmp, f
+
+
+def open_dir_at(name: str, dir_fd: int | None = None) -> int:
+    """Open folder ``name`` (in ``dir_fd``) without following a link: a symbolic link
+    swapped in at any moment makes this fail (ELOOP/ENOTDIR) instead of leading elsewhere."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dir_fd)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -107,11 +135,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path]:
-    """Remove the temporary files that a killed tdedup left in ``folder`` (for targets
-    named in ``names``, or all): those whose writing process is gone and whose lock is
-    free (a writer on another host sharing the folder still holds its lock)."""
+def remove_stale_temps(folder: Path | int, names: set[str] | None = None) -> list[Path]:
+    """Remove the temporary files that a killed tdedup left in ``folder`` (a path, or an
+    open folder's descriptor) for targets named in ``names`` (or all): those whose writing
+    process is gone and whose lock is free (a writer on another host sharing the folder
+    still holds its lock)."""
     removed: list[Path] = []
+    at = folder if isinstance(folder, int) else None
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -122,7 +152,8 @@ def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path
                 temp_name_matches(e.name, n) for n in names))):
             continue
         try:
-            fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(e.name if at is not None else e.path,
+                         os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=at)
         except OSError:
             continue
         try:
@@ -135,7 +166,7 @@ def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path
                     continue
                 except OSError:
                     pass
-            os.unlink(e.path)
+            os.unlink(e.name if at is not None else e.path, dir_fd=at)
             removed.append(Path(e.path))
         except OSError:
             pass

@@ -37,7 +37,7 @@ from ..format.checkpoints.records import SourceFile
 from ..format.checkpoints.sources import ModelArg
 from ..format.codecs import DEFAULT_LEVEL, encode
 from ..format.codecs.zstd import zstd_compress
-from . import ProgressFn
+from . import ProgressFn, check_output_file, check_output_not_input
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
@@ -214,10 +214,11 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     t0 = time.perf_counter()
     layout = parse_layout(layout)
     raw_only = layout is BundleLayout.SERVING
-    output = Path(output)
+    output = check_output_file(output)
     report = progress or (lambda phase, n, total: None)
     models = index_models(paths)
     all_files = [f for m in models for f in m.files]
+    check_output_not_input(output, [*(m.path for m in models), *(f.abs_path for f in all_files)])
     total_tensor = sum(m.tensor_bytes for m in models)
 
     _check_delta(delta)
