@@ -107,12 +107,15 @@ def differing_slots(scanned: ScannedModels) -> int:
 
 def drift_markdown(drift: DriftReport, max_rows: int = 60) -> str:
     """The drift section of the Markdown report: per-layer rows and the size estimate."""
+    from .analyze_render import md_escape
+
     lines = ["", "## Drift of differing tensors, by layer", "",
              "| model | vs | layer | tensors | bytes changed | elements changed | rel. L2 |",
              "|---|---|---|---:|---:|---:|---:|"]
     for g in drift.layers[:max_rows]:
         rel = "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}"
-        lines.append(f"| {g.model} | {g.reference} | `{g.layer}` | {g.tensors} | "
+        lines.append(f"| {md_escape(g.model)} | {md_escape(g.reference)} | "
+                     f"{md_escape(g.layer)} | {g.tensors} | "
                      f"{g.bytes_changed:.1%} | {g.elements_changed:.1%} | {rel} |")
     e = drift.estimate
     if e:

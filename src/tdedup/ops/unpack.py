@@ -89,12 +89,10 @@ class _Folders:
         self.dest = dest
         self.fds: dict[tuple[str, ...], int] = {}
         self.created: list[tuple[str, ...]] = []
-        self.created_dest = False
+        # dest and any missing folders above it (the user's own path), to remove on failure
+        self.created_above = [p for p in (dest, *dest.parents) if not os.path.lexists(p)]
         try:
-            os.mkdir(dest)
-            self.created_dest = True
-        except FileExistsError:
-            pass
+            dest.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create: {e.strerror or e}", path=dest) from e
         try:
@@ -137,9 +135,9 @@ class _Folders:
                 os.rmdir(parts[-1], dir_fd=self.fds[parts[:-1]])
             except OSError:
                 pass
-        if self.created_dest:
+        for folder in self.created_above:
             try:
-                os.rmdir(self.dest)
+                os.rmdir(folder)
             except OSError:
                 pass
 
