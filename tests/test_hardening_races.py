@@ -232,3 +232,66 @@ def test_a_declared_huge_blob_is_refused_before_allocating(tmp_path, command):
     lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("hint:")]
     assert len(lines) == 1 and str(bomb) in lines[0], r.stderr
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").rglob("*"))
+
+
+# -- cause 19: SIGTERM and Ctrl-C clean up -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_family(tmp_path_factory) -> list[str]:
+    """Two ~16 MB models: pack and unpack take long enough to be caught in the middle."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(3)
+    args = []
+    for name in ("a", "b"):
+        folder = root / name
+        folder.mkdir()
+        save_file({f"w{i}": rng.standard_normal((512, 1024)).astype(np.float32)
+                   for i in range(8)}, str(folder / "model.safetensors"))
+        args.append(f"{name}={folder}")
+    return args
+
+
+def _signal_midway(cmd: list[str], folder: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start ``tdedup cmd``, send ``sig`` once a temporary file appears in ``folder``."""
+    import signal as _signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "tdedup", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(".tdedup-" in p.name for p in folder.rglob(".*")):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_leave_no_temporary_file(big_family, tmp_path, sig):
+    import signal as _signal
+
+    number = getattr(_signal, sig)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = _signal_midway(["pack", "-q", *big_family, "-o", str(out / "b.tdd")], out, number)
+    if r.returncode == 0:
+        pytest.skip("pack finished before the signal")  # a fast machine: nothing to show
+    assert r.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(out.iterdir()) == []
+    # unpack, caught while it writes its temporary files
+    bundle = tmp_path / "b.tdd"
+    tdedup.pack(big_family, bundle)
+    dest = tmp_path / "dest"
+    r = _signal_midway(["unpack", "-q", str(bundle), str(dest)], tmp_path, number)
+    if r.returncode != 0:
+        assert r.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+        assert not dest.exists() or list(dest.rglob("*")) == []

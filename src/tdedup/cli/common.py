@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -102,13 +104,38 @@ def report_error(err: BaseException) -> None:
         print(f"hint: {clean(err.hint)}", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: every ``with`` block and
+    ``except BaseException`` cleanup (temporary files, created folders) then runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM unwind the stack instead of killing the process where it stands
+    (which left temporary files behind); the old handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def guarded(fn: F) -> F:
-    """Map tdedup's exceptions (and the OS's) to one line and exit code 2."""
+    """Map tdedup's exceptions (and the OS's) to one line and exit code 2; SIGTERM and
+    Ctrl-C clean up and exit 143 and 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_unwinds():
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except BrokenPipeError:
@@ -127,6 +154,11 @@ def guarded(fn: F) -> F:
             # A size no check could foresee (the system's memory moved meanwhile).
             report_error(TdedupError("not enough memory for this operation"))
             raise typer.Exit(EXIT_ERROR) from None
+        except Terminated as e:
+            if os.environ.get("TDEDUP_DEBUG"):
+                traceback.print_exception(e, file=sys.stderr)
+            print("error: terminated", file=sys.stderr)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None

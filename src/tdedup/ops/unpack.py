@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,10 @@ class _Folders:
         self.dest = dest
         self.fds: dict[tuple[str, ...], int] = {}
         self.created: list[tuple[str, ...]] = []
+        # Every temporary file, registered the moment it exists (whatever interrupts the
+        # run, even between a job's start and its result, it is known and removed).
+        self.temps: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
         # dest and any missing folders above it (the user's own path), to remove on failure
         self.created_above = [p for p in (dest, *dest.parents) if not os.path.lexists(p)]
         try:
@@ -127,6 +132,18 @@ class _Folders:
         self.fds[parts] = fd
         return fd
 
+    def register(self, dir_fd: int, name: str) -> None:
+        with self._lock:
+            self.temps.append((dir_fd, name))
+
+    def remove_temps(self) -> None:
+        """Remove every temporary file of the run still there (renamed ones are gone)."""
+        for dir_fd, name in self.temps:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+
     def remove_created(self) -> None:
         """Remove the folders this run created, deepest first, where empty; a step that
         fails (not empty, gone) does not stop the others."""
@@ -150,7 +167,7 @@ class _Folders:
         self.fds.clear()
 
 
-def _stage(dir_fd: int, job: _Job, fill: Callable[[object], None]) -> str:
+def _stage(folders: _Folders, dir_fd: int, job: _Job, fill: Callable[[object], None]) -> str:
     """Write a file's contents into a temporary file in its folder; return its name.
 
     No fsync here: the whole run is flushed and renamed in :func:`_commit`, so that the
@@ -160,6 +177,7 @@ def _stage(dir_fd: int, job: _Job, fill: Callable[[object], None]) -> str:
         tmp, out = open_temp_at(dir_fd, job.name)
     except OSError as e:
         raise OutputError(f"cannot create: {e.strerror or e}", path=job.target) from e
+    folders.register(dir_fd, tmp)
     try:
         with out:
             fill(out)
@@ -182,7 +200,7 @@ def _fsync_at(dir_fd: int, name: str) -> None:
         os.close(fd)
 
 
-def _restore_file(bundle: Bundle, job: _Job, dir_fd: int, advance) -> str:
+def _restore_file(folders: _Folders, bundle: Bundle, job: _Job, dir_fd: int, advance) -> str:
     """Stage one original file from the bundle, its sha256 checked before it is kept."""
     f = job.entry
 
@@ -196,10 +214,11 @@ def _restore_file(bundle: Bundle, job: _Job, dir_fd: int, advance) -> str:
             raise IntegrityError(f"restored {f.path} fails its sha256 (corrupted bundle)",
                                  path=bundle.path)
 
-    return _stage(dir_fd, job, fill)
+    return _stage(folders, dir_fd, job, fill)
 
 
-def _copy_file(src_fd: int, src_name: str, job: _Job, dir_fd: int, advance) -> str:
+def _copy_file(folders: _Folders, src_fd: int, src_name: str, job: _Job, dir_fd: int,
+               advance) -> str:
     """Stage a file identical to one already staged (same sha256 *and* blobs): a kernel
     copy of the staged original."""
 
@@ -216,22 +235,35 @@ def _copy_file(src_fd: int, src_name: str, job: _Job, dir_fd: int, advance) -> s
             os.close(src)
         advance(job.entry.size)
 
-    return _stage(dir_fd, job, fill)
+    return _stage(folders, dir_fd, job, fill)
 
 
-def _run_all(pool: ThreadPoolExecutor, calls: list[tuple], done: list | None = None) -> list:
-    """Run every call on the pool and wait for all; results in order (also appended to
-    ``done`` as they succeed, so a caller can clean up after a failure); raise the first
+def _run_all(pool: ThreadPoolExecutor, calls: list[tuple]) -> list:
+    """Run every call on the pool and wait for all; results in order; raise the first
     error once every call has ended."""
     futures = [pool.submit(*call) for call in calls]
     results, errors = [], []
-    for call, fut in zip(calls, futures):
-        try:
-            results.append(fut.result())
-            if done is not None:
-                done.append((call, results[-1]))
-        except BaseException as e:  # let the others finish (and clean up) first
-            errors.append(e)
+    interrupt: BaseException | None = None
+    # (An interrupt while submitting propagates at once: the caller shuts the pool down,
+    # waiting for running jobs, and removes every registered temporary file.)
+    for fut in futures:
+        while True:
+            try:
+                result = fut.result()
+            except BaseException as e:  # let the others finish (and clean up) first
+                if not fut.done():
+                    # The wait was interrupted (Ctrl-C, SIGTERM), not the job: it runs on
+                    # and its file must be known to be removed. Start no more jobs.
+                    interrupt = interrupt or e
+                    for other in futures:
+                        other.cancel()
+                    continue
+                errors.append(e)
+            else:
+                results.append(result)
+            break
+    if interrupt is not None:
+        raise interrupt
     if errors:
         raise errors[0]
     return results
@@ -274,7 +306,6 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                 jobs.append(_Job(f, tuple(folder), name, dest / m.name / f.path))
         folders = _Folders(dest)
         fresh: list[_Job] = []
-        staged: list[tuple[int, str]] = []
         renamed: set[int] = set()
         try:
             try:
@@ -302,19 +333,17 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                     else:
                         first.setdefault(key, job)
                         originals.append(job)
-                done: list = []
                 fds = folders.fds
-                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                    try:
-                        tmps = _run_all(pool, [(_restore_file, bundle, j, fds[j.folder], advance)
-                                               for j in originals], done)
-                        tmp_of = {id(j): t for j, t in zip(originals, tmps)}
-                        # Copies read the staged originals, so they start once those are done.
-                        tmps += _run_all(pool, [(_copy_file, fds[src.folder], tmp_of[id(src)], j,
-                                                 fds[j.folder], advance)
-                                                for src, j in copies], done)
-                    finally:
-                        staged.extend((call[-2], tmp) for call, tmp in done)
+                pool = ThreadPoolExecutor(max_workers=max(1, workers))
+                failed = True
+                try:
+                    tmps = _run_all(pool, [(_restore_file, folders, bundle, j, fds[j.folder],
+                                            advance) for j in originals])
+                    tmp_of = {id(j): t for j, t in zip(originals, tmps)}
+                    # Copies read the staged originals, so they start once those are done.
+                    tmps += _run_all(pool, [(_copy_file, folders, fds[src.folder],
+                                             tmp_of[id(src)], j, fds[j.folder], advance)
+                                            for src, j in copies])
                     order = originals + [j for _, j in copies]
                     try:
                         _run_all(pool, [(_fsync_at, fds[j.folder], t)
@@ -322,6 +351,10 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                     except OSError as e:
                         raise OutputError("flushing the restored files failed: "
                                           f"{e.strerror or e}", path=dest) from e
+                    failed = False
+                finally:
+                    # Running jobs end (their files are registered); queued ones never start.
+                    pool.shutdown(wait=True, cancel_futures=failed)
                 for j, tmp in zip(order, tmps):
                     d = fds[j.folder]
                     try:
@@ -329,7 +362,6 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                     except OSError as e:
                         raise OutputError(f"cannot rename into place: {e.strerror or e}",
                                           path=j.target) from e
-                    staged.remove((d, tmp))
                     renamed.add(id(j))
                 for fd in {fds[j.folder] for j in jobs}:
                     try:
@@ -338,11 +370,7 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                         pass
             except BaseException:
                 # Each step on its own: one that fails does not stop the others.
-                for d, tmp in staged:
-                    try:
-                        os.unlink(tmp, dir_fd=d)
-                    except OSError:
-                        pass
+                folders.remove_temps()
                 for job in fresh:
                     if id(job) in renamed:
                         try:
