@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import TdedupError
 from .common import guarded, human_bytes, phased_progress, plain, stdout_console
 
 #: A load shorter than this shows no progress bar.
@@ -55,8 +56,11 @@ def load(
     from ..loaders.torch import load as load_bundle
 
     with ExitStack() as stack:
-        loaded = load_bundle(bundle, device=device, models=model, verify=verify,
-                             dequantize=dequantize, progress=_LateBar(stack, quiet))
+        try:
+            loaded = load_bundle(bundle, device=device, models=model, verify=verify,
+                                 dequantize=dequantize, progress=_LateBar(stack, quiet))
+        except TdedupError as e:  # every problem of a load is about this bundle
+            raise e.locate(path=bundle) from None
     s = loaded.stats
     rows = model_sharing(loaded)
     added = sum(r.added_bytes for r in rows)

@@ -118,11 +118,13 @@ def _check_shard_index(folder: Path, files: list[Path]) -> None:
             weight_map = doc["weight_map"] if isinstance(doc, dict) else None
             if not isinstance(weight_map, dict):
                 raise ValueError("no 'weight_map' object")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("'weight_map' must map tensor names to file names (strings)")
             shards = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointFormatError(f"malformed shard index ({e})", path=index) from None
         for shard in sorted(shards):
-            if not isinstance(shard, str) or not (index.parent / shard).is_file():
+            if not (index.parent / shard).is_file():
                 raise InputError(f"shard {shard!r} listed in {index.name} is missing",
                                  path=folder)
 
