@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,22 @@ def test_a_manifest_shape_that_overflows_is_refused_by_load(tmp_path):
     one_line(runner.invoke(app, ["load", "--device", "cpu", str(bad)]), str(bad),
              "does not fit")
     tdedup.unpack(bad, tmp_path / "out")
+
+
+# -- cause 20: what a folder scan leaves out is said -------------------------------------------
+
+def test_hidden_folders_fifos_and_dangling_links_are_reported(tmp_path):
+    src = hh.make_tiny_family(tmp_path / "src")["base"]
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref")
+    os.mkfifo(src / "pipe")
+    (src / "gone.json").symlink_to(src / "missing.json")
+    want = {".git/ (hidden folder)", "pipe (not a regular file)", "gone.json (dangling link)"}
+    r = runner.invoke(app, ["pack", "--json", f"m={src}", "-o", str(tmp_path / "b.tdd")])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["skipped"]["m"]) == want
+    assert all(w.split(" (")[0] in r.stderr for w in want) and "warning: m: skipped" in r.stderr
+    r = runner.invoke(app, ["analyze", "--json", f"m={src}"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["skipped"]["m"]) == want
+    assert "warning: m: skipped" in r.stderr

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
-from .common import guarded, human_bytes, phased_progress, plain, stdout_console
+from .common import guarded, human_bytes, phased_progress, plain, stdout_console, warn
 
 if TYPE_CHECKING:
     from ..format.bundle.reader import Bundle
@@ -34,12 +34,17 @@ def pack(
     with phased_progress(quiet) as progress:
         r = pack_models(paths, output, level=level, delta=delta, progress=progress,
                         layout=layout)
+    for name, entries in r.skipped.items():
+        shown = ", ".join(entries[:5])
+        warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"
+                                           if len(entries) > 5 else ""))
     if as_json:
         print(json.dumps({"bundle": str(r.path), "layout": r.layout, "models": r.models,
                           "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
                           "distinct_tensor_bytes": r.distinct_tensor_bytes,
                           "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
-                          "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
+                          "seconds": round(r.seconds, 3), "encodings": r.encodings,
+                          "skipped": r.skipped}, indent=2))
         return
     out = stdout_console()
     speed = r.logical_bytes / r.seconds if r.seconds else 0

@@ -90,6 +90,15 @@ def warn(message: str) -> None:
     print(f"warning: {clean(message)}", file=sys.stderr)
 
 
+def warn_skipped(models) -> None:
+    """One warning per model whose folder scan left entries out (issue 14, cause 20)."""
+    for m in models:
+        if m.skipped:
+            shown = ", ".join(m.skipped[:5])
+            more = f" and {len(m.skipped) - 5} more" if len(m.skipped) > 5 else ""
+            warn(f"{m.name}: skipped {shown}{more}")
+
+
 def hint(message: str) -> None:
     print(f"hint: {clean(message)}", file=sys.stderr)
 

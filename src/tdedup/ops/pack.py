@@ -67,6 +67,8 @@ class PackResult:
     seconds: float
     encodings: dict[str, int] = field(default_factory=dict)  # blob count per encoding
     layout: str = BundleLayout.COMPACT.value
+    #: Per model, what its folder scan left out (``"path (why)"``), for the CLI to say.
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -319,7 +321,8 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
             size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
                                           summary=summary), level=level, validate=True)
     return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,
-                      time.perf_counter() - t0, counts, layout.value)
+                      time.perf_counter() - t0, counts, layout.value,
+                      {m.name: list(m.skipped) for m in models if m.skipped})
 
 
 def parse_layout(layout: str | BundleLayout) -> BundleLayout:

@@ -101,6 +101,9 @@ class ModelSource:
     path: Path  # as given (file or folder)
     layout: ModelLayout
     files: list[SourceFile] = field(default_factory=list)
+    #: What a folder scan left out, as ``"rel/path (why)"``: hidden folders, FIFOs and
+    #: other non-regular files, dangling links. Reported, never dropped silently.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def tensors(self) -> list[TensorRecord]:
