@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 
+from .bundle.constants import MAX_JSON_DEPTH
+
 #: Deepest nesting of arrays and objects any JSON tdedup reads may have (a manifest
-#: needs 8; spec/FORMAT.md §12).
-MAX_DEPTH = 64
+#: needs 8; spec/FORMAT.md §2, §12).
+MAX_DEPTH = MAX_JSON_DEPTH
 
 def check_document(doc: object) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` and strings that are not Unicode text

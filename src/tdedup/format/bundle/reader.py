@@ -64,6 +64,8 @@ from .manifest import (
 DEFAULT_CACHE_BYTES = 256 << 20
 #: Bytes per read when a bundle is streamed rather than mapped.
 READ_CHUNK = 8 << 20
+#: The footer's reserved bytes: the last of its checksummed body (spec §3.4).
+FOOTER_RESERVED = 16
 #: Python's parsed JSON takes at least this many times the text's bytes.
 JSON_MEMORY_FACTOR = 4
 
@@ -151,6 +153,9 @@ class Bundle:
                                     "finished")
         if not footer_ok:
             raise IntegrityError("footer checksum mismatch (corrupted footer)")
+        if any(body[FOOTER_BODY_STRUCT.size - FOOTER_RESERVED:]):
+            # Covered by the footer's checksum, so written so: not a 1.x bundle (§3.4, §11).
+            raise BundleFormatError("reserved footer bytes are not zero")
         # The footer is checksummed, the header is not: a header that disagrees with a
         # sound footer is corrupted (a flipped bit, not a newer format).
         if (fmajor, fminor) != (major, minor):
