@@ -256,7 +256,6 @@ def big_family(tmp_path_factory) -> list[str]:
 
 def _signal_midway(cmd: list[str], folder: Path, sig: int) -> subprocess.CompletedProcess:
     """Start ``tdedup cmd``, send ``sig`` once a temporary file appears in ``folder``."""
-    import signal as _signal
     import time
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -6,7 +6,6 @@ writes them and ``index.json`` (file name -> what the refusal is about)."""
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
