@@ -319,9 +319,9 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                 names: dict[tuple[str, ...], set[str]] = {}
                 for job in jobs:
                     names.setdefault(job.folder, set()).add(job.name)
-                for folder, targets in names.items():
-                    if folder not in folders.created:
-                        remove_stale_temps(folders.fds[folder], targets)
+                for parts, targets in names.items():
+                    if parts not in folders.created:
+                        remove_stale_temps(folders.fds[parts], targets)
                 advance = lambda n: report("restoring", n, total)  # noqa: E731
                 # Identical files are restored once and then copied by the kernel.
                 first: dict[tuple, _Job] = {}
@@ -356,9 +356,9 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                     # Running jobs end (their files are registered); queued ones never start.
                     pool.shutdown(wait=True, cancel_futures=failed)
                 for j, tmp in zip(order, tmps):
-                    d = fds[j.folder]
+                    at = fds[j.folder]
                     try:
-                        os.replace(tmp, j.name, src_dir_fd=d, dst_dir_fd=d)
+                        os.replace(tmp, j.name, src_dir_fd=at, dst_dir_fd=at)
                     except OSError as e:
                         raise OutputError(f"cannot rename into place: {e.strerror or e}",
                                           path=j.target) from e

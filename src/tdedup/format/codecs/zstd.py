@@ -9,6 +9,7 @@ output memory is allocated.
 from __future__ import annotations
 
 import threading
+from typing import IO, cast
 
 import zstandard
 
@@ -135,8 +136,8 @@ def zstd_iter_decompress(read, size: int, expected: int, what: str | None = None
         raise IntegrityError("zstd data is corrupted (bytes after the frame)", part=what)
     total = 0
     try:
-        for out in decompressor().read_to_iter(_RangeReader(read, size), read_size=1 << 17,
-                                               write_size=chunk):
+        source = cast(IO[bytes], _RangeReader(read, size))  # read() is all it calls
+        for out in decompressor().read_to_iter(source, read_size=1 << 17, write_size=chunk):
             total += len(out)
             if total > expected:
                 raise DecompressionBombError(f"decodes to more than {expected} bytes",
