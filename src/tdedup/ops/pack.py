@@ -1,12 +1,15 @@
 """``pack``: write one deduplicated bundle from a set of models.
 
-Two passes over the inputs, both streaming through mmap:
+Two passes over the inputs, both by reads (``_fs.InputFile``: a file that shrinks gives
+one line, not SIGBUS), and what is stored is checked against what was hashed:
 
 1. index every model and hash every tensor (blake3), while a second thread computes each
    original file's sha256;
 2. encode each distinct content once (base-plus-delta where the planner found a close
    base, else the smallest of byte-plane zstd / zstd / raw) on a small thread pool, and
    append the blobs in order; then each file's non-tensor bytes; then the manifest.
+   Every tensor is read again and its hash compared with pass 1's, and no bundle is
+   published if an input was replaced, resized or rewritten meanwhile (issue 14).
 """
 
 from __future__ import annotations
