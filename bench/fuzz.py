@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import hostile_helpers as hh  # noqa: E402
 import test_fuzz_bundles as tb  # noqa: E402
 import test_fuzz_checkpoints as tc  # noqa: E402
+import test_fuzz_strings_races as tsr  # noqa: E402
 
 import tdedup  # noqa: E402
 from tdedup.format.checkpoints.records import FileKind  # noqa: E402
@@ -230,6 +231,33 @@ def fuzz_bundles(groups: Groups, root: Path, scratch: Path, corpus: Path | None,
     groups.run(f"bundles: random edits ({budget:.0f} s)", randomized)
 
 
+# -- strings and races (issue 14) ----------------------------------------------------------
+
+def fuzz_strings_races(groups: Groups, root: Path, scratch: Path, seeds: int = 3) -> None:
+    bundles = [hh.pack_tiny_family(root / f"sr{s}", empty=bool(s % 2)) for s in range(seeds)]
+
+    def strings(tally):
+        case = scratch / "strings" / "case.tdd"
+        case.parent.mkdir(parents=True, exist_ok=True)
+        for b in bundles:
+            tsr.manifest_string_cases(b, case, ["inspect", "verify", "unpack"], tally)
+        tsr.checkpoint_string_cases(scratch / "strings-ckpt", ["analyze", "pack"], tally)
+    groups.run(f"strings: {len(tsr.HOSTILE_STRINGS)} hostile strings x every printed field "
+               f"({len(bundles)} bundles, inspect/verify/unpack; checkpoints, analyze/pack)",
+               strings)
+
+    def races(tally):
+        for i in range(seeds):
+            tsr.pack_race_cases(root / f"race-src{i}", scratch / f"race-pack{i}", tally)
+        for i, b in enumerate(bundles):
+            work = scratch / f"race-bundle{i}"
+            work.mkdir()
+            tsr.bundle_race_cases(b, work, tally)
+    groups.run(f"races: input replaced/rewritten/truncated/removed at every pack event, "
+               f"bundle truncated or link swapped at every verify/unpack event ({seeds} seeds)",
+               races)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path(
@@ -237,6 +265,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=600,
                     help="time for the random-edit groups (split between them)")
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md ## fuzz")
+    ap.add_argument("--only-strings-races", action="store_true",
+                    help="run only the string and race groups (issue 14); never --write")
     args = ap.parse_args()
     faulthandler.enable()
     corpus = args.corpus if (args.corpus / "MANIFEST.sha256").is_file() else None
@@ -246,8 +276,10 @@ def main() -> None:
         root = Path(tmp)
         scratch = hh.scratch_dir(root / "scratch")
         try:
-            fuzz_checkpoints(groups, root, scratch, corpus, args.seconds / 2)
-            fuzz_bundles(groups, root, scratch, corpus, args.seconds / 2)
+            if not args.only_strings_races:
+                fuzz_checkpoints(groups, root, scratch, corpus, args.seconds / 2)
+                fuzz_bundles(groups, root, scratch, corpus, args.seconds / 2)
+            fuzz_strings_races(groups, root, scratch)
         finally:
             if scratch.parent != root:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -259,7 +291,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tdedup-fuzz-ci-") as tmp:
         ci = ci_counts(Path(tmp), corpus)
     print("\n" + ci)
-    if args.write:
+    if args.write and not args.only_strings_races:
         write_section(table, ci, wall, commit, corpus is not None, args.seconds)
 
 
@@ -293,11 +325,28 @@ def ci_counts(root: Path, corpus: Path | None) -> str:
             ("test_fuzz_bundles.py: hypothesis (manifest values, manifest text, bytes and "
              "footer fields)", 3 * tb.FUZZ.max_examples),
             (f"test_corrupt_exhaustive.py: every byte of the {tiny:,}-byte bundle flipped, "
-             "x verify / unpack / load(verify=True)", 3 * tiny)]
+             "x verify / unpack / load(verify=True)", 3 * tiny),
+            ("test_fuzz_strings_races.py: hostile strings x printed fields and checkpoint "
+             "names, races at every progress event", strings_races_ci(root))]
     lines = ["| CI test | cases |", "| --- | ---: |"]
     lines += [f"| {name} | {n:,} |" for name, n in rows]
     lines.append(f"| **total** | **{sum(n for _, n in rows):,}** |")
     return "\n".join(lines)
+
+
+def strings_races_ci(root: Path) -> int:
+    """How many cases test_fuzz_strings_races.py runs (counted by running its generators
+    as CI does)."""
+    seed = hh.pack_tiny_family(root / "ci-sr")
+    tally = hh.Tally()
+    (root / "ci-sr-case").mkdir()
+    tsr.manifest_string_cases(seed, root / "ci-sr-case" / "c.tdd", ["inspect"], tally)
+    tally.cases += 2 * len(tsr.HOSTILE_STRINGS)  # the path strings, unpack and verify
+    tsr.checkpoint_string_cases(root / "ci-sr-ckpt", ["analyze", "pack"], tally)
+    tsr.pack_race_cases(root / "ci-sr-src", root / "ci-sr-pack", tally)
+    (root / "ci-sr-bundle").mkdir()
+    tsr.bundle_race_cases(seed, root / "ci-sr-bundle", tally)
+    return tally.cases
 
 
 def write_section(table: str, ci: str, wall: float, commit: str, corpus: bool,

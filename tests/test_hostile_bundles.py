@@ -348,7 +348,23 @@ SECURITY_TESTS = {
         "test_hostile_bundles": ["test_pack_refuses_to_write_an_unreadable_bundle"]},
     "Resource use": {"test_fuzz_bundles": ["test_enumerated_mutations"],  # nesting, dup keys
                      "test_hostile_bundles": ["test_decoded_blobs_are_cached_within_a_byte_bound",
-                                              "test_manifest_json_limits"]},
+                                              "test_manifest_json_limits"],
+                     "test_hardening_races": ["test_verify_streams_a_declared_huge_blob",
+                                              "test_a_declared_huge_blob_is_refused_before_allocating"],
+                     "test_spec_refuse": ["test_a_conforming_reader_refuses"]},
+    "Files that are not files": {"test_hardening_races": [
+        "test_a_fifo_is_refused_not_waited_on",
+        "test_a_bundle_that_shrinks_while_verified_is_one_line",
+        "test_a_bundle_that_shrinks_during_unpack_leaves_nothing"]},
+    "Writes through swapped links": {"test_hardening_outputs": [
+        "test_a_link_swapped_in_during_unpack_never_redirects_a_write",
+        "test_a_link_swapped_in_before_the_folders_are_made_is_one_line",
+        "test_unpack_force_refuses_to_overwrite_the_bundle_it_reads"],
+        "test_fuzz_strings_races": ["test_every_race_point_of_verify_and_unpack"]},
+    "Inputs that change while a bundle is written": {
+        "test_hardening_races": ["test_pack_never_publishes_a_bundle_from_a_changing_input",
+                                 "test_pack_cli_names_the_file_that_changed"],
+        "test_fuzz_strings_races": ["test_every_race_point_of_pack"]},
     "Authenticity": {},  # advice to users: nothing a reader can check
 }
 

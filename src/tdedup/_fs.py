@@ -6,6 +6,11 @@
   lock are gone. Nothing partial ever sits at a target's name.
 - Read-only maps of whole files whose slices may outlive the map without turning an
   error in flight into a ``BufferError``.
+- :class:`InputFile`: reads of a file that may change underneath (a pack input): pread,
+  never a map, so a file that shrinks gives a short read and one line instead of SIGBUS,
+  and an identity (device, inode, size, mtime) that tells when the file was replaced
+  or rewritten since it was opened.
+- :func:`check_allocation`: refuse an allocation that cannot fit before making it.
 """
 
 from __future__ import annotations
@@ -24,16 +29,61 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
-from .errors import InputError
+from .errors import InputError, OutputError, TdedupError
 
 #: The names :func:`temp_path_for` makes: the target's name and the writer's process id.
 #: Folder scans skip such leftovers of a killed write; :func:`remove_stale_temps` removes them.
 TEMP_NAME_RE = re.compile(r"^\.(?P<name>.+)\.tdedup-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp\Z")
 
 
+#: Bytes a temporary name adds to its target's name (``.`` + ``.tdedup-PID-XXXXXXXX.tmp``).
+_TEMP_EXTRA = len(".") + len(".tdedup-") + 10 + len("-") + 8 + len(".tmp")
+
+
+def _name_max(folder: Path | int) -> int:
+    try:
+        if isinstance(folder, int):
+            return os.fpathconf(folder, "PC_NAME_MAX")
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def temp_name_for(name: str, name_max: int = 255) -> str:
+    """A hidden temporary name for a file called ``name``.
+
+    Where ``name`` is so long that the temporary name would pass the file system's name
+    limit, it is shortened to a prefix plus a digest of the whole name, so that a
+    temporary name fits wherever its final name fits."""
+    if len(os.fsencode(name)) + _TEMP_EXTRA > name_max:
+        import hashlib
+
+        tag = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        keep = max(1, name_max - _TEMP_EXTRA - len(tag) - 1)
+        head = os.fsencode(name)[:keep].decode("utf-8", "ignore") or "x"
+        name = f"{head}~{tag}"
+    return f".{name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
 def temp_path_for(target: Path) -> Path:
     """A hidden temporary name beside ``target`` (same file system, so rename is atomic)."""
-    return target.with_name(f".{target.name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return target.with_name(temp_name_for(target.name, _name_max(target.parent)))
+
+
+def temp_name_matches(temp: str, target: str) -> bool:
+    """Whether ``temp`` (matched by :data:`TEMP_NAME_RE`) is a temporary of ``target``."""
+    m = TEMP_NAME_RE.match(temp)
+    if not m:
+        return False
+    if m["name"] == target:
+        return True
+    head, _, tag = m["name"].rpartition("~")
+    if not head or len(tag) != 16:
+        return False
+    import hashlib
+
+    return (hashlib.sha256(os.fsencode(target)).hexdigest()[:16] == tag
+            and target.startswith(head))
 
 
 def open_temp(target: Path):
@@ -50,6 +100,29 @@ def open_temp(target: Path):
     return tmp, f
 
 
+def open_temp_at(dir_fd: int, name: str):
+    """:func:`open_temp` relative to an open folder: the temporary file for ``name`` is
+    created in ``dir_fd`` without following a link (whatever the folder's path now leads
+    to). Returns ``(temporary name, binary file)``."""
+    tmp = temp_name_for(name, _name_max(dir_fd))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666, dir_fd=dir_fd)
+    f = os.fdopen(fd, "wb")
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+    return tmp, f
+
+
+def open_dir_at(name: str, dir_fd: int | None = None) -> int:
+    """Open folder ``name`` (in ``dir_fd``) without following a link: a symbolic link
+    swapped in at any moment makes this fail (ELOOP/ENOTDIR) instead of leading elsewhere."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dir_fd)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -62,21 +135,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path]:
-    """Remove the temporary files that a killed tdedup left in ``folder`` (for targets
-    named in ``names``, or all): those whose writing process is gone and whose lock is
-    free (a writer on another host sharing the folder still holds its lock)."""
+def remove_stale_temps(folder: Path | int, names: set[str] | None = None) -> list[Path]:
+    """Remove the temporary files that a killed tdedup left in ``folder`` (a path, or an
+    open folder's descriptor) for targets named in ``names`` (or all): those whose writing
+    process is gone and whose lock is free (a writer on another host sharing the folder
+    still holds its lock)."""
     removed: list[Path] = []
+    at = folder if isinstance(folder, int) else None
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for e in entries:
         m = TEMP_NAME_RE.match(e.name)
-        if not m or (names is not None and m["name"] not in names) or _alive(int(m["pid"])):
+        if (not m or _alive(int(m["pid"])) or (names is not None and not any(
+                temp_name_matches(e.name, n) for n in names))):
             continue
         try:
-            fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(e.name if at is not None else e.path,
+                         os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=at)
         except OSError:
             continue
         try:
@@ -89,7 +166,7 @@ def remove_stale_temps(folder: Path, names: set[str] | None = None) -> list[Path
                     continue
                 except OSError:
                     pass
-            os.unlink(e.path)
+            os.unlink(e.name if at is not None else e.path, dir_fd=at)
             removed.append(Path(e.path))
         except OSError:
             pass
@@ -153,3 +230,158 @@ def mapped(path: str | os.PathLike) -> Iterator[memoryview]:
         yield view
     finally:
         close_map(m, view)
+
+
+# -- inputs that may change ----------------------------------------------------------
+
+def require_regular(fd: int, path: str | os.PathLike, what: str = "file",
+                    cls: type[TdedupError] = InputError) -> os.stat_result:
+    """fstat ``fd`` and refuse anything but a regular file (a FIFO would block every
+    read, a device would never end)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise cls(f"not a regular {what} (a FIFO, device, socket or folder)", path=path)
+    return st
+
+
+def open_regular(path: str | os.PathLike, what: str = "file",
+                 cls: type[TdedupError] = InputError) -> int:
+    """Open ``path`` for reading without blocking on a FIFO; refuse non-regular files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise cls(f"cannot open: {e.strerror or e}", path=path) from e
+    try:
+        require_regular(fd, path, what, cls)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class InputFile:
+    """A file read by offset (``os.pread``) and checked for change.
+
+    Why not a map: a mapped file that another process truncates kills the reader with
+    SIGBUS, with no message and temporary files left behind. A read returns short
+    instead, which becomes one line naming the file. :meth:`check_unchanged` compares the
+    file's identity now (through the open descriptor and through the path) with the one
+    it had when opened: an ``os.replace`` of a same-size file (a trainer's atomic save)
+    changes the inode, a rewrite in place changes the mtime."""
+
+    def __init__(self, path: str | os.PathLike, *, expect_size: int | None = None) -> None:
+        self.path = Path(path)
+        self.fd = open_regular(path)
+        st = os.fstat(self.fd)
+        self.identity = _identity(st)
+        if expect_size is not None and st.st_size != expect_size:
+            self.close()
+            raise self.changed(f"its size is {st.st_size} bytes, {expect_size} when indexed")
+
+    def changed(self, how: str) -> InputError:
+        return InputError(f"changed while tdedup was reading it ({how}); try again once "
+                          "it is no longer being written", path=self.path)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; one line if the file has shrunk."""
+        parts, pos, end = [], offset, offset + length
+        while pos < end:
+            try:
+                chunk = os.pread(self.fd, min(end - pos, 1 << 30), pos)
+            except OSError as e:
+                raise InputError(f"cannot read: {e.strerror or e}", path=self.path) from e
+            if not chunk:
+                raise self.changed(f"it shrank to {pos} bytes")
+            parts.append(chunk)
+            pos += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def chunks(self, offset: int, length: int, chunk: int = 16 << 20) -> Iterator[memoryview]:
+        """``length`` bytes at ``offset`` as views of one reused buffer (each valid until
+        the next is taken): bounded memory however large the range."""
+        buf = bytearray(min(chunk, length))
+        view = memoryview(buf)
+        pos, end = offset, offset + length
+        while pos < end:
+            want = view[:min(len(buf), end - pos)]
+            got = 0
+            while got < len(want):
+                try:
+                    n = os.preadv(self.fd, [want[got:]], pos + got)
+                except OSError as e:
+                    raise InputError(f"cannot read: {e.strerror or e}", path=self.path) from e
+                if not n:
+                    raise self.changed(f"it shrank to {pos + got} bytes")
+                got += n
+            yield want
+            pos += len(want)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced, resized or rewritten since it was opened."""
+        now = _identity(os.fstat(self.fd))
+        try:
+            at_path = _identity(os.stat(self.path))
+        except OSError:
+            raise self.changed("it was removed or renamed") from None
+        if at_path[:2] != self.identity[:2]:
+            raise self.changed("another file was moved to its name")
+        if now != self.identity:
+            raise self.changed("it was rewritten")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "InputFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- memory ---------------------------------------------------------------------------
+
+def _available_memory() -> int | None:
+    """Bytes this process can still allocate: the smaller of the free address space under
+    ``RLIMIT_AS`` and what the system has (available memory plus free swap: a refusal must
+    be certain). None when neither is known."""
+    limits = []
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(max(0, soft - used))
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        fields = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+        if "MemAvailable" in fields:
+            limits.append(fields["MemAvailable"] + fields.get("SwapFree", 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_allocation(nbytes: int, what: str, *, path: str | os.PathLike | None = None,
+                     cls: type[TdedupError] = OutputError) -> None:
+    """Refuse to allocate ``nbytes`` for ``what`` when this process cannot have them, so
+    a crafted size becomes one line before the allocation, not a MemoryError (or the
+    OOM killer) after it."""
+    avail = _available_memory()
+    if avail is not None and nbytes > avail:
+        raise cls(f"{what} needs {nbytes} bytes of memory, more than the {avail} available",
+                  path=path)

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .._fs import mapped
+from .._fs import InputFile
 from ..errors import InputError
-from ..format.bundle.hashing import hash_bytes
+from ..format.bundle.hashing import hash_bytes, hash_chunks
 
 # Large files are split so that several workers share them and a worker's resident
 # mapping stays bounded (Dask's memory monitor counts mapped pages in a worker's RSS).
@@ -108,16 +108,13 @@ def plan_units(path: str, stamp: FileStamp, ranges: list[tuple[int, int]],
 
 
 def hash_unit(unit: HashUnit, progress: Callable[[int], None] | None = None) -> UnitDigests:
-    """Hash a unit's ranges through one read-only map of its file."""
+    """Hash a unit's ranges, read in chunks into one reused buffer (reads, not a map: a
+    file that shrinks meanwhile is one line naming it, not a SIGBUS)."""
     before = FileStamp.of(unit.path)
-    end = max((o + n for o, n in unit.ranges), default=0)
-    with mapped(unit.path) as view:
-        if len(view) < end:
-            raise InputError(f"file shrank while reading ({len(view)} < {end} bytes)",
-                             path=unit.path)
+    with InputFile(unit.path) as src:
         digests = []
         for off, n in unit.ranges:
-            digests.append(hash_bytes(view[off:off + n]))
+            digests.append(hash_chunks(src.chunks(off, n)) if n else hash_bytes(b""))
             if progress:
                 progress(n)
     after = FileStamp.of(unit.path)

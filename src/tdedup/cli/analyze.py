@@ -23,6 +23,7 @@ from .common import (
     human_bytes,
     stdout_console,
     warn,
+    warn_skipped,
 )
 
 if TYPE_CHECKING:
@@ -64,13 +65,15 @@ def write_markdown(target: str, text: str) -> None:
                           path=display_path(path)) from e
 
 
-def render_json(report: OverlapReport, drift: DriftReport | None = None) -> str:
+def render_json(report: OverlapReport, drift: DriftReport | None = None,
+                models: list[ModelSource] | None = None) -> str:
     """The JSON report, one model, pair or group per line.
 
     Readable and grep-able, and json's C encoder does it: ``indent=2`` falls back to the
     pure-Python encoder and took ~14 ms on the corpus's 1,000 groups, 3% of analyze.
     """
     doc = report.to_dict()
+    doc["skipped"] = {m.name: list(m.skipped) for m in models or [] if m.skipped}
     if drift is not None:
         doc["drift"] = drift.to_dict()
     fields = list(doc.items())
@@ -93,6 +96,7 @@ def analyze_paths(paths: list[str], *, dask: str | None = None, index: Path | No
     from .index import report_counts, scan_backends
     models = index_models(paths)
     warn_unread_weights(models)
+    warn_skipped(models)
     with scan_backends(dask, index) as (idx, runner), \
             byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
         scanned = hash_models(models, advance, index=idx, runner=runner)
@@ -112,12 +116,15 @@ def differing_slots(scanned: ScannedModels) -> int:
 
 def drift_markdown(drift: DriftReport, max_rows: int = 60) -> str:
     """The drift section of the Markdown report: per-layer rows and the size estimate."""
+    from .analyze_render import md_escape
+
     lines = ["", "## Drift of differing tensors, by layer", "",
              "| model | vs | layer | tensors | bytes changed | elements changed | rel. L2 |",
              "|---|---|---|---:|---:|---:|---:|"]
     for g in drift.layers[:max_rows]:
         rel = "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}"
-        lines.append(f"| {g.model} | {g.reference} | `{g.layer}` | {g.tensors} | "
+        lines.append(f"| {md_escape(g.model)} | {md_escape(g.reference)} | "
+                     f"{md_escape(g.layer)} | {g.tensors} | "
                      f"{g.bytes_changed:.1%} | {g.elements_changed:.1%} | {rel} |")
     e = drift.estimate
     if e:
@@ -172,7 +179,7 @@ def analyze(
         from ..analyzers.drift import compute_drift
         drift_report = compute_drift(scanned)
     if as_json:
-        sys.stdout.write(render_json(report, drift_report))
+        sys.stdout.write(render_json(report, drift_report, scanned.models))
     elif markdown != "-":
         console = stdout_console()
         print_report(report, console, top=top)

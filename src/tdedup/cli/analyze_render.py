@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .common import human_bytes
+from .common import clean, human_bytes, plain
 
 if TYPE_CHECKING:  # drift imports numpy and the delta planner: only --drift needs them
     from ..analyzers.drift import DriftReport
@@ -92,8 +91,7 @@ def _matrix_cell(report: OverlapReport, a: str, b: str, size: int) -> tuple[int,
 
 def _section(console: Console, title: str, note: str = "") -> None:
     # A heading line rather than a table title: rich wraps titles to the table's width.
-    console.print(Text(title, style="bold") + (Text(f"  ({note})", style="dim") if note
-                                               else Text()))
+    console.print(plain(title, "bold") + (plain(f"  ({note})", "dim") if note else Text()))
 
 
 def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> None:
@@ -102,7 +100,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     for label, value in totals_rows(report):
-        totals.add_row(label, value)
+        totals.add_row(plain(label), plain(value))
 
     models = Table()
     for col, just in (("#", "right"), ("model", "left"), ("layout", "left"),
@@ -110,7 +108,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                       ("shared", "right"), ("unique", "right"), ("shared %", "right")):
         models.add_column(col, justify=just, no_wrap=just == "right")
     for i, m in enumerate(report.models, 1):
-        models.add_row(str(i), m.name, str(m.layout), str(m.tensors), human_bytes(m.tensor_bytes),
+        models.add_row(str(i), plain(m.name), plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
                        _pct(m.shared_bytes, m.tensor_bytes))
     _section(console, "Models")
@@ -129,7 +127,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                     continue
                 shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
                 cells.append(f"{pct}\n{human_bytes(shared)}" if shared else "·")
-            matrix.add_row(f"#{i} {a.name}", *cells)
+            matrix.add_row(plain(f"#{i} {a.name}"), *cells)
         _section(console, "Shared bytes between models",
                  "row %: share of the row model's tensor bytes that the column model holds")
         console.print(matrix)
@@ -142,7 +140,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
-                           group_names(g))
+                           plain(group_names(g)))
         _section(console, f"Largest shared tensors (top {len(shown)} of "
                           f"{sum(g.saved_bytes > 0 for g in report.groups)})")
         console.print(groups)
@@ -153,7 +151,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
         for col, just in (("hash", "left"), ("size", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
-            table.add_row(g.hash[:12], human_bytes(g.bytes), view_list(g))
+            table.add_row(g.hash[:12], human_bytes(g.bytes), plain(view_list(g)))
         _section(console, "Byte-identical tensors stored as different dtypes or shapes")
         console.print(table)
     _section(console, "Totals")
@@ -163,8 +161,10 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
 # -- markdown -------------------------------------------------------------------------
 
 
-def _md(text: str) -> str:
-    """Escape what would break a Markdown table cell or start formatting."""
+def md_escape(text: str) -> str:
+    """Escape what would break a Markdown table cell or start formatting (and control
+    characters, surrogates: see :func:`clean`)."""
+    text = clean(text)
     for ch in ("\\", "|", "*", "_", "`", "<", ">"):
         text = text.replace(ch, "\\" + ch)
     return text
@@ -186,11 +186,11 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
         ok = report.dedup_ratio >= min_ratio
         out += [f"**{'Passed' if ok else 'Failed'}**: dedup ratio {_ratio(report)} "
                 f"{'>=' if ok else '<'} required {min_ratio:g}x", ""]
-    out += _md_table(["total", "value"], [[a, _md(b)] for a, b in totals_rows(report)], {1})
+    out += _md_table(["total", "value"], [[a, md_escape(b)] for a, b in totals_rows(report)], {1})
     out += ["", "### Models", ""]
     out += _md_table(
         ["#", "model", "layout", "tensors", "tensor bytes", "shared", "unique", "shared %"],
-        [[str(i), _md(m.name), str(m.layout), str(m.tensors), human_bytes(m.tensor_bytes),
+        [[str(i), md_escape(m.name), str(m.layout), str(m.tensors), human_bytes(m.tensor_bytes),
           human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
           _pct(m.shared_bytes, m.tensor_bytes)] for i, m in enumerate(report.models, 1)],
         {0, 3, 4, 5, 6, 7})
@@ -200,7 +200,7 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
                 "holds.", ""]
         rows = []
         for i, a in enumerate(report.models, 1):
-            cells = [f"#{i} {_md(a.name)}"]
+            cells = [f"#{i} {md_escape(a.name)}"]
             for b in report.models:
                 if a.name == b.name:
                     cells.append("-")
@@ -215,11 +215,11 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
         out += ["", f"### Largest shared tensors (top {len(shown)})", ""]
         out += _md_table(["size", "copies", "saves", "tensor (models)"],
                          [[human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
-                           _md(group_names(g))] for g in shown], {0, 1, 2})
+                           md_escape(group_names(g))] for g in shown], {0, 1, 2})
     if report.view_mismatches:
         out += ["", "### Byte-identical tensors stored as different dtypes or shapes", ""]
         out += _md_table(["hash", "size", "views"],
-                         [[f"`{g.hash[:12]}`", human_bytes(g.bytes), _md(view_list(g))]
+                         [[f"`{g.hash[:12]}`", human_bytes(g.bytes), md_escape(view_list(g))]
                           for g in report.view_mismatches], {1})
     return "\n".join(out) + "\n"
 
@@ -236,7 +236,8 @@ def drift_table(report: DriftReport, *, max_rows: int = 60) -> Table:
         table.add_column(col, **kw)
     for g in report.layers[:max_rows]:
         planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        table.add_row(escape(g.model), escape(g.reference), escape(g.layer), str(g.tensors), human_bytes(g.bytes),
+        table.add_row(plain(g.model), plain(g.reference), plain(g.layer), str(g.tensors),
+                      human_bytes(g.bytes),
                       f"{g.bytes_changed:.1%}", f"{g.elements_changed:.1%}",
                       "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes)
     if len(report.layers) > max_rows:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
-from .common import guarded, human_bytes, phased_progress, stdout_console
+from .common import guarded, human_bytes, phased_progress, plain, stdout_console, warn
 
 if TYPE_CHECKING:
     from ..format.bundle.reader import Bundle
@@ -35,16 +34,21 @@ def pack(
     with phased_progress(quiet) as progress:
         r = pack_models(paths, output, level=level, delta=delta, progress=progress,
                         layout=layout)
+    for name, entries in r.skipped.items():
+        shown = ", ".join(entries[:5])
+        warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"
+                                           if len(entries) > 5 else ""))
     if as_json:
         print(json.dumps({"bundle": str(r.path), "layout": r.layout, "models": r.models,
                           "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
                           "distinct_tensor_bytes": r.distinct_tensor_bytes,
                           "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
-                          "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
+                          "seconds": round(r.seconds, 3), "encodings": r.encodings,
+                          "skipped": r.skipped}, indent=2))
         return
     out = stdout_console()
     speed = r.logical_bytes / r.seconds if r.seconds else 0
-    out.print(f"packed {len(r.models)} models into {escape(str(r.path))} ({r.layout} layout)")
+    out.print(plain(f"packed {len(r.models)} models into {r.path} ({r.layout} layout)"))
     out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle {human_bytes(r.bundle_bytes)}"
               f"  ({r.ratio:.2f}x smaller)")
     out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
@@ -71,10 +75,10 @@ def convert(
                           "decoded": r.decoded, "encoded": r.encoded, "copied": r.copied,
                           "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
         return
-    stdout_console().print(
-        f"wrote {escape(str(r.path))} ({r.layout} layout): {human_bytes(r.source_bytes)} -> "
+    stdout_console().print(plain(
+        f"wrote {r.path} ({r.layout} layout): {human_bytes(r.source_bytes)} -> "
         f"{human_bytes(r.bundle_bytes)} in {r.seconds:.2f} s; {r.decoded} blobs decoded, "
-        f"{r.encoded} compressed, {r.copied} copied as they were")
+        f"{r.encoded} compressed, {r.copied} copied as they were"))
 
 
 @guarded
@@ -90,9 +94,9 @@ def unpack(
     with phased_progress(quiet) as progress:
         r = unpack_bundle(bundle, dest, models=model, force=force, progress=progress)
     speed = r.bytes / r.seconds if r.seconds else 0
-    stdout_console().print(f"restored {r.files} files of {len(r.models)} models "
-                           f"({human_bytes(r.bytes)}) into {r.dest} in {r.seconds:.2f} s "
-                           f"({human_bytes(speed)}/s); every sha256 matches")
+    stdout_console().print(plain(f"restored {r.files} files of {len(r.models)} models "
+                                 f"({human_bytes(r.bytes)}) into {r.dest} in {r.seconds:.2f} "
+                                 f"s ({human_bytes(speed)}/s); every sha256 matches"))
 
 
 @guarded
@@ -155,7 +159,7 @@ def inspect(
     from rich.table import Table
 
     from ..format.bundle.reader import Bundle
-    with Bundle(bundle) as b:
+    with Bundle(bundle, mapped=False) as b:
         # Cheap integrity checks (no decoding): zero padding and every blob's stored
         # checksum, so that inspect never describes a corrupted bundle as sound.
         b.check_padding()
@@ -166,15 +170,15 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     out = stdout_console()
-    out.print(f"{escape(info['bundle'])}: format {'.'.join(map(str, info['format_version']))}, "
-              f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, layout "
-              f"{info['layout']}, written by tdedup {escape(info['tool_version'])}")
+    out.print(plain(f"{info['bundle']}: format {'.'.join(map(str, info['format_version']))}, "
+                    f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, layout "
+                    f"{info['layout']}, written by tdedup {info['tool_version']}"))
     t = Table(title="models")
     for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensors",
                 "delta tensors"):
         t.add_column(col, justify="left" if col in ("model", "layout") else "right")
     for m in info["models"]:
-        t.add_row(m["name"], m["layout"], str(m["files"]), str(m["tensors"]),
+        t.add_row(plain(m["name"]), plain(m["layout"]), str(m["files"]), str(m["tensors"]),
                   human_bytes(m["file_bytes"]), human_bytes(m["shared_tensor_bytes"]),
                   str(m["delta_tensors"]))
     out.print(t)

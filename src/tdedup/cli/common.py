@@ -2,13 +2,22 @@
 
 Data and ``--json`` go to stdout; progress, warnings and ``hint:`` lines go to stderr.
 rich honours ``NO_COLOR`` itself; we also turn colour off when ``TERM=dumb``.
+
+Untrusted strings (paths, tensor and model names, manifest fields, tool versions) are
+never markup: the consoles here parse no markup and no emoji codes at all, and every
+untrusted string goes into rich as :func:`plain` ``Text`` (safe on any console), with
+control characters and unencodable surrogates shown as escapes (:func:`clean`), also in
+the plain ``error:``/``warning:``/``hint:`` lines.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -16,6 +25,7 @@ from typing import Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -34,6 +44,24 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 F = TypeVar("F", bound=Callable)
 
 
+# C0 and C1 controls, DEL, and lone surrogates (a file name that is not valid UTF-8).
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean(text: object) -> str:
+    """``text`` with every control character and lone surrogate written as an escape
+    (``\\x1b``, ``\\udcff``): a name can neither move the cursor of a terminal nor make
+    printing fail on encoding."""
+    return _UNSAFE_CHARS.sub(lambda m: m.group().encode("unicode_escape",
+                                                        "backslashreplace").decode("ascii"),
+                             str(text))
+
+
+def plain(text: object, style: str = "") -> Text:
+    """An untrusted string as rich ``Text``: printed as it is, never read as markup."""
+    return Text(clean(text), style=style)
+
+
 def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
@@ -47,21 +75,32 @@ class _Console(Console):
 
 def stdout_console() -> Console:
     """Console for data (tables, JSON): stdout. Created per call so tests can capture it."""
-    return _Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False)
+    return _Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False, markup=False,
+                    emoji=False)
 
 
 def stderr_console() -> Console:
     """Console for progress, warnings and hints: stderr."""
-    return Console(file=sys.stderr, no_color=_no_color(), stderr=True)
+    return Console(file=sys.stderr, no_color=_no_color(), stderr=True, markup=False,
+                   emoji=False)
 
 
 def warn(message: str) -> None:
     # Plain print: one line that tools can grep, never wrapped at the terminal's width.
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {clean(message)}", file=sys.stderr)
+
+
+def warn_skipped(models) -> None:
+    """One warning per model whose folder scan left entries out (issue 14, cause 20)."""
+    for m in models:
+        if m.skipped:
+            shown = ", ".join(m.skipped[:5])
+            more = f" and {len(m.skipped) - 5} more" if len(m.skipped) > 5 else ""
+            warn(f"{m.name}: skipped {shown}{more}")
 
 
 def hint(message: str) -> None:
-    print(f"hint: {message}", file=sys.stderr)
+    print(f"hint: {clean(message)}", file=sys.stderr)
 
 
 def report_error(err: BaseException) -> None:
@@ -69,18 +108,43 @@ def report_error(err: BaseException) -> None:
     if os.environ.get("TDEDUP_DEBUG"):
         traceback.print_exception(err, file=sys.stderr)
     line = err.message if isinstance(err, TdedupError) else f"{type(err).__name__}: {err}"
-    print(f"error: {line}", file=sys.stderr)
+    print(f"error: {clean(line)}", file=sys.stderr)
     if isinstance(err, TdedupError) and err.hint:
-        print(f"hint: {err.hint}", file=sys.stderr)
+        print(f"hint: {clean(err.hint)}", file=sys.stderr)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: every ``with`` block and
+    ``except BaseException`` cleanup (temporary files, created folders) then runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM unwind the stack instead of killing the process where it stands
+    (which left temporary files behind); the old handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def guarded(fn: F) -> F:
-    """Map tdedup's exceptions (and the OS's) to one line and exit code 2."""
+    """Map tdedup's exceptions (and the OS's) to one line and exit code 2; SIGTERM and
+    Ctrl-C clean up and exit 143 and 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_unwinds():
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except BrokenPipeError:
@@ -95,6 +159,15 @@ def guarded(fn: F) -> F:
         except OSError as e:  # disk full, permission denied: still one line, exit 2
             report_error(TdedupError(e.strerror or str(e), path=e.filename))
             raise typer.Exit(EXIT_ERROR) from None
+        except MemoryError:
+            # A size no check could foresee (the system's memory moved meanwhile).
+            report_error(TdedupError("not enough memory for this operation"))
+            raise typer.Exit(EXIT_ERROR) from None
+        except Terminated as e:
+            if os.environ.get("TDEDUP_DEBUG"):
+                traceback.print_exception(e, file=sys.stderr)
+            print("error: terminated", file=sys.stderr)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
@@ -113,14 +186,14 @@ def phased_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], N
     if quiet or not console.is_terminal:
         yield lambda phase, n, total: None
         return
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(),
+    with Progress(TextColumn("{task.description:<10}", markup=False), BarColumn(), TaskProgressColumn(),
                   DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         tasks: dict[str, TaskID] = {}
 
         def update(phase: str, n: int, total: int) -> None:
             if phase not in tasks:
-                tasks[phase] = progress.add_task(phase, total=total)
+                tasks[phase] = progress.add_task(clean(phase), total=total)
             progress.advance(tasks[phase], n)
 
         yield update

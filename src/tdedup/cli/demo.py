@@ -10,11 +10,11 @@ import typer
 
 from .analyze import analyze
 from .bundle_commands import inspect, pack, unpack, verify
-from .common import guarded, hint, stderr_console, stdout_console
+from .common import guarded, hint, plain, stderr_console, stdout_console
 
 
 def _step(title: str) -> None:
-    stdout_console().rule(f"[bold]{title}")
+    stdout_console().rule(plain(title, "bold"))
 
 
 @guarded
@@ -31,8 +31,8 @@ def demo(
     for name, (first, last) in family.losses.items():
         out.print(f"  {name}: loss {first:.4f} -> {last:.4f}")
     paths = [f"{name}={path}" for name, path in family.models.items()]
-    out.print("  models: " + ", ".join(f"{n} ({p.relative_to(root)})"
-                                       for n, p in family.models.items()))
+    out.print(plain("  models: " + ", ".join(f"{n} ({p.relative_to(root)})"
+                                             for n, p in family.models.items())))
 
     _step("2. tdedup analyze")
     analyze(paths=paths)
@@ -54,4 +54,4 @@ def demo(
     else:
         _step("7. tdedup load --device cpu (each distinct tensor in memory once)")
         load_cmd(bundle=bundle, device="cpu")
-    out.print(f"\nall files are in {root}")
+    out.print(plain(f"\nall files are in {root}"))

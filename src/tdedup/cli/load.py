@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from .common import guarded, human_bytes, phased_progress, stdout_console
+from ..errors import TdedupError
+from .common import guarded, human_bytes, phased_progress, plain, stdout_console
 
 #: A load shorter than this shows no progress bar.
 PROGRESS_AFTER_S = 1.0
@@ -56,8 +56,11 @@ def load(
     from ..loaders.torch import load as load_bundle
 
     with ExitStack() as stack:
-        loaded = load_bundle(bundle, device=device, models=model, verify=verify,
-                             dequantize=dequantize, progress=_LateBar(stack, quiet))
+        try:
+            loaded = load_bundle(bundle, device=device, models=model, verify=verify,
+                                 dequantize=dequantize, progress=_LateBar(stack, quiet))
+        except TdedupError as e:  # every problem of a load is about this bundle
+            raise e.locate(path=bundle) from None
     s = loaded.stats
     rows = model_sharing(loaded)
     added = sum(r.added_bytes for r in rows)
@@ -82,7 +85,7 @@ def load(
     t.add_column("with sharing", justify="right")
     t.add_column("saved", justify="right")
     for r in rows:
-        t.add_row(escape(r.model), str(r.tensors), human_bytes(r.alone_bytes),
+        t.add_row(plain(r.model), str(r.tensors), human_bytes(r.alone_bytes),
                   human_bytes(r.added_bytes), human_bytes(r.saved_bytes))
     if s.device_bytes > added:  # delta bases no tensor uses, dequantized copies
         t.add_row("(other blobs)", "", "", human_bytes(s.device_bytes - added), "")
@@ -94,8 +97,8 @@ def load(
     mapped = (f" ({human_bytes(s.mapped_bytes)} of it mapped from the bundle)"
               if s.mapped_bytes else "")
     checked = "checksums verified" if s.verified else "not verified"
-    out.print(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s "
-              f"({s.gb_per_s:.2f} GB/s logical; {checked})")
+    out.print(plain(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s "
+                    f"({s.gb_per_s:.2f} GB/s logical; {checked})"))
     out.print(f"  logical {human_bytes(s.logical_bytes)} -> device "
               f"{human_bytes(s.device_bytes)}{mapped}: saved {human_bytes(s.saved_bytes)} "
               f"({ratio:.2f}x less)")

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import blake3
 import numpy as np
 
+from .._fs import check_allocation
 from ..errors import IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import BlobRecord
@@ -379,6 +380,9 @@ class Placer:
             self.viewed.append((rec.offset, rec.offset + rec.decoded_length))
             self.advance(rec)
             return
+        # A crafted size must be one line before the allocation, not ENOMEM after it.
+        check_allocation(rec.decoded_length, f"blob {rec.hash[:16]}", path=self.bundle.path,
+                         cls=LoadError)
         out = host_buffer(rec.decoded_length)
         reader = self.reader(rec)
         array = out.numpy()

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BundleFormatError
+from ..errors import BundleFormatError, LoadError
 from ..format.bundle.manifest import FileEntry, ModelEntry, TensorEntry
+from ..format.checkpoints.records import shape_overflows
 from ..format.checkpoints.dtypes import (
     GgmlBlocks,
     ggml_blocks,
@@ -68,7 +69,7 @@ def check_fits(t: TensorEntry, f: FileEntry, q, dt) -> None:
     """Refuse a tensor whose dtype and shape do not describe exactly its bytes (a damaged
     or hostile manifest) before a view or an allocation is made from them."""
     shape = tuple(t.shape)
-    if any(d >= 1 << 63 for d in shape):  # torch sizes are int64 (an empty tensor's too)
+    if shape_overflows(shape):  # torch sizes are int64 (an empty tensor's too)
         ok = False
     elif q is not None:
         block, type_size = q.block, q.type_size
@@ -110,7 +111,12 @@ def dequantized(raw, f: FileEntry, t: TensorEntry, dev) -> Any:
     shape = tuple(t.shape)
     if raw is None:
         return torch.empty(shape, dtype=torch.float32, device=dev)
-    values = dequantize(raw.cpu().numpy(), GGMLQuantizationType(q.type_id)).reshape(shape)
+    try:
+        values = dequantize(raw.cpu().numpy(), GGMLQuantizationType(q.type_id)).reshape(shape)
+    except NotImplementedError:
+        raise LoadError(f"tensor {t.name!r} of {f.path}: gguf-py cannot dequantize "
+                        f"{q.name} tensors", hint="load without --dequantize to get its "
+                        "raw blocks") from None
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dev)
 
 

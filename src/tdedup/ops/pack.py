@@ -1,12 +1,15 @@
 """``pack``: write one deduplicated bundle from a set of models.
 
-Two passes over the inputs, both streaming through mmap:
+Two passes over the inputs, both by reads (``_fs.InputFile``: a file that shrinks gives
+one line, not SIGBUS), and what is stored is checked against what was hashed:
 
 1. index every model and hash every tensor (blake3), while a second thread computes each
    original file's sha256;
 2. encode each distinct content once (base-plus-delta where the planner found a close
    base, else the smallest of byte-plane zstd / zstd / raw) on a small thread pool, and
    append the blobs in order; then each file's non-tensor bytes; then the manifest.
+   Every tensor is read again and its hash compared with pass 1's, and no bundle is
+   published if an input was replaced, resized or rewritten meanwhile (issue 14).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._fs import mapped
+from .._fs import InputFile
 from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
 from ..analyzers.scan import ScannedModels, hash_models, index_models
@@ -37,7 +40,7 @@ from ..format.checkpoints.records import SourceFile
 from ..format.checkpoints.sources import ModelArg
 from ..format.codecs import DEFAULT_LEVEL, encode
 from ..format.codecs.zstd import zstd_compress
-from . import ProgressFn
+from . import ProgressFn, check_output_file, check_output_not_input
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
@@ -67,6 +70,8 @@ class PackResult:
     seconds: float
     encodings: dict[str, int] = field(default_factory=dict)  # blob count per encoding
     layout: str = BundleLayout.COMPACT.value
+    #: Per model, what its folder scan left out (``"path (why)"``), for the CLI to say.
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -114,21 +119,22 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     return enc, stored, used_base
 
 
-def _layout_bytes(f: SourceFile, view) -> bytes:
+def _layout_bytes(f: SourceFile, src: InputFile) -> bytes:
     """A file's non-tensor bytes (header, metadata, padding; whole file if no tensors)."""
     parts, cursor = [], 0
     for t in f.tensors:
-        parts.append(view[cursor:t.offset])
+        if t.offset > cursor:
+            parts.append(src.read(cursor, t.offset - cursor))
         cursor = max(cursor, t.end)
-    parts.append(view[cursor:f.size])
+    if f.size > cursor:
+        parts.append(src.read(cursor, f.size - cursor))
     return b"".join(parts)
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(src: InputFile, size: int) -> str:
     h = hashlib.sha256()
-    with mapped(path) as view:
-        for i in range(0, len(view), SHA_CHUNK):
-            h.update(view[i:i + SHA_CHUNK])
+    for chunk in src.chunks(0, size, SHA_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -213,32 +219,39 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     t0 = time.perf_counter()
     layout = parse_layout(layout)
     raw_only = layout is BundleLayout.SERVING
-    output = Path(output)
+    output = check_output_file(output)
     report = progress or (lambda phase, n, total: None)
     models = index_models(paths)
     all_files = [f for m in models for f in m.files]
+    check_output_not_input(output, [*(m.path for m in models), *(f.abs_path for f in all_files)])
     total_tensor = sum(m.tensor_bytes for m in models)
 
     _check_delta(delta)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        sha_futures = {id(f): pool.submit(_sha256_file, f.abs_path) for f in all_files}
+    with ExitStack() as inputs_open, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # Every input is opened once, before anything is hashed: its identity then tells
+        # whether it was replaced or rewritten before the bundle is published.
+        inputs: dict[Path, InputFile] = {}
+        for f in all_files:
+            if f.abs_path not in inputs:
+                inputs[f.abs_path] = inputs_open.enter_context(
+                    InputFile(f.abs_path, expect_size=f.size))
+        sha_futures = {id(f): pool.submit(_sha256_file, inputs[f.abs_path], f.size)
+                       for f in all_files}
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
         firsts = scanned.first_occurrences()
         distinct = sum(k[1] for k in firsts)
 
-        with ExitStack() as stack, BundleWriter(output) as writer:
-            views: dict[Path, memoryview] = {}
-            views_lock = threading.Lock()
+        with BundleWriter(output) as writer:
 
-            def view_of(path: Path):
-                with views_lock:  # the planner's thread and the writer's both map files
-                    if path not in views:
-                        views[path] = stack.enter_context(mapped(path))
-                    return views[path]
-
-            def source(h: HashedTensor):
+            def source(h: HashedTensor) -> bytes:
+                """A tensor's bytes, read again and checked against the hash pass 1 gave
+                them: what is stored is what was hashed, even if the file changed."""
                 path, off, length = scanned.locate(h)
-                return view_of(path)[off:off + length]
+                data = inputs[path].read(off, length)
+                if hash_bytes(data) != h.digest:
+                    raise inputs[path].changed(f"tensor {h.record.name!r} no longer has the "
+                                               "bytes it was hashed with")
+                return data
 
             def job(key, choice):
                 h = firsts[key]
@@ -282,7 +295,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 entries = []
                 digests = {(h.record.file, h.record.name): h.digest for h in scanned.hashed[m.name]}
                 for f in m.files:
-                    nontensor = _layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+                    nontensor = _layout_bytes(f, inputs[f.abs_path]) if f.size else b""
                     digest = hash_bytes(nontensor)
                     if digest not in writer:
                         stored = None if raw_only else zstd_compress(nontensor, level)
@@ -304,10 +317,15 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                        "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,
                        "stored_blob_bytes": sum(b.stored_length for b in writer.blobs.values()),
                        "encodings": counts, "layout": layout.value}
+            # The sha256s, the layouts and the tensors were read at different times: the
+            # bundle is published only if no input was replaced or rewritten meanwhile.
+            for src in inputs.values():
+                src.check_unchanged()
             size = writer.finish(Manifest(manifest_models, {}, tool_version=__version__,
                                           summary=summary), level=level, validate=True)
     return PackResult(output, [m.name for m in models], logical, total_tensor, distinct, size,
-                      time.perf_counter() - t0, counts, layout.value)
+                      time.perf_counter() - t0, counts, layout.value,
+                      {m.name: list(m.skipped) for m in models if m.skipped})
 
 
 def parse_layout(layout: str | BundleLayout) -> BundleLayout:

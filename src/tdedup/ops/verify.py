@@ -27,7 +27,7 @@ def verify(bundle_path: str | os.PathLike, *, files: bool = True,
     (``files``) every original file's sha256 as it would be restored."""
     t0 = time.perf_counter()
     report = progress or (lambda phase, n, total: None)
-    with Bundle(bundle_path) as bundle:
+    with Bundle(bundle_path, mapped=False) as bundle:
         bundle.check_padding()
         blobs = bundle.manifest.blobs
         stored = sum(b.stored_length for b in blobs.values())

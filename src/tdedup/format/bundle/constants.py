@@ -25,6 +25,8 @@ FOOTER_SIZE = 96
 MAX_DELTA_DEPTH = 4
 #: Readers refuse manifests that decode to more than this (a bomb, or not ours).
 MAX_MANIFEST_BYTES = 1 << 30
+#: Deepest nesting of JSON arrays and objects a reader accepts (the outermost is 1).
+MAX_JSON_DEPTH = 64
 #: The byte width an element of a byte-plane blob may have.
 MAX_PLANE_WIDTH = 16
 # The writer's zstd level (not a format fact: any level decodes). Here rather than in

@@ -17,3 +17,12 @@ def hash_bytes(data) -> str:
     if n >= THREADED_MIN_BYTES:
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
     return blake3.blake3(data).hexdigest()
+
+
+def hash_chunks(chunks) -> str:
+    """blake3 hex digest of the concatenation of ``chunks`` (bytes-like), so that a large
+    range is hashed without being held whole."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()

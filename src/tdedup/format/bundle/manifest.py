@@ -10,6 +10,7 @@ output is written. Anything wrong becomes :class:`BundleFormatError` or
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -163,7 +164,11 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=False).encode()
+        """Strict JSON (RFC 8259): a non-finite float from a checkpoint's metadata (GGUF
+        allows NaN and infinity) is written as the string ``"nan"``, ``"inf"`` or
+        ``"-inf"`` (spec §12), never as the ``NaN`` token no strict reader accepts."""
+        return json.dumps(_finite(self.to_json()), separators=(",", ":"), sort_keys=False,
+                          allow_nan=False).encode()
 
     @classmethod
     def from_json_bytes(cls, raw: bytes, *, data_end: int) -> "Manifest":
@@ -173,6 +178,17 @@ class Manifest:
         except ValueError as e:
             raise BundleFormatError(f"manifest is not valid JSON ({e})") from None
         return _Parser(data_end).manifest(doc)
+
+
+def _finite(node):
+    """``node`` with every non-finite float replaced by its name (``nan``, ``inf``)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return "nan" if math.isnan(node) else ("inf" if node > 0 else "-inf")
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_finite(v) for v in node]
+    return node
 
 
 def check_relative_path(path: str, what: str) -> None:

@@ -1,10 +1,16 @@
-"""Low-level bundle reader: validate header, footer and manifest; lazy, mapped blob reads.
+"""Low-level bundle reader: validate header, footer and manifest; lazy blob reads.
 
 Reading follows the numbered steps of spec/FORMAT.md §Reading: header, footer (with its
 own checksum), manifest (checksum of the stored bytes before it is decompressed), then
 blobs on demand. Raw blobs come back as zero-copy views of the file's map; others are
 decoded (delta blobs after their base) and kept in a small byte-bounded cache so that a
 blob shared by several files is decoded once.
+
+A bundle is mapped (loaders want zero-copy views) or, with ``mapped=False``, read with
+``pread`` (verify, unpack, inspect): a mapped file that shrinks underneath kills the
+process with SIGBUS, a read returns short and becomes one line. Unmapped, raw blobs and
+zstd blobs are streamed in bounded chunks, so verifying never holds a blob whole; every
+other allocation a manifest asks for is checked against the memory there is first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
+from ..._fs import check_allocation, open_regular
 from ...errors import (
     BundleError,
     BundleFormatError,
@@ -28,7 +35,7 @@ from ...errors import (
     UnsupportedVersionError,
 )
 from ..codecs import decode
-from ..codecs.zstd import zstd_decompress
+from ..codecs.zstd import zstd_decompress, zstd_iter_decompress
 from .constants import (
     BLOB_ALIGNMENT,
     FOOTER_BODY_STRUCT,
@@ -44,7 +51,7 @@ from .constants import (
     BlobEncoding,
     ManifestEncoding,
 )
-from .hashing import hash_bytes
+from .hashing import hash_bytes, hash_chunks
 from .manifest import (
     MAX_ZSTD_RATIO,
     BlobRecord,
@@ -55,28 +62,39 @@ from .manifest import (
 )
 
 DEFAULT_CACHE_BYTES = 256 << 20
+#: Bytes per read when a bundle is streamed rather than mapped.
+READ_CHUNK = 8 << 20
+#: The footer's reserved bytes: the last of its checksummed body (spec §3.4).
+FOOTER_RESERVED = 16
+#: Python's parsed JSON takes at least this many times the text's bytes.
+JSON_MEMORY_FACTOR = 4
 
 
 class Bundle:
     """An open ``.tdd`` bundle. Use :func:`open_bundle`; close it (or use ``with``)."""
 
-    def __init__(self, path: str | os.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES
-                 ) -> None:
+    def __init__(self, path: str | os.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 mapped: bool = True) -> None:
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as e:
-            raise BundleError(f"cannot open: {e.strerror or e}", path=self.path) from e
+        # A FIFO or device would block or never end: only regular files are bundles.
+        self._file = os.fdopen(open_regular(self.path, "file", BundleError), "rb")
+        self._mm: mmap.mmap | None = None
+        self.view: memoryview | None = None
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             if self.size < HEADER_SIZE + FOOTER_SIZE:
                 raise BundleFormatError(f"truncated bundle ({self.size} bytes)")
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-            self.view = memoryview(self._mm)
+            if mapped:
+                self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+                self.view = memoryview(self._mm)
             self.manifest = self._read_manifest()
         except TdedupError as e:
             self.close()
             raise e.locate(path=self.path) from None
+        except MemoryError:
+            self.close()
+            raise BundleError("not enough memory to read the manifest",
+                              path=self.path) from None
         except (OSError, ValueError) as e:
             self.close()
             raise BundleFormatError(f"cannot read the bundle: {e}", path=self.path) from e
@@ -85,17 +103,44 @@ class Bundle:
         self._cache_limit = cache_bytes
         self._lock = threading.Lock()
 
+    # -- raw reads ----------------------------------------------------------------------
+
+    def read_at(self, offset: int, length: int):
+        """``length`` bytes at ``offset``: a view of the map, or read (one line, never
+        SIGBUS, if the file has shrunk since it was opened)."""
+        if self.view is not None:
+            return self.view[offset:offset + length]
+        parts, pos, end = [], offset, offset + length
+        while pos < end:
+            try:
+                chunk = os.pread(self._file.fileno(), min(end - pos, 1 << 30), pos)
+            except OSError as e:
+                raise BundleError(f"cannot read: {e.strerror or e}", path=self.path) from e
+            if not chunk:
+                raise IntegrityError(f"the bundle shrank to {pos} bytes while being read "
+                                     f"(it had {self.size})", path=self.path)
+            parts.append(chunk)
+            pos += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def iter_at(self, offset: int, length: int, chunk: int = READ_CHUNK) -> Iterator:
+        """``length`` bytes at ``offset`` in chunks of at most ``chunk`` bytes."""
+        for pos in range(offset, offset + length, chunk):
+            yield self.read_at(pos, min(chunk, offset + length - pos))
+
     # -- structure ----------------------------------------------------------------------
 
     def _read_manifest(self) -> Manifest:
-        magic, major, minor, alignment = HEADER_STRUCT.unpack_from(self.view, 0)
+        magic, major, minor, alignment = HEADER_STRUCT.unpack_from(
+            self.read_at(0, HEADER_SIZE), 0)
         if magic != MAGIC:
             raise BundleFormatError("not a tdedup bundle (bad magic)")
         foot = self.size - FOOTER_SIZE
-        body = self.view[foot:foot + FOOTER_BODY_STRUCT.size]
+        footer = bytes(self.read_at(foot, FOOTER_SIZE))
+        body = footer[:FOOTER_BODY_STRUCT.size]
         fmagic, fmajor, fminor, enc, m_off, m_len, m_dec, m_sum = \
             FOOTER_BODY_STRUCT.unpack_from(body)
-        check = bytes(self.view[foot + FOOTER_BODY_STRUCT.size:self.size])
+        check = footer[FOOTER_BODY_STRUCT.size:]
         footer_ok = (fmagic == FOOTER_MAGIC
                      and blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE] == check)
         if major != FORMAT_MAJOR and not (footer_ok and fmajor == FORMAT_MAJOR):
@@ -108,6 +153,9 @@ class Bundle:
                                     "finished")
         if not footer_ok:
             raise IntegrityError("footer checksum mismatch (corrupted footer)")
+        if any(body[FOOTER_BODY_STRUCT.size - FOOTER_RESERVED:]):
+            # Covered by the footer's checksum, so written so: not a 1.x bundle (§3.4, §11).
+            raise BundleFormatError("reserved footer bytes are not zero")
         # The footer is checksummed, the header is not: a header that disagrees with a
         # sound footer is corrupted (a flipped bit, not a newer format).
         if (fmajor, fminor) != (major, minor):
@@ -126,7 +174,10 @@ class Bundle:
             raise BundleFormatError(f"a manifest of {m_len} stored bytes cannot decode to "
                                     f"{m_dec} bytes")
         self.manifest_offset = m_off
-        stored = self.view[m_off:m_off + m_len]
+        # What parsing needs (stored, decoded, Python's objects) must fit before it starts.
+        check_allocation(m_len + m_dec * (1 + JSON_MEMORY_FACTOR), "reading the manifest",
+                         cls=BundleError)
+        stored = self.read_at(m_off, m_len)
         if blake3.blake3(stored).digest() != m_sum:
             raise IntegrityError("manifest checksum mismatch (corrupted manifest)")
         try:
@@ -182,8 +233,7 @@ class Bundle:
         The checksums cover blobs, manifest and footer; this covers the rest, so that a
         flipped byte *anywhere* in a bundle is found.
         """
-        view = self.view
-        reserved = view[HEADER_FIELDS_SIZE:HEADER_SIZE]
+        reserved = bytes(self.read_at(HEADER_FIELDS_SIZE, HEADER_SIZE - HEADER_FIELDS_SIZE))
         if any(reserved):
             raise IntegrityError("reserved header bytes are not zero (corrupted header)",
                                  path=self.path)
@@ -191,20 +241,32 @@ class Bundle:
         m_off = self.manifest_offset
         cursor = HEADER_SIZE
         for start, end in [*spans, (m_off, m_off)]:
-            if start > cursor and np.frombuffer(view[cursor:start], np.uint8).any():
+            if start > cursor and any(np.frombuffer(c, np.uint8).any()
+                                      for c in self.iter_at(cursor, start - cursor)):
                 raise IntegrityError(f"padding bytes at [{cursor}, {start}) are not zero "
                                      "(corrupted)", path=self.path)
             cursor = max(cursor, end)
 
     # -- blob reads ---------------------------------------------------------------------
 
-    def stored_bytes(self, rec: BlobRecord) -> memoryview:
-        return self.view[rec.offset:rec.offset + rec.stored_length]
+    def stored_bytes(self, rec: BlobRecord):
+        """A blob's stored bytes (a view of the map, or read whole: memory checked)."""
+        if self.view is None:
+            check_allocation(rec.stored_length, f"blob {rec.hash[:16]}", path=self.path,
+                             cls=BundleError)
+        return self.read_at(rec.offset, rec.stored_length)
 
     def check_stored(self, rec: BlobRecord) -> None:
-        """Raise :class:`IntegrityError` if the blob's stored bytes fail their checksum."""
-        if hash_bytes(self.stored_bytes(rec)) != rec.checksum:
+        """Raise :class:`IntegrityError` if the blob's stored bytes fail their checksum
+        (streamed: the blob is never held whole)."""
+        if hash_chunks(self.iter_at(rec.offset, rec.stored_length)) != rec.checksum:
             raise self.corrupt(rec.hash, "stored bytes fail their checksum (corrupted)")
+
+    def _decode_budget(self, rec: BlobRecord) -> None:
+        """Refuse a decode whose output (and its bases') cannot fit, before allocating."""
+        need = sum(self.blob(h).decoded_length for h in self.manifest.with_bases([rec.hash]))
+        check_allocation(need + (0 if self.view is not None else rec.stored_length),
+                         f"decoding blob {rec.hash[:16]}", path=self.path, cls=BundleError)
 
     def read_blob(self, digest: str, *, verify: bool = False, _depth: int = 0):
         """The decoded bytes of a blob (bytes-like; raw blobs are views of the map).
@@ -225,6 +287,8 @@ class Bundle:
                 return hit
         if verify:
             self.check_stored(rec)
+        if _depth == 0:
+            self._decode_budget(rec)
         base = None
         if rec.base is not None:
             base = self.read_blob(rec.base, verify=verify, _depth=_depth + 1)
@@ -232,6 +296,12 @@ class Bundle:
             data = decode(rec.encoding, self.stored_bytes(rec), rec.decoded_length, base=base)
         except IntegrityError as e:
             raise self.corrupt(digest, e.problem, type(e), part=e.part) from e
+        except BundleFormatError as e:
+            raise e.locate(path=self.path, blob=digest,
+                           models=tuple(self.models_using(digest))) from e
+        except MemoryError:
+            raise BundleError(f"not enough memory to decode blob {digest[:16]} "
+                              f"({rec.decoded_length} bytes)", path=self.path) from None
         if verify and hash_bytes(data) != digest:
             raise self.corrupt(digest, "decoded bytes do not match their hash (corrupted)")
         self._remember(digest, data)
@@ -249,9 +319,25 @@ class Bundle:
                 self._cache_bytes -= memoryview(old).nbytes
 
     def verify_blob(self, digest: str) -> None:
-        """Check one blob fully: stored checksum, decode, decoded hash."""
+        """Check one blob fully: stored checksum, decode, decoded hash. Raw and zstd blobs
+        are streamed (memory bounded by a chunk, whatever their size)."""
         rec = self.blob(digest)
         self.check_stored(rec)
+        if rec.encoding is BlobEncoding.RAW:
+            return  # a raw blob's checksum is its hash
+        if rec.encoding is BlobEncoding.ZSTD:
+            try:
+                decoded = hash_chunks(zstd_iter_decompress(
+                    lambda off, n: self.read_at(rec.offset + off, n), rec.stored_length,
+                    rec.decoded_length))
+            except IntegrityError as e:
+                raise self.corrupt(digest, e.problem, type(e), part=e.part) from e
+            except BundleFormatError as e:
+                raise e.locate(path=self.path, blob=digest,
+                               models=tuple(self.models_using(digest))) from e
+            if decoded != digest:
+                raise self.corrupt(digest, "decoded bytes do not match their hash (corrupted)")
+            return
         self.read_blob(digest, verify=True)
 
     # -- files and tensors --------------------------------------------------------------
@@ -267,7 +353,11 @@ class Bundle:
             if gap:
                 yield layout[lpos:lpos + gap]
                 lpos += gap
-            yield self.read_blob(t.hash, verify=verify)
+            rec = self.blob(t.hash)
+            if self.view is None and rec.encoding is BlobEncoding.RAW and not verify:
+                yield from self.iter_at(rec.offset, rec.stored_length)  # never held whole
+            else:
+                yield self.read_blob(t.hash, verify=verify)
             cursor = t.end
         if lpos < len(layout):
             yield layout[lpos:]
@@ -308,7 +398,9 @@ class Bundle:
                 mm.close()
             except BufferError:
                 pass
-        self._file.close()
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
     def __enter__(self) -> "Bundle":
         return self
@@ -317,6 +409,6 @@ class Bundle:
         self.close()
 
 
-def open_bundle(path: str | os.PathLike) -> Bundle:
+def open_bundle(path: str | os.PathLike, *, mapped: bool = True) -> Bundle:
     """Open a bundle for lazy reads: one model's tensors without decoding the others."""
-    return Bundle(path)
+    return Bundle(path, mapped=mapped)

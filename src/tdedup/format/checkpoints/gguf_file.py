@@ -25,7 +25,7 @@ from gguf import GGUFValueType
 
 from ...errors import CheckpointFormatError
 from .dtypes import ggml_blocks
-from .records import FileKind, SourceFile, TensorRecord
+from .records import FileKind, SourceFile, TensorRecord, shape_overflows
 from .safetensors import check_no_overlap
 
 GGUF_MAGIC = b"GGUF"
@@ -296,6 +296,9 @@ def _parse(cur: _Cursor, model: str, rel: str) -> SourceFile:
         qtype = ggml_blocks(type_id)
         if qtype is None:
             raise CheckpointFormatError(f"{where}: unknown ggml type {type_id}", path=path)
+        if shape_overflows(dims):
+            raise CheckpointFormatError(f"{where}: shape {list(reversed(dims))} is too large to "
+                                        "load (over 2^59 elements, zeros counted as 1)", path=path)
         n_el = math.prod(dims)
         if dims and dims[0] % qtype.block:
             raise CheckpointFormatError(f"{where}: first dimension {dims[0]} is not a multiple "

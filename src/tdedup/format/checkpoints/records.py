@@ -11,6 +11,23 @@ from pathlib import Path
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+#: The most elements a tensor's shape may describe, counting every zero dimension as 1:
+#: torch sizes storage in int64 bytes and refuses ("Storage size calculation overflowed")
+#: a shape past this even when a zero dimension makes it empty (spec/FORMAT.md §12).
+MAX_SHAPE_PRODUCT = 1 << 59
+
+
+def shape_overflows(shape) -> bool:
+    """Whether a shape's dimensions (a zero counted as 1) multiply past
+    :data:`MAX_SHAPE_PRODUCT`: such a tensor packs but could never be loaded."""
+    product = 1
+    for d in shape:
+        product *= max(int(d), 1)
+        if product > MAX_SHAPE_PRODUCT:
+            return True
+    return False
+
+
 def is_model_name(name: object) -> bool:
     """Whether ``name`` is a valid model name (the whole string: a trailing newline is not)."""
     return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
@@ -84,6 +101,9 @@ class ModelSource:
     path: Path  # as given (file or folder)
     layout: ModelLayout
     files: list[SourceFile] = field(default_factory=list)
+    #: What a folder scan left out, as ``"rel/path (why)"``: hidden folders, FIFOs and
+    #: other non-regular files, dangling links. Reported, never dropped silently.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def tensors(self) -> list[TensorRecord]:

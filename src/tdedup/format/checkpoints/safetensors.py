@@ -15,7 +15,7 @@ from pathlib import Path
 from ...errors import CheckpointFormatError
 from ..strict_json import loads_strict
 from .dtypes import DTYPE_BITS, dtype_nbytes
-from .records import FileKind, SourceFile, TensorRecord
+from .records import FileKind, SourceFile, TensorRecord, shape_overflows
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading.
 MAX_HEADER_BYTES = 100_000_000
@@ -85,6 +85,9 @@ def read_safetensors(path: Path, *, model: str = "", rel_path: str | None = None
             raise CheckpointFormatError(f"{where}: bad data_offsets {offsets!r}", path=path)
         begin, end = offsets
         shape_t = tuple(shape)
+        if shape_overflows(shape_t):
+            raise CheckpointFormatError(f"{where}: shape {list(shape_t)} is too large to load "
+                                        "(over 2^59 elements, zeros counted as 1)", path=path)
         expected = dtype_nbytes(dtype, shape_t)
         if end - begin != expected:
             raise CheckpointFormatError(

@@ -92,22 +92,39 @@ def _split_parts(path: Path) -> list[Path] | None:
     return parts
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
     """Every regular file below ``folder`` (symlinks followed), hidden folders and the
-    temporary files of interrupted tdedup writes skipped."""
+    temporary files of interrupted tdedup writes skipped. What else is left out (hidden
+    folders, FIFOs, sockets, devices, dangling links) is appended to ``skipped`` as
+    ``"rel/path (why)"``."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
+    skipped = skipped if skipped is not None else []
+
+    def rel(p: Path) -> str:
+        return p.relative_to(folder).as_posix()
+
     for root, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         # Hidden *files* are part of a model (.gitattributes ships with every hub repo);
         # hidden *folders* are caches and VCS data (.cache/huggingface, .git).
-        out.extend(Path(root) / f for f in sorted(files)
-                   if not TEMP_NAME_RE.match(f) and (Path(root) / f).is_file())
+        skipped.extend(f"{rel(Path(root) / d)}/ (hidden folder)" for d in sorted(dirs)
+                       if d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            p = Path(root) / f
+            if TEMP_NAME_RE.match(f):
+                continue
+            if p.is_file():
+                out.append(p)
+            elif p.is_symlink() and not p.exists():
+                skipped.append(f"{rel(p)} (dangling link)")
+            else:
+                skipped.append(f"{rel(p)} (not a regular file)")
     return out
 
 
@@ -118,11 +135,13 @@ def _check_shard_index(folder: Path, files: list[Path]) -> None:
             weight_map = doc["weight_map"] if isinstance(doc, dict) else None
             if not isinstance(weight_map, dict):
                 raise ValueError("no 'weight_map' object")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("'weight_map' must map tensor names to file names (strings)")
             shards = set(weight_map.values())
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointFormatError(f"malformed shard index ({e})", path=index) from None
         for shard in sorted(shards):
-            if not isinstance(shard, str) or not (index.parent / shard).is_file():
+            if not (index.parent / shard).is_file():
                 raise InputError(f"shard {shard!r} listed in {index.name} is missing",
                                  path=folder)
 
@@ -182,7 +201,8 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
                            [read_weight_file(path, kind, name, path.name)])
     if not path.is_dir():
         raise InputError("not a regular file or folder", path=path)
-    found = _walk(path)
+    skipped: list[str] = []
+    found = _walk(path, skipped)
     _check_shard_index(path, found)
     files: list[SourceFile] = []
     for p in found:
@@ -196,7 +216,7 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
     layout = (ModelLayout.DIFFUSERS if "model_index.json" in names
               else ModelLayout.SHARDED if any(n.endswith(".safetensors.index.json") for n in names)
               else ModelLayout.FOLDER)
-    return ModelSource(name, path, layout, files)
+    return ModelSource(name, path, layout, files, skipped)
 
 
 def open_models(args: Sequence[str | ModelArg]) -> list[ModelSource]:

@@ -281,6 +281,13 @@ def parse_delta_header(encoding: BlobEncoding, stored, expected: int, *,
             raise IntegrityError(f"bad low-rank header ({rows}x{cols}, rank {rank})", part=what)
         fac = byteplane_decompress(mv[pos:pos + flen], (rows + cols) * rank * 4,
                                    f"{what}, factors" if what else "factors").view(np.float32)
+        bits = fac.view(np.uint32)
+        if ((bits & 0x7F800000) == 0x7F800000).any() or (
+                ((bits & 0x7F800000) == 0) & ((bits & 0x007FFFFF) != 0)).any():
+            # spec §4.4: no intermediate value is subnormal, infinite or NaN, so the
+            # prediction does not depend on flush-to-zero or denormals-are-zero modes.
+            raise IntegrityError("low-rank factors hold a NaN, an infinity or a subnormal "
+                                 "value", part=what)
         u = fac[:rows * rank].reshape(rows, rank)
         v = fac[rows * rank:].reshape(rank, cols)
         return DeltaHeader(encoding, op, pos + flen, 4, lowrank=(u, v))

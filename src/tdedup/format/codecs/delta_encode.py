@@ -137,7 +137,16 @@ def fit_lowrank(data, base, rows: int, cols: int, max_rank: int = 64,
         v = np.linalg.solve(_matmul(u.T, u), utd)
     except np.linalg.LinAlgError:
         pass  # keep the probe's basis
-    return u.astype(np.float32), v.astype(np.float32)
+    return normal_factors(u.astype(np.float32)), normal_factors(v.astype(np.float32))
+
+
+def normal_factors(x: np.ndarray) -> np.ndarray:
+    """``x`` with every NaN, infinity and subnormal set to zero: a reader refuses such
+    factors (spec §4.4), and a zero only leaves more to the residual."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(x) | (np.abs(x) < np.finfo(np.float32).tiny)
+    x[bad] = 0.0
+    return x
 
 
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

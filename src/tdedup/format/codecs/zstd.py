@@ -9,6 +9,7 @@ output memory is allocated.
 from __future__ import annotations
 
 import threading
+from typing import IO, cast
 
 import zstandard
 
@@ -81,3 +82,68 @@ def zstd_decompress(frame, expected: int, what: str | None = None) -> bytes:
     return out
 
 
+# -- streaming (verify: a blob need not be held whole) --------------------------------
+
+_BLOCK_RLE = 1
+_BLOCK_RESERVED = 3
+
+
+def zstd_frame_length(read, size: int, what: str | None = None) -> int:
+    """The length of the one zstd frame at the start of ``read`` (a ``(offset, n) ->
+    bytes`` callable over ``size`` bytes), walking block headers only. A streaming decoder
+    stops at the frame's end; comparing this with ``size`` refuses trailing bytes exactly
+    as :func:`zstd_decompress` (``allow_extra_data=False``) does."""
+    head = bytes(read(0, min(size, 18)))
+    try:
+        pos = zstandard.frame_header_size(head)
+        checksum = zstandard.get_frame_parameters(head).has_checksum
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"not a zstd frame ({e})", part=what) from None
+    while True:
+        if pos + 3 > size:
+            raise IntegrityError("zstd frame is truncated", part=what)
+        b = bytes(read(pos, 3))
+        word = b[0] | b[1] << 8 | b[2] << 16
+        last, kind, n = word & 1, (word >> 1) & 3, word >> 3
+        if kind == _BLOCK_RESERVED:
+            raise IntegrityError("zstd data is corrupted (reserved block type)", part=what)
+        pos += 3 + (1 if kind == _BLOCK_RLE else n)
+        if last:
+            break
+    return pos + (4 if checksum else 0)
+
+
+class _RangeReader:
+    """A file-like view of ``read`` for zstandard's streaming reader."""
+
+    def __init__(self, read, size: int) -> None:
+        self._read, self._size, self._pos = read, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        data = bytes(self._read(self._pos, n)) if n else b""
+        self._pos += len(data)
+        return data
+
+
+def zstd_iter_decompress(read, size: int, expected: int, what: str | None = None,
+                         chunk: int = 1 << 20):
+    """Decode one frame of ``size`` stored bytes to exactly ``expected`` bytes, yielding
+    at most ``chunk`` bytes at a time (memory bounded by ``chunk``, not ``expected``);
+    refuses what :func:`zstd_decompress` refuses."""
+    check_frame_size(bytes(read(0, min(size, 18))), expected, what)
+    if zstd_frame_length(read, size, what) != size:
+        raise IntegrityError("zstd data is corrupted (bytes after the frame)", part=what)
+    total = 0
+    try:
+        source = cast(IO[bytes], _RangeReader(read, size))  # read() is all it calls
+        for out in decompressor().read_to_iter(source, read_size=1 << 17, write_size=chunk):
+            total += len(out)
+            if total > expected:
+                raise DecompressionBombError(f"decodes to more than {expected} bytes",
+                                             part=what)
+            yield out
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"zstd data is corrupted ({e})", part=what) from None
+    if total != expected:
+        raise IntegrityError(f"decoded to {total} bytes, expected {expected}", part=what)
