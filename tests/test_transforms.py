@@ -256,3 +256,36 @@ def test_kquants_bit_exact_with_ggml(oracle, x, etype):
 def test_simple_quantizers_bit_exact_with_ggml_on_finite_blocks(oracle, x, etype):
     from llamacpp_helpers import oracle_quantize
     assert quantize(x, etype, 32).tobytes() == oracle_quantize(oracle, etype, x.reshape(-1, 32))
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q6_K", "Q5_1", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K",
+                                   "Q5_K_M", "Q4_1"])
+def test_llama_quantize_outputs_reproduce_from_f32(corpus, tmp_path, ftype):
+    """Every tensor llama-quantize writes is our QUANTIZE of the F32 file's tensor, bit for bit."""
+    import subprocess
+
+    from gguf import GGUFReader
+    from llamacpp_helpers import llama_env
+
+    env = llama_env()
+    if env is None:
+        pytest.skip("llama.cpp not built (bash shared/tools/llama-cpp.sh)")
+    src = corpus / "minilm-gguf" / "f32.gguf"
+    out = tmp_path / f"{ftype}.gguf"
+    subprocess.run([env["LLAMA_QUANTIZE"], str(src), str(out), ftype, "1"], check=True,
+                   capture_output=True)
+    base = {t.name: t for t in GGUFReader(src).tensors}
+    changed = 0
+    for t in GGUFReader(out).tensors:
+        b = base[t.name]
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        bt = TypedTensor.of(np.asarray(b.data).reshape(-1).view(np.uint8), "F32", shape)
+        actual = np.asarray(t.data).reshape(-1).view(np.uint8).tobytes()
+        if t.tensor_type.name == "F32":
+            assert actual == bt.tobytes()
+            continue
+        pred = apply(T(TransformKind.QUANTIZE, t.tensor_type.name), bt)
+        assert pred.tobytes() == actual, t.name
+        changed += 1
+    assert changed >= 36
