@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tdedup.errors import TransformMismatch
-from tdedup.format import kquants
-from tdedup.format.transforms import (
+from tdedup.format.codecs import kquants
+from tdedup.format.codecs.transforms import (
     QUANT_TYPES,
     SIMPLE_QUANTS,
     Transform,
@@ -234,7 +234,7 @@ def test_registry_json_and_unknown_kind():
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    from llamacpp_helpers import build_oracle, llama_env
+    from helpers.llamacpp import build_oracle, llama_env
     if llama_env() is None:
         pytest.skip("llama.cpp not built (bash shared/tools/llama-cpp.sh)")
     return build_oracle(tmp_path_factory.mktemp("oracle"))
@@ -245,7 +245,7 @@ def oracle(tmp_path_factory):
                                                                 HealthCheck.function_scoped_fixture])
 @given(x=nasty_f32(blocks=3), etype=st.sampled_from(sorted(kquants.QUANTIZERS)))
 def test_kquants_bit_exact_with_ggml(oracle, x, etype):
-    from llamacpp_helpers import oracle_quantize
+    from helpers.llamacpp import oracle_quantize
     assert quantize(x, etype, 256) .tobytes() == oracle_quantize(oracle, etype, x.reshape(-1, 256))
 
 
@@ -254,7 +254,7 @@ def test_kquants_bit_exact_with_ggml(oracle, x, etype):
                                                                 HealthCheck.function_scoped_fixture])
 @given(x=nasty_f32(blocks=3, block=32, finite=True), etype=st.sampled_from(SIMPLE_QUANTS))
 def test_simple_quantizers_bit_exact_with_ggml_on_finite_blocks(oracle, x, etype):
-    from llamacpp_helpers import oracle_quantize
+    from helpers.llamacpp import oracle_quantize
     assert quantize(x, etype, 32).tobytes() == oracle_quantize(oracle, etype, x.reshape(-1, 32))
 
 
@@ -266,7 +266,7 @@ def test_llama_quantize_outputs_reproduce_from_f32(corpus, tmp_path, ftype):
     import subprocess
 
     from gguf import GGUFReader
-    from llamacpp_helpers import llama_env
+    from helpers.llamacpp import llama_env
 
     env = llama_env()
     if env is None:

@@ -1,18 +1,16 @@
 """Regenerate tests/data/ggml_quant_golden.npz with llama.cpp's own quantizers.
 
 The golden file lets CI check the K-quant ports bit for bit without llama.cpp. Run after
-``bash shared/tools/llama-cpp.sh``:  python tests/make_quant_golden.py
+``bash shared/tools/llama-cpp.sh``, from tests/:  python -m helpers.make_quant_golden
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from llamacpp_helpers import build_oracle, oracle_quantize
+from helpers.llamacpp import build_oracle, oracle_quantize
 
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
@@ -34,7 +32,7 @@ def main() -> None:
     out = {"input": x}
     for name in TYPES:
         out[name] = np.frombuffer(oracle_quantize(exe, name, x.reshape(8, 256)), np.uint8)
-    path = Path(__file__).parent / "data" / "ggml_quant_golden.npz"
+    path = Path(__file__).parent.parent / "data" / "ggml_quant_golden.npz"
     np.savez_compressed(path, **out)
     print(f"wrote {path}")
 

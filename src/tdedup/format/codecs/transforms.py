@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from ..errors import TransformMismatch
+from ...errors import TransformMismatch
 from . import kquants
 
 #: float element types a cast reaches, with their numpy storage type
