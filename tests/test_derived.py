@@ -6,10 +6,19 @@ its converter and llama-quantize make the corpus MiniLM ladder (``llamacpp``).""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+import gguf
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from tdedup.errors import TdedupError
+import tdedup
+from tdedup.analyzers.derivation import canonical_names, plan_derived
+from tdedup.analyzers.scan import hash_models, index_models
+from tdedup.errors import BundleFormatError, TdedupError
 from tdedup.format.bundle.constants import BlobEncoding
 from tdedup.format.codecs import decode, encode
 from tdedup.format.codecs.derived import (
@@ -19,6 +28,60 @@ from tdedup.format.codecs.derived import (
     parse_derived,
 )
 from tdedup.format.codecs.transforms import Transform, TransformKind, type_number
+
+HF = {  # HF BERT names -> shapes (rows multiple of 256 so K-quants apply)
+    "embeddings.word_embeddings.weight": (64, 256),
+    "encoder.layer.0.attention.self.query.weight": (256, 256),
+    "encoder.layer.0.attention.self.query.bias": (256,),
+    "encoder.layer.0.output.dense.weight": (256, 512),
+    "encoder.layer.1.attention.self.key.weight": (256, 256),
+}
+
+
+def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in HF.items()}
+
+
+def _gguf_name(hf: str) -> str:
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, 2)
+    return tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+
+def _write_gguf(path: Path, tensors: dict[str, np.ndarray], qtype: str) -> None:
+    w = gguf.GGUFWriter(path, "bert")
+    w.add_block_count(2)
+    w.add_token_list([f"tok{i}" for i in range(3000)])  # metadata repeated across the ladder
+    q = gguf.GGMLQuantizationType[qtype]
+    for name, x in tensors.items():
+        if x.ndim == 1 or q == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(_gguf_name(name), x)
+        elif q == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(_gguf_name(name), x.astype(np.float16))
+        else:
+            data = gguf.quants.quantize(x, q)
+            w.add_tensor(_gguf_name(name), data, raw_shape=data.shape, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("ladder")
+    x = _tensors()
+    save_file(x, d / "f32.safetensors")
+    save_file({k: v.astype(np.float16) for k, v in x.items()}, d / "f16.safetensors")
+    for q in ("F16", "Q8_0", "Q4_0", "Q5_1"):
+        _write_gguf(d / f"{q.lower()}.gguf", x, q)
+    names = ["f32.safetensors", "f16.safetensors", "f16.gguf", "q8_0.gguf", "q4_0.gguf",
+             "q5_1.gguf"]
+    return [f"{n.replace('.', '-')}={d / n}" for n in names]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_derived_codec_round_trips_exact_and_inexact():
@@ -58,3 +121,86 @@ def test_zstd_ref_makes_a_repeated_layout_nearly_free():
         decode_ref(stored, len(data) - 1, base)
 
 
+def test_canonical_names_map_safetensors_to_gguf(ladder):
+    scanned = hash_models(index_models(ladder[:3]))
+    canon = canonical_names(scanned)
+    hf = "encoder.layer.0.attention.self.query.weight"
+    assert canon[("f32-safetensors", "f32.safetensors", hf)] == "blk.0.attn_q.weight"
+
+
+def test_planner_finds_every_derivable_tensor(ladder):
+    scanned = hash_models(index_models(ladder))
+    plan = plan_derived(scanned)
+    by_model: dict[str, list] = {}
+    firsts = scanned.first_occurrences()
+    for key, choice in plan.items():
+        by_model.setdefault(firsts[key].record.model, []).append(choice)
+    # every cast or quantized tensor of a later model derives exactly from another model
+    # (the F16 safetensors casts the bias too; GGUF files keep 1-D tensors F32: duplicates)
+    # (f16.gguf holds the F16 safetensors' very bytes: exact duplicates, nothing derived)
+    want = {"f16-safetensors": 5, "q8_0-gguf": 4, "q4_0-gguf": 4, "q5_1-gguf": 4}
+    for model, n in want.items():
+        assert len(by_model[model]) == n, model
+        assert all(c.agreement == 1.0 for c in by_model[model])
+
+
+def test_pack_derives_by_default_and_round_trips(ladder, tmp_path):
+    plain = tdedup.pack(ladder, tmp_path / "off.tdd", derive="off")
+    res = tdedup.pack(ladder, tmp_path / "on.tdd")
+    assert res.encodings.get("derived_xor_byteplane_zstd", 0) == 17  # 5 + 3 x 4
+    assert res.bundle_bytes < 0.6 * plain.bundle_bytes
+    out = tdedup.unpack(tmp_path / "on.tdd", tmp_path / "out")
+    for arg in ladder:
+        name, path = arg.split("=", 1)
+        restored = next((tmp_path / "out" / name).rglob(Path(path).name))
+        assert _sha(restored) == _sha(Path(path))
+    del out
+
+
+def test_load_rebuilds_derived_tensors_bit_exact(ladder, tmp_path):
+    torch = pytest.importorskip("torch")
+    tdedup.pack(ladder, tmp_path / "b.tdd")
+    loaded = tdedup.load(tmp_path / "b.tdd", device="cpu")
+    x = _tensors()
+    for name, arr in x.items():
+        want = torch.from_numpy(arr.astype(np.float16))
+        got = loaded["f16-safetensors"][name]
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_0) if arr.ndim == 2 else arr
+        got = loaded["q4_0-gguf"][_gguf_name(name)]
+        assert got.cpu().numpy().tobytes() == q.tobytes()
+
+
+def test_derive_option_is_validated(ladder, tmp_path):
+    with pytest.raises(TdedupError):
+        tdedup.pack(ladder[:2], tmp_path / "x.tdd", derive="maybe")
+
+
+def test_a_reader_of_1_0_refuses_derived_blobs(ladder, tmp_path, monkeypatch):
+    """§11: a reader that knows only 1.0's encodings refuses 24 and 25 by name, cleanly."""
+    from enum import IntEnum
+
+    from tdedup.format.bundle import manifest as manifest_mod
+
+    tdedup.pack(ladder[:2], tmp_path / "b.tdd")
+    v1_0 = IntEnum("BlobEncoding", {e.name: e.value for e in BlobEncoding if e.value <= 20})
+    v1_0.is_delta = property(lambda self: self >= 16)
+    v1_0.any_length_base = property(lambda self: False)
+    monkeypatch.setattr(manifest_mod, "BlobEncoding", v1_0)
+    with pytest.raises(BundleFormatError, match="unknown blob encoding 2[45]"):
+        tdedup.open_bundle(tmp_path / "b.tdd").close()
+
+
+def test_cli_pack_derive_option(ladder, tmp_path):
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    runner = CliRunner()
+    for derive, want in (("off", 0), ("auto", 17)):
+        out = tmp_path / f"{derive}.tdd"
+        res = runner.invoke(app, ["pack", *ladder, "-o", str(out), "--derive", derive, "--json"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["encodings"].get("derived_xor_byteplane_zstd", 0) == want
+    res = runner.invoke(app, ["pack", *ladder, "-o", str(tmp_path / "x.tdd"), "--derive", "no"])
+    assert res.exit_code == 2 and "--derive" in res.output

@@ -4,7 +4,7 @@ A model published in many precisions is one tensor set pushed through casts, ggm
 quantizers, dequantizers and the converter's layout changes. A derived blob stores the
 transform that predicts its bytes from a base tensor, plus the XOR residual against the
 prediction. For that to be safe every transform here is a pure function of its input bytes,
-defined exactly (spec/FORMAT.md §13) and independent of library versions where they could
+defined exactly (spec/FORMAT.md §4.8) and independent of library versions where they could
 differ: a decoder must predict the very bytes the encoder predicted.
 
 Element types are named as ggml names them (``"F32"``, ``"F16"``, ``"BF16"``, ``"Q4_0"``...)
@@ -29,6 +29,8 @@ FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 #: quantizers reproduced bit for bit: gguf-py's for the simple ones, our ports for K-quants
 SIMPLE_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 QUANT_TYPES = SIMPLE_QUANTS + tuple(kquants.QUANTIZERS)
+#: Elements quantized at a time (bounds the quantizers' temporaries).
+QUANT_CHUNK = 1 << 18
 
 
 class TransformKind(IntEnum):
@@ -202,14 +204,22 @@ def quantize(x: np.ndarray, etype: str, row: int) -> np.ndarray:
     on finite blocks but not on blocks holding NaN or infinity, so those blocks are defined to
     predict zero bytes (their residual carries them) and no decoder depends on how a library
     version treats them."""
-    x = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1))
+    x = np.asarray(x, np.float32).reshape(-1)
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[etype]]
     if row % block or x.size % block:
         raise TransformMismatch(f"{etype} blocks of {block} do not divide a row of {row}")
+    if etype not in kquants.QUANTIZERS and etype not in SIMPLE_QUANTS:
+        raise TransformMismatch(f"no reference quantizer for {etype}")
+    # Blocks are independent: quantize in chunks so temporaries stay a few MB.
+    step = QUANT_CHUNK // block * block
+    return np.concatenate([_quantize_chunk(np.ascontiguousarray(x[i:i + step]), etype,
+                                           block, size)
+                           for i in range(0, x.size, step)] or [np.zeros(0, np.uint8)])
+
+
+def _quantize_chunk(x: np.ndarray, etype: str, block: int, size: int) -> np.ndarray:
     if etype in kquants.QUANTIZERS:
         return np.frombuffer(kquants.QUANTIZERS[etype](x), np.uint8)
-    if etype not in SIMPLE_QUANTS:
-        raise TransformMismatch(f"no reference quantizer for {etype}")
     blocks = x.reshape(-1, block)
     finite = np.isfinite(blocks).all(axis=1)
     out = np.zeros((blocks.shape[0], size), np.uint8)
