@@ -10,14 +10,18 @@ and a *chain* of transforms (``format.codecs.transforms``) that predicts it:
    safetensors name is mapped with gguf-py's ``TensorNameMap`` for each architecture the GGUF
    files of the set declare (block count from their tensor names). Tensors are grouped by
    (canonical name, element count): one dictionary pass, linear in the number of tensors.
-2. **Candidates.** Within a group, other contents of other models, most precise type first
-   (F32, then BF16/F16, then quantized by bits), at most ``MAX_BASES`` of them.
+2. **Candidates.** Within a group, the smallest content that predicts every other exactly
+   (an F32 tensor its casts and quantizations; a Q4_1 tensor its dequantized and
+   requantized copies) is the base of all. Failing one, each content tries other models'
+   contents, most precise type first (F32, then BF16/F16, then quantized by bits), at most
+   ``MAX_BASES`` of them.
 3. **Chains** by the pair of types: a cast, a quantization (directly, or through F16/BF16
    first), a dequantization, or dequantize-then-quantize; a transposed shape adds a
    transpose; llama-family ``attn_q``/``attn_k`` against a safetensors base try the
    converter's head permutation.
 4. **Agreement test.** Each chain is applied to a few sampled rows of the base and compared
-   byte for byte with the same rows of the tensor; the best (candidate, chain) is kept if it
+   byte for byte with the same rows of the tensor (the whole tensor for a layout change);
+   the best (candidate, chain) is kept if it
    agrees on at least ``MIN_AGREEMENT`` of the bytes. ``pack`` then encodes it in full beside
    the delta and the plain encodings and keeps the smallest.
 
@@ -52,8 +56,10 @@ from .tensor_hashes import ContentKey, HashedTensor
 
 __all__ = ["DeriveChoice", "canonical_names", "plan_derived"]
 
-#: Candidate bases tried per content.
+#: Candidate bases tried per content (when no content of its group predicts all others).
 MAX_BASES = 3
+#: Groups larger than this skip the search for a common root (quadratic in the group).
+MAX_GROUP = 16
 #: Sampled byte agreement a chain needs to be planned.
 MIN_AGREEMENT = 0.5
 #: Rows sampled at each of three places (start, middle, end) of a tensor.
@@ -99,7 +105,7 @@ def _gguf_archs(scanned: ScannedModels) -> dict[str, int]:
 
 
 def canonical_names(scanned: ScannedModels) -> dict[tuple[str, str, str], str]:
-    """(model, file, tensor) -> llama.cpp name, for every tensor that has one."""
+    """(model, file, tensor) -> llama.cpp's name where gguf-py maps it, else its own."""
     import gguf
 
     maps = []
@@ -117,6 +123,7 @@ def canonical_names(scanned: ScannedModels) -> dict[tuple[str, str, str], str]:
                 if f.kind is FileKind.GGUF:
                     out[(m.name, f.rel_path, t.name)] = t.name
                     continue
+                out[(m.name, f.rel_path, t.name)] = t.name  # same-format ladders
                 for tmap in maps:
                     name = tmap.get_name(t.name, try_suffixes=(".weight", ".bias"))
                     if name is not None:
@@ -226,56 +233,88 @@ def _head_counts(scanned: ScannedModels) -> dict[tuple[str, str, str], int]:
     return out
 
 
+def _best_chain(c: HashedTensor, h: HashedTensor, canon: str, heads: dict, read,
+                cache: dict) -> DeriveChoice | None:
+    """The chain from base ``c`` that predicts ``h`` best on the sample (None below
+    ``MIN_AGREEMENT``); stops at the first that agrees fully."""
+    memo = (c.key, h.key)
+    if memo in cache:
+        return cache[memo]
+    best: DeriveChoice | None = None
+    base, target = read(c), read(h)
+    for layout in _layouts(c, h, canon, heads):
+        for types in _chains(c.record.dtype, h.record.dtype) or ([()] if layout else []):
+            chain = layout + types
+            if not chain or len(chain) > 2:
+                continue
+            agree = _agreement(chain, base, c, target, h, whole=bool(layout))
+            if agree >= MIN_AGREEMENT and (best is None or agree > best.agreement):
+                best = DeriveChoice(c.key, chain, c.record.dtype, tuple(c.record.shape),
+                                    agree, h.record.length)
+            if best is not None and best.agreement == 1.0:
+                cache[memo] = best
+                return best
+    cache[memo] = best
+    return best
+
+
+def _root(group: list[HashedTensor], canon: str, heads: dict, read, cache: dict
+          ) -> HashedTensor | None:
+    """The smallest content every other content of the group derives from exactly (on the
+    sample): the one to store. The most precise contents are tried first, so a wrong root
+    fails on its first test."""
+    by_precision = sorted(group, key=lambda c: _PRECISION[c.record.dtype])
+    for r in sorted(group, key=lambda c: c.record.length):
+        if all((c := _best_chain(r, x, canon, heads, read, cache)) is not None
+               and c.agreement == 1.0 for x in by_precision if x.key != r.key):
+            return r
+    return None
+
+
 def plan_derived(scanned: ScannedModels, deltas: dict | None = None,
                  max_depth: int = MAX_DELTA_DEPTH) -> dict[ContentKey, DeriveChoice]:
-    """Derived choices for the distinct contents of ``scanned`` (see the module docstring)."""
+    """Derived choices for the distinct contents of ``scanned`` (see the module docstring).
+
+    Per group of contents with one canonical name and element count: when one content
+    predicts every other exactly, the smallest such (a Q4_1 file its dequantized and
+    requantized copies, an F32 file its casts and quantizations) is the base of all;
+    otherwise each content takes the best of the more precise contents of other models."""
     canon = canonical_names(scanned)
     heads = _head_counts(scanned)
     firsts = scanned.first_occurrences()
     groups: dict[tuple[str, int], list[HashedTensor]] = defaultdict(list)
-    name_of: dict[ContentKey, str] = {}
-    for key, h in firsts.items():
+    for h in firsts.values():
         r = h.record
         name = canon.get((r.model, r.file, r.name))
-        if name is None or r.dtype not in _PRECISION:
-            continue
-        name_of[key] = name
-        groups[(name, _numel(r.shape))].append(h)
+        if name is not None and r.dtype in _PRECISION:
+            groups[(name, _numel(r.shape))].append(h)
     edges = {k: c.base for k, c in (deltas or {}).items()}
     choices: dict[ContentKey, DeriveChoice] = {}
     with TensorBytes(scanned) as read:
-        for key, h in firsts.items():
-            if key not in name_of:
+        for (name, _), group in groups.items():
+            if len(group) < 2:
                 continue
-            r = h.record
-            group = groups[(name_of[key], _numel(r.shape))]
-            cands = sorted((c for c in group if c.key != key and c.record.model != r.model
-                            and _PRECISION[c.record.dtype] <= _PRECISION[r.dtype]),
-                           key=lambda c: _PRECISION[c.record.dtype])[:MAX_BASES]
-            best: DeriveChoice | None = None
-            target = None
-            for c in cands:
-                if not _acyclic(key, c.key, edges, choices, max_depth):
-                    continue
-                base = read(c)
-                target = read(h) if target is None else target
-                for layout in _layouts(c, h, name_of[key], heads):
-                    for types in _chains(c.record.dtype, r.dtype) or ([()] if layout else []):
-                        chain = layout + types
-                        if not chain or len(chain) > 2:
-                            continue
-                        agree = _agreement(chain, base, c, target, h, whole=bool(layout))
-                        if agree >= MIN_AGREEMENT and (best is None or agree > best.agreement):
-                            best = DeriveChoice(c.key, chain, c.record.dtype,
-                                                tuple(c.record.shape), agree, r.length)
-                        if best is not None and best.agreement == 1.0:
-                            break
+            cache: dict = {}
+            root = _root(group, name, heads, read, cache) if len(group) <= MAX_GROUP else None
+            for h in group:
+                if root is not None:
+                    cands = [root] if h.key != root.key else []
+                else:
+                    cands = sorted((c for c in group if c.key != h.key
+                                    and c.record.model != h.record.model
+                                    and _PRECISION[c.record.dtype] <= _PRECISION[h.record.dtype]),
+                                   key=lambda c: _PRECISION[c.record.dtype])[:MAX_BASES]
+                best: DeriveChoice | None = None
+                for c in cands:
+                    if not _acyclic(h.key, c.key, edges, choices, max_depth):
+                        continue
+                    got = _best_chain(c, h, name, heads, read, cache)
+                    if got is not None and (best is None or got.agreement > best.agreement):
+                        best = got
                     if best is not None and best.agreement == 1.0:
                         break
-                if best is not None and best.agreement == 1.0:
-                    break
-            if best is not None:
-                choices[key] = best
+                if best is not None:
+                    choices[h.key] = best
     return choices
 
 
