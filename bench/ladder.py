@@ -130,7 +130,7 @@ def per_transform(bundle_path: Path) -> dict[str, list[int]]:
     """chain description -> [tensors, exact, residual bytes of the inexact ones]."""
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     with tdedup.open_bundle(bundle_path) as b:
-        for digest, rec in b.manifest.blobs.items():
+        for rec in b.manifest.blobs.values():
             if rec.encoding != BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
                 continue
             stored = b.stored_bytes(rec)

@@ -204,3 +204,21 @@ def test_cli_pack_derive_option(ladder, tmp_path):
         assert json.loads(res.stdout)["encodings"].get("derived_xor_byteplane_zstd", 0) == want
     res = runner.invoke(app, ["pack", *ladder, "-o", str(tmp_path / "x.tdd"), "--derive", "no"])
     assert res.exit_code == 2 and "--derive" in res.output
+
+
+def test_analyze_reports_derivable_bytes(ladder, tmp_path):
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["analyze", "--json", *ladder[:1], ladder[4]])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["derived"]
+    assert row["model"] == "q4_0-gguf" and row["base_model"] == "f32-safetensors"
+    assert row["transform"] == "Q4_0 quantization"
+    assert row["derivable_bytes"] == sum(row["transforms"].values()) > 0.9 * row["tensor_bytes"]
+    md = tmp_path / "r.md"
+    res = runner.invoke(app, ["analyze", *ladder[:1], ladder[4], "--markdown", str(md)])
+    assert res.exit_code == 0 and "Derivable from another model" in res.stdout
+    assert "| q4\\_0-gguf |" in md.read_text() or "| q4_0-gguf |" in md.read_text()

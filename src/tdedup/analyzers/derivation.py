@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,7 +54,8 @@ from .delta_planning import TensorBytes
 from .scan import ScannedModels
 from .tensor_hashes import ContentKey, HashedTensor
 
-__all__ = ["DeriveChoice", "canonical_names", "plan_derived"]
+__all__ = ["DerivableModel", "DeriveChoice", "canonical_names", "derivation_report",
+           "plan_derived"]
 
 #: Candidate bases tried per content (when no content of its group predicts all others).
 MAX_BASES = 3
@@ -343,3 +344,59 @@ def _acyclic(key: ContentKey, base: ContentKey, edges: dict, choices: dict,
         return max((1 + above(u, seen | {u}) for u in users), default=0)
 
     return below(base, frozenset()) + above(key, frozenset({key})) <= max_depth
+
+
+# -- the report analyze prints --------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DerivableModel:
+    """How much of one model another model's tensors compute (sampled full agreement)."""
+
+    model: str
+    tensor_bytes: int
+    derivable_bytes: int
+    base_model: str  # the model most of those bytes derive from
+    transform: str  # the chain most tensors use, described ("Q4_0 quantization")
+    transforms: dict[str, int] = field(default_factory=dict)  # chain -> derivable bytes
+
+    @property
+    def fraction(self) -> float:
+        return self.derivable_bytes / self.tensor_bytes if self.tensor_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "tensor_bytes": self.tensor_bytes,
+                "derivable_bytes": self.derivable_bytes, "fraction": round(self.fraction, 6),
+                "base_model": self.base_model, "transform": self.transform,
+                "transforms": dict(self.transforms)}
+
+    def sentence(self) -> str:
+        return (f"{self.model}: {self.fraction:.1%} derivable from {self.base_model} by "
+                f"{self.transform}")
+
+
+def derivation_report(scanned: ScannedModels) -> list[DerivableModel]:
+    """Per model with derivable tensors: the bytes another model's tensors reproduce
+    exactly on the sample, from which model and how (most bytes first within a model)."""
+    choices = plan_derived(scanned)
+    firsts = scanned.first_occurrences()
+    out = []
+    for m in scanned.models:
+        hs = scanned.hashed[m.name]
+        by_base: dict[str, int] = defaultdict(int)
+        by_chain: dict[str, int] = defaultdict(int)
+        count: dict[str, int] = defaultdict(int)
+        for h in hs:
+            c = choices.get(h.key)
+            if c is None or c.agreement < 1.0:
+                continue
+            base_model = firsts[c.base].record.model
+            if base_model != m.name:
+                by_base[base_model] += h.record.length
+                by_chain[c.describe()] += h.record.length
+                count[c.describe()] += 1
+        if by_base:
+            out.append(DerivableModel(
+                m.name, sum(h.record.length for h in hs), sum(by_base.values()),
+                max(by_base, key=by_base.__getitem__), max(count, key=count.__getitem__),
+                dict(by_chain)))
+    return out
