@@ -222,3 +222,67 @@ def test_analyze_reports_derivable_bytes(ladder, tmp_path):
     res = runner.invoke(app, ["analyze", *ladder[:1], ladder[4], "--markdown", str(md)])
     assert res.exit_code == 0 and "Derivable from another model" in res.stdout
     assert "| q4\\_0-gguf |" in md.read_text() or "| q4_0-gguf |" in md.read_text()
+
+
+def _ladder_round_trip(args: list[str], tmp_path: Path, min_derived: int) -> None:
+    """Pack (derive on by default), unpack byte-exact, load bit-exact against the files."""
+    torch = pytest.importorskip("torch")
+    res = tdedup.pack(args, tmp_path / "l.tdd")
+    assert res.encodings.get("derived_xor_byteplane_zstd", 0) >= min_derived, res.encodings
+    tdedup.unpack(tmp_path / "l.tdd", tmp_path / "out")
+    paths = {a.split("=", 1)[0]: Path(a.split("=", 1)[1]) for a in args}
+    for name, path in paths.items():
+        assert _sha(tmp_path / "out" / name / path.name) == _sha(path), name
+    loaded = tdedup.load(tmp_path / "l.tdd", device="cpu")
+    for name, path in paths.items():
+        if path.suffix == ".gguf":
+            for t in gguf.GGUFReader(path).tensors:
+                want = np.asarray(t.data).reshape(-1).view(np.uint8)
+                got = loaded[name][t.name].contiguous().view(torch.uint8).reshape(-1).numpy()
+                assert np.array_equal(got, want), (name, t.name)
+        else:
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    want = f.get_tensor(k)
+                    got = loaded[name][k]
+                    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (name, k)
+
+
+@pytest.mark.corpus
+def test_corpus_minilm_ladder_round_trips(corpus, tmp_path):
+    """F32 safetensors, its F16/BF16 casts, gguf-py's F32/F16/Q8_0 GGUF of it."""
+    args = [f"st-f32={corpus / 'minilm/base/model.safetensors'}",
+            f"st-f16={corpus / 'minilm/f16.safetensors'}",
+            f"st-bf16={corpus / 'minilm/bf16.safetensors'}",
+            *[f"g-{t}={corpus / 'minilm-gguf' / f'{t}.gguf'}" for t in ("f32", "f16", "q8_0")]]
+    _ladder_round_trip(args, tmp_path, min_derived=200)
+
+
+@pytest.mark.corpus
+@pytest.mark.llamacpp
+def test_llama_quantize_ladder_round_trips(corpus, tmp_path):
+    """llama-quantize's Q4_K_M, Q6_K, Q5_1 and Q4_0 of the corpus's F32 GGUF."""
+    import subprocess
+
+    from helpers.llamacpp import llama_env
+
+    env = llama_env()
+    if env is None:
+        pytest.skip("llama.cpp not built (bash shared/tools/llama-cpp.sh)")
+    src = corpus / "minilm-gguf" / "f32.gguf"
+    args = [f"f32={src}"]
+    for q in ("Q4_K_M", "Q6_K", "Q5_1", "Q4_0"):
+        out = tmp_path / f"{q.lower()}.gguf"
+        subprocess.run([env["LLAMA_QUANTIZE"], str(src), str(out), q, "1"], check=True,
+                       capture_output=True)
+        args.append(f"{q.lower()}={out}")
+    _ladder_round_trip(args, tmp_path, min_derived=140)  # identical tensors are shared
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+def test_corpus_smollm_requantized_family_round_trips(corpus, tmp_path):
+    """Q4_1 as shipped and gguf-py's F16 and Q8_0 requantizations (~50 s)."""
+    args = [f"{n}={corpus / 'smollm' / f'{n}.gguf'}" for n in ("q4_1", "q8_0", "f16")]
+    _ladder_round_trip(args, tmp_path, min_derived=400)
