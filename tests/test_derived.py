@@ -286,3 +286,61 @@ def test_corpus_smollm_requantized_family_round_trips(corpus, tmp_path):
     """Q4_1 as shipped and gguf-py's F16 and Q8_0 requantizations (~50 s)."""
     args = [f"{n}={corpus / 'smollm' / f'{n}.gguf'}" for n in ("q4_1", "q8_0", "f16")]
     _ladder_round_trip(args, tmp_path, min_derived=400)
+
+
+def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monkeypatch):
+    """``place_cuda`` with host buffers (as test_load does): derived blobs are decoded on
+    the host from their base's device copy, then uploaded, and come out bit-exact."""
+    import contextlib
+    import threading
+
+    torch = pytest.importorskip("torch")
+    from tdedup.loaders import torch as tl
+
+    class NoStream:
+        def synchronize(self) -> None:
+            pass
+
+        def record(self, stream=None) -> None:
+            pass
+
+    class HostStager(tl._Stager):
+        def __init__(self, device) -> None:
+            self.device = device
+            self.buffers = [torch.empty(tl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+            self.events, self.stream, self.turn = [None, None], NoStream(), 0
+            self.lock = threading.Lock()
+
+        def finish(self) -> None:
+            pass
+
+    bundle = tmp_path / "b.tdd"
+    tdedup.pack(ladder, bundle)
+    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(tl._Stager, "get", classmethod(lambda cls, device: HostStager(device)))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", NoStream)
+    with tdedup.open_bundle(bundle) as b:
+        needed = [t.hash for m in b.manifest.models for f in m.files for t in f.tensors
+                  if t.length]
+        order, depth = b.manifest.placement_order(needed), b.manifest.with_bases(needed)
+        assert any(r.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD for r in order)
+        placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        placer.place_cuda(order)
+        for rec in order:
+            assert placer.blobs[rec.hash].numpy().tobytes() == \
+                np.asarray(b.read_blob(rec.hash)).tobytes()
+
+
+@pytest.mark.gpu
+def test_load_derived_on_cuda(ladder, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tdedup.pack(ladder, tmp_path / "b.tdd")
+    on_gpu = tdedup.load(tmp_path / "b.tdd", device="cuda", verify=True)
+    on_cpu = tdedup.load(tmp_path / "b.tdd", device="cpu")
+    for model in on_cpu:
+        for name, t in on_cpu[model].items():
+            got = on_gpu[model][name]
+            assert got.is_cuda and torch.equal(got.cpu().view(torch.uint8), t.view(torch.uint8))
