@@ -144,7 +144,7 @@ def _chains(base: str, target: str) -> list[tuple[Transform, ...]]:
         return [(T(K.CAST, type_number(target)),)] if base != target else []
     if base in FLOAT_TYPES and target in QUANT_TYPES:
         q = T(K.QUANTIZE, type_number(target))
-        out = [(q,)]
+        out: list[tuple[Transform, ...]] = [(q,)]
         if base == "F32":
             out += [(T(K.CAST, type_number("F16")), q), (T(K.CAST, type_number("BF16")), q)]
         return out
@@ -155,7 +155,8 @@ def _chains(base: str, target: str) -> list[tuple[Transform, ...]]:
     return []
 
 
-def _row_sample(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> tuple[TypedTensor, slice]:
+def _row_sample(data: np.ndarray, dtype: str, shape: tuple[int, ...]
+                ) -> tuple[TypedTensor, np.ndarray]:
     """A few whole rows from three places, as a tensor of their own, and which rows."""
     if not shape:
         return TypedTensor.of(data, dtype, shape), np.arange(1)
