@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -34,6 +35,8 @@ from .zstd import DEFAULT_LEVEL, check_frame_size
 MAX_CHAIN = 2
 #: Highest rank of a base tensor.
 MAX_RANK = 8
+#: A base shape's element count stays below this (the format's largest blob, 2^48).
+MAX_ELEMENTS = 1 << 48
 HEAD = struct.Struct("<BBHI")
 DIM = struct.Struct("<Q")
 STEP = struct.Struct("<Iq")
@@ -82,6 +85,9 @@ def parse_derived(stored, what: str | None = None
     if len(mv) < end:
         raise BundleFormatError("derived blob shorter than its header", part=what)
     shape = tuple(DIM.unpack_from(mv, HEAD.size + i * DIM.size)[0] for i in range(rank))
+    if math.prod(shape) >= MAX_ELEMENTS:
+        raise BundleFormatError(f"derived blob: base shape {list(shape)} is implausible",
+                                part=what)
     at = HEAD.size + rank * DIM.size
     try:
         dtype = type_name(base_type)
@@ -99,6 +105,9 @@ def decode_derived(stored, expected: int, base, what: str | None = None) -> np.n
         pred = predict(chain, base, dtype, shape)
     except TransformMismatch as e:
         raise BundleFormatError(f"derived blob: {e.problem}", part=what) from None
+    except (ValueError, OverflowError, MemoryError) as e:  # a shape numpy cannot take
+        raise BundleFormatError(f"derived blob: its transform cannot apply ({e})",
+                                part=what) from None
     if pred.data.size != expected:
         raise IntegrityError(f"derived prediction has {pred.data.size} bytes, expected "
                              f"{expected}", part=what)
