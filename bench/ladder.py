@@ -146,6 +146,15 @@ def per_transform(bundle_path: Path) -> dict[str, list[int]]:
     return out
 
 
+def layout_bytes(bundle_path: Path) -> tuple[int, int, int]:
+    """(layout blobs' decoded bytes, their stored bytes, how many are stored against another)."""
+    with tdedup.open_bundle(bundle_path) as b:
+        digests = {f.layout for m in b.manifest.models for f in m.files}
+        recs = [b.manifest.blobs[d] for d in digests]
+    return (sum(r.decoded_length for r in recs), sum(r.stored_length for r in recs),
+            sum(r.encoding is BlobEncoding.ZSTD_REF for r in recs))
+
+
 def measure(label: str, args: list[str], level: int, tmp: Path) -> None:
     a = anchors(args, level)
     print(f"\n### {label}: {len(args)} models, {a['tensor_bytes']:,} tensor bytes")
@@ -163,6 +172,10 @@ def measure(label: str, args: list[str], level: int, tmp: Path) -> None:
         dt = time.perf_counter() - t0
         print(f"| tdedup pack --derive {derive} (whole bundle) | {res.bundle_bytes:,} | "
               f"{a['tensor_bytes'] / res.bundle_bytes:.3f} | {dt:.2f} |")
+    for derive in ("off", "auto"):
+        dec, stored, refs = layout_bytes(tmp / f"{label}-{derive}.tdd")
+        print(f"\nlayouts (--derive {derive}): {dec:,} bytes of file headers/metadata stored "
+              f"in {stored:,} ({refs} against another file's layout)")
     rows = per_transform(tmp / f"{label}-auto.tdd")
     print("\n| transform (chain) | derived tensors | reproduced exactly | stored bytes of the others |")
     print("| --- | ---: | ---: | ---: |")
