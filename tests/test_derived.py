@@ -348,7 +348,7 @@ def test_load_derived_on_cuda(ladder, tmp_path):
             assert got.is_cuda and torch.equal(got.cpu().view(torch.uint8), t.view(torch.uint8))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.data())
 def test_damaged_derived_blobs_fail_cleanly(data):
     """Any byte of a derived blob changed: a TdedupError or the right bytes, never a crash."""
