@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import tdedup
+from helpers.hostile_helpers import slow
 from tdedup.analyzers.derivation import canonical_names, plan_derived
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.errors import BundleFormatError, TdedupError
@@ -283,7 +284,7 @@ def test_llama_quantize_ladder_round_trips(corpus, tmp_path):
 
 
 @pytest.mark.corpus
-@pytest.mark.slow
+@slow
 def test_corpus_smollm_requantized_family_round_trips(corpus, tmp_path):
     """Q4_1 as shipped and gguf-py's F16 and Q8_0 requantizations (~50 s)."""
     args = [f"{n}={corpus / 'smollm' / f'{n}.gguf'}" for n in ("q4_1", "q8_0", "f16")]
