@@ -401,3 +401,27 @@ def test_a_tensor_the_transform_misses_round_trips_through_its_residual(ladder, 
     assert nonzero == len(range(0, int(t.n_bytes), 997))  # the residual holds the edits
     tdedup.unpack(tmp_path / "e.tdd", tmp_path / "out")
     assert _sha(tmp_path / "out" / "edited" / "edited.gguf") == _sha(edited)
+
+
+def test_serving_layout_keeps_the_same_derived_blobs_and_converts(ladder, tmp_path):
+    """Serving makes compact's choices (derived blobs and layout references included) and
+    keeps self-contained winners raw; convert between the two gives the same blobs."""
+    compact = tmp_path / "c.tdd"
+    serving = tmp_path / "s.tdd"
+    tdedup.pack(ladder, compact)
+    tdedup.pack(ladder, serving, layout="serving")
+
+    def based(path):
+        with tdedup.open_bundle(path) as b:
+            blobs = b.manifest.blobs
+            assert all(r.encoding is BlobEncoding.RAW for r in blobs.values() if r.base is None)\
+                or path == compact
+            return {h: (r.encoding, r.base) for h, r in blobs.items() if r.base is not None}
+
+    assert based(serving) == based(compact) != {}
+    tdedup.convert(compact, tmp_path / "c2s.tdd", "serving")
+    assert based(tmp_path / "c2s.tdd") == based(serving)
+    tdedup.unpack(serving, tmp_path / "out")
+    for arg in ladder:
+        name, path = arg.split("=", 1)
+        assert _sha(tmp_path / "out" / name / Path(path).name) == _sha(Path(path))
