@@ -186,8 +186,9 @@ def test_a_reader_of_1_0_refuses_derived_blobs(ladder, tmp_path, monkeypatch):
     from tdedup.format.bundle import manifest as manifest_mod
 
     tdedup.pack(ladder[:2], tmp_path / "b.tdd")
-    v1_0 = IntEnum("BlobEncoding", {e.name: e.value for e in BlobEncoding if e.value <= 20})
-    v1_0.is_delta = property(lambda self: self >= 16)
+    v1_0 = IntEnum("BlobEncoding", {e.name: e.value for e in BlobEncoding
+                                    if not e.any_length_base})
+    v1_0.is_delta = property(lambda self: 16 <= self < 32)
     v1_0.any_length_base = property(lambda self: False)
     monkeypatch.setattr(manifest_mod, "BlobEncoding", v1_0)
     with pytest.raises(BundleFormatError, match="unknown blob encoding 2[45]"):

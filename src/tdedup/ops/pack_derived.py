@@ -11,6 +11,8 @@ Kept apart from ``ops.pack`` so that pack's own flow stays readable:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..analyzers.derivation import DeriveChoice, plan_derived
 from ..analyzers.scan import ScannedModels
 from ..analyzers.tensor_hashes import ContentKey
@@ -35,10 +37,16 @@ def plan(scanned: ScannedModels, derive: str) -> dict[ContentKey, DeriveChoice]:
     return plan_derived(scanned)
 
 
-class DeltaExclusions(frozenset):
-    """Contents whose delta choice pack ignores, with ``targets`` the derived ones."""
+@dataclass(frozen=True, slots=True)
+class DeltaExclusions:
+    """Contents whose delta choice pack ignores (``members``), and the derived ones among
+    them (``targets``: no delta may use one as its base)."""
 
+    members: frozenset
     targets: frozenset
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.members
 
 
 def delta_exclusions(derived: dict[ContentKey, DeriveChoice]) -> DeltaExclusions:
@@ -49,9 +57,8 @@ def delta_exclusions(derived: dict[ContentKey, DeriveChoice]) -> DeltaExclusions
     for every delta whose base is a derived target. Then a derived base ends every chain
     it is on, a chain of derived blobs is acyclic and short (the derivation planner checks),
     and a delta chain never passes a derived blob: dropping a delta only shortens chains."""
-    out = DeltaExclusions(set(derived) | {c.base for c in derived.values()})
-    out.targets = frozenset(derived)
-    return out
+    return DeltaExclusions(frozenset(derived) | {c.base for c in derived.values()},
+                           frozenset(derived))
 
 
 def try_derived(data, base, choice: DeriveChoice, level: int) -> bytes | None:
