@@ -299,7 +299,7 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
     import threading
 
     torch = pytest.importorskip("torch")
-    from tdedup.loaders import torch as tl
+    from tdedup.loaders import placement as pl
 
     class NoStream:
         def synchronize(self) -> None:
@@ -308,10 +308,10 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
         def record(self, stream=None) -> None:
             pass
 
-    class HostStager(tl._Stager):
+    class HostStager(pl.Stager):
         def __init__(self, device) -> None:
             self.device = device
-            self.buffers = [torch.empty(tl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+            self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
             self.events, self.stream, self.turn = [None, None], NoStream(), 0
             self.lock = threading.Lock()
 
@@ -320,16 +320,15 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
 
     bundle = tmp_path / "b.tdd"
     tdedup.pack(ladder, bundle)
-    monkeypatch.setattr(tl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(tl._Stager, "get", classmethod(lambda cls, device: HostStager(device)))
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", NoStream)
     with tdedup.open_bundle(bundle) as b:
-        needed = [t.hash for m in b.manifest.models for f in m.files for t in f.tensors
-                  if t.length]
-        order, depth = b.manifest.placement_order(needed), b.manifest.with_bases(needed)
+        order, depth = pl.blob_order(b, [t.hash for m in b.manifest.models
+                                          for f in m.files for t in f.tensors if t.length])
         assert any(r.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD for r in order)
-        placer = tl._Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
