@@ -31,6 +31,7 @@ within ``MAX_DELTA_DEPTH``.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -273,6 +274,15 @@ def _root(group: list[HashedTensor], canon: str, heads: dict, read, cache: dict
     return None
 
 
+def _no_transform_between(group: list[HashedTensor], heads: dict) -> bool:
+    """Whether no chain can relate the group's contents: one type, one shape and no head
+    permutation (fine-tunes of one model: deltas' business, and at analyze's scale a
+    group may hold thousands of them)."""
+    first = group[0].record
+    return all(h.record.dtype == first.dtype and tuple(h.record.shape) == tuple(first.shape)
+               and (h.record.model, h.record.file, h.record.name) not in heads for h in group)
+
+
 def plan_derived(scanned: ScannedModels, deltas: dict | None = None,
                  max_depth: int = MAX_DELTA_DEPTH) -> dict[ContentKey, DeriveChoice]:
     """Derived choices for the distinct contents of ``scanned`` (see the module docstring).
@@ -294,18 +304,20 @@ def plan_derived(scanned: ScannedModels, deltas: dict | None = None,
     choices: dict[ContentKey, DeriveChoice] = {}
     with TensorBytes(scanned) as read:
         for (name, _), group in groups.items():
-            if len(group) < 2:
+            if len(group) < 2 or _no_transform_between(group, heads):
                 continue
             cache: dict = {}
+            by_precision = sorted(group, key=lambda c: _PRECISION[c.record.dtype])
             root = _root(group, name, heads, read, cache) if len(group) <= MAX_GROUP else None
             for h in group:
                 if root is not None:
                     cands = [root] if h.key != root.key else []
                 else:
-                    cands = sorted((c for c in group if c.key != h.key
-                                    and c.record.model != h.record.model
-                                    and _PRECISION[c.record.dtype] <= _PRECISION[h.record.dtype]),
-                                   key=lambda c: _PRECISION[c.record.dtype])[:MAX_BASES]
+                    cands = list(itertools.islice(
+                        (c for c in by_precision if c.key != h.key
+                         and c.record.model != h.record.model
+                         and _PRECISION[c.record.dtype] <= _PRECISION[h.record.dtype]),
+                        MAX_BASES))
                 best: DeriveChoice | None = None
                 for c in cands:
                     if not _acyclic(h.key, c.key, edges, choices, max_depth):
