@@ -250,7 +250,7 @@ def device_decode(enc: E, stored: bytes, base: bytes, device) -> bytes:
     return b(dd.combine_(out, pred, op, width))
 
 
-DELTAS = [e for e in E if e.is_delta]
+DELTAS = [e for e in E if e.is_delta and not e.any_length_base]  # 24, 25: test_derived
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -153,3 +153,12 @@ def display_path(path: str | os.PathLike) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(p)
+
+
+# -- transforms -----------------------------------------------------------------------
+
+class TransformMismatch(TdedupError):
+    """A tensor transform does not apply to its input (wrong type, shape or unknown kind).
+
+    The planner treats it as "not a candidate"; in a bundle's derived blob it is a format
+    error, which the bundle reader reports with the blob."""

@@ -31,6 +31,7 @@ import zstandard
 
 from tdedup.format.bundle.constants import (BLOB_ALIGNMENT, FOOTER_BODY_STRUCT,
                                             FOOTER_CHECK_SIZE, FOOTER_MAGIC, FOOTER_SIZE,
+                                            FORMAT_MAJOR, FORMAT_MINOR,
                                             HEADER_SIZE, MAX_DELTA_DEPTH, ManifestEncoding)
 
 #: Long runs: collected under the ``slow`` marker, and run only when it is asked for
@@ -128,7 +129,8 @@ def read_parts(bundle: Path) -> BundleParts:
     return BundleParts(data[:m_off], json.loads(raw), major, minor)
 
 
-def bundle_bytes(prefix: bytes, manifest_json: bytes, *, major: int = 1, minor: int = 0,
+def bundle_bytes(prefix: bytes, manifest_json: bytes, *, major: int = FORMAT_MAJOR,
+                 minor: int = FORMAT_MINOR,
                  encoding: ManifestEncoding = ManifestEncoding.ZSTD_JSON,
                  decoded_length: int | None = None) -> bytes:
     """``prefix`` + the manifest (encoded, checksummed) + a correct footer."""

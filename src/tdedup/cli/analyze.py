@@ -27,6 +27,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    from ..analyzers.derivation import DerivableModel
     from ..analyzers.drift import DriftReport
     from ..analyzers.overlap import OverlapReport
     from ..analyzers.scan import ScannedModels
@@ -66,7 +67,8 @@ def write_markdown(target: str, text: str) -> None:
 
 
 def render_json(report: OverlapReport, drift: DriftReport | None = None,
-                models: list[ModelSource] | None = None) -> str:
+                models: list[ModelSource] | None = None,
+                derived: list[DerivableModel] | None = None) -> str:
     """The JSON report, one model, pair or group per line.
 
     Readable and grep-able, and json's C encoder does it: ``indent=2`` falls back to the
@@ -76,6 +78,8 @@ def render_json(report: OverlapReport, drift: DriftReport | None = None,
     doc["skipped"] = {m.name: list(m.skipped) for m in models or [] if m.skipped}
     if drift is not None:
         doc["drift"] = drift.to_dict()
+    if derived:
+        doc["derived"] = [d.to_dict() for d in derived]
     fields = list(doc.items())
     lines = ["{"]
     for i, (key, value) in enumerate(fields):
@@ -172,22 +176,33 @@ def analyze(
         # Fail before hashing gigabytes, not after.
         raise OutputError("cannot write the Markdown report: no such folder",
                           path=display_path(markdown))
-    from .analyze_render import drift_table, markdown_report, print_report
+    from ..analyzers.derivation import derivation_report
+    from .analyze_render import (
+        derived_markdown,
+        derived_table,
+        drift_table,
+        markdown_report,
+        print_report,
+    )
     scanned, report = analyze_paths(paths, dask=dask, index=index)
     drift_report = None
     if drift:
         from ..analyzers.drift import compute_drift
         drift_report = compute_drift(scanned)
+    derived = derivation_report(scanned)
     if as_json:
-        sys.stdout.write(render_json(report, drift_report, scanned.models))
+        sys.stdout.write(render_json(report, drift_report, scanned.models, derived))
     elif markdown != "-":
         console = stdout_console()
         print_report(report, console, top=top)
         if drift_report is not None:
             console.print(drift_table(drift_report))
+        if derived:
+            console.print(derived_table(derived))
     if markdown is not None:
         text = markdown_report(report, top=top, min_ratio=min_dedup_ratio)
-        write_markdown(markdown, text + (drift_markdown(drift_report) if drift_report else ""))
+        write_markdown(markdown, text + (drift_markdown(drift_report) if drift_report else "")
+                       + (derived_markdown(derived) if derived else ""))
     if not drift:
         n = differing_slots(scanned)
         if n:

@@ -17,6 +17,7 @@ from rich.text import Text
 from .common import clean, human_bytes, plain
 
 if TYPE_CHECKING:  # drift imports numpy and the delta planner: only --drift needs them
+    from ..analyzers.derivation import DerivableModel
     from ..analyzers.drift import DriftReport
     from ..analyzers.overlap import OverlapReport, SharedGroup
 
@@ -250,3 +251,25 @@ def drift_table(report: DriftReport, *, max_rows: int = 60) -> Table:
         table.caption_justify = "left"
     return table
 
+
+
+def derived_table(rows: list[DerivableModel]) -> Table:
+    """A rich ``Table`` of the bytes per model that another model's tensors compute."""
+    table = Table(title="Derivable from another model (cast, quantization, ...)",
+                  title_justify="left")
+    for col, kw in (("model", {}), ("derivable", {"justify": "right"}),
+                    ("of its tensors", {"justify": "right"}), ("from", {}), ("by", {})):
+        table.add_column(col, **kw)
+    for d in rows:
+        table.add_row(plain(d.model), human_bytes(d.derivable_bytes), f"{d.fraction:.1%}",
+                      plain(d.base_model), plain(d.transform))
+    return table
+
+
+def derived_markdown(rows: list[DerivableModel]) -> str:
+    """The Markdown section of :func:`derived_table`."""
+    lines = ["", "## Derivable from another model", ""]
+    lines += _md_table(["model", "derivable", "of its tensors", "from", "by"],
+                       [[md_escape(d.model), human_bytes(d.derivable_bytes), f"{d.fraction:.1%}",
+                         md_escape(d.base_model), md_escape(d.transform)] for d in rows], {1, 2})
+    return "\n".join(lines) + "\n"

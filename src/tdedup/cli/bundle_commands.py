@@ -28,12 +28,13 @@ def pack(
     layout: Annotated[BundleLayout, typer.Option("--layout", help="compact: compress every blob; serving: keep self-contained blobs raw and aligned, for loads that map them (deltas stay compressed).")] = BundleLayout.COMPACT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    derive: Annotated[str, typer.Option("--derive", help="auto: store tensors another model's tensor computes (a cast, a ggml quantization) as transform + residual, and repeated file layouts against each other; off: never.")] = "auto",
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
     from ..ops.pack import pack as pack_models
     with phased_progress(quiet) as progress:
         r = pack_models(paths, output, level=level, delta=delta, progress=progress,
-                        layout=layout)
+                        layout=layout, derive=derive)
     for name, entries in r.skipped.items():
         shown = ", ".join(entries[:5])
         warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"

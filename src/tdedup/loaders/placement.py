@@ -320,8 +320,10 @@ class Placer:
         # An encoding not streamed here: decoded whole on the host by the format's
         # codecs, from the placed base.
         base = None
-        if rec.base is not None:
-            base = (base_bytes(0, rec.decoded_length) if base_bytes is not None
+        if rec.base is not None:  # a derived blob's base may have another length
+            n = (self.bundle.blob(rec.base).decoded_length if rec.encoding.any_length_base
+                 else rec.decoded_length)
+            base = (base_bytes(0, n) if base_bytes is not None
                     else self.base(rec.base).cpu().numpy())
         source = MappedSource(self.mm, self.view, rec.offset, rec.stored_length)
         try:

@@ -40,7 +40,7 @@ from ..format.checkpoints.records import SourceFile
 from ..format.checkpoints.sources import ModelArg
 from ..format.codecs import DEFAULT_LEVEL, encode
 from ..format.codecs.zstd import zstd_compress
-from . import ProgressFn, check_output_file, check_output_not_input
+from . import ProgressFn, check_output_file, check_output_not_input, pack_derived
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
@@ -208,13 +208,16 @@ class _Stopped(Exception):
 
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
          delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
-         layout: str | BundleLayout = BundleLayout.COMPACT) -> PackResult:
+         layout: str | BundleLayout = BundleLayout.COMPACT, derive: str = "auto"
+         ) -> PackResult:
     """Write a bundle holding every model in ``paths`` (``PATH`` or ``NAME=PATH``).
 
     Identical tensors are stored once, near-identical ones as base plus delta
-    (``delta="auto"``), the rest compressed losslessly at zstd ``level``
-    (``layout="compact"``) or kept raw and aligned for loads that map them
-    (``layout="serving"``; the same deltas either way, see spec §10.1).
+    (``delta="auto"``), those another model's tensor computes (a cast, a quantization:
+    ``derive="auto"``) as transform plus residual, the rest compressed losslessly at zstd
+    ``level`` (``layout="compact"``) or kept raw and aligned for loads that map them
+    (``layout="serving"``; the same deltas and derived blobs either way, see spec §10.1);
+    a file's non-tensor bytes against another file's when that is smaller.
     """
     t0 = time.perf_counter()
     layout = parse_layout(layout)
@@ -240,6 +243,8 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
         firsts = scanned.first_occurrences()
         distinct = sum(k[1] for k in firsts)
+        derived = pack_derived.plan(scanned, derive)
+        no_delta = pack_derived.delta_exclusions(derived)
 
         with BundleWriter(output) as writer:
 
@@ -256,7 +261,16 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
             def job(key, choice):
                 h = firsts[key]
                 data = source(h)
-                if raw_only and choice is None:
+                if key in no_delta or (choice is not None and choice.base in no_delta.targets):
+                    choice = None  # see pack_derived.delta_exclusions
+                dchoice = derived.get(key)
+                got = None
+                if dchoice is not None:
+                    got = pack_derived.try_derived(data, source(firsts[dchoice.base]), dchoice,
+                                                   level)
+                    if got is not None and len(got) <= pack_derived.DERIVED_CLEAR_WIN * len(data):
+                        return key, BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, dchoice.base[0]
+                if raw_only and choice is None and got is None:
                     return key, BlobEncoding.RAW, data, None
                 base = source(firsts[choice.base]) if choice is not None else None
                 # Serving makes the same choice as compact (so that both layouts hold the
@@ -265,6 +279,8 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 enc, stored, used = choose_encoding(
                     data, element_width(h.record.dtype), level, base=base, delta=choice,
                     rotate=h.record.dtype in ROTATED_DTYPES)
+                if got is not None and len(got) < len(stored):
+                    return key, BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, dchoice.base[0]
                 if raw_only and not used:
                     enc, stored = BlobEncoding.RAW, data
                 return key, enc, stored, (choice.base[0] if used else None)
@@ -290,6 +306,8 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 planner.stop()
             drain(0)
 
+            layouts = pack_derived.LayoutStore(writer, level, enabled=derive != "off",
+                                               raw_only=raw_only)
             manifest_models = []
             for m in models:
                 entries = []
@@ -297,13 +315,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 for f in m.files:
                     nontensor = _layout_bytes(f, inputs[f.abs_path]) if f.size else b""
                     digest = hash_bytes(nontensor)
-                    if digest not in writer:
-                        stored = None if raw_only else zstd_compress(nontensor, level)
-                        if stored is not None and len(stored) < len(nontensor):
-                            writer.add_blob(digest, BlobEncoding.ZSTD, stored, len(nontensor))
-                        else:
-                            writer.add_blob(digest, BlobEncoding.RAW, nontensor,
-                                            len(nontensor))
+                    layouts.add(digest, nontensor, f.kind.value)
                     tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
                                            digests[(t.file, t.name)])
                                for t in f.tensors]

@@ -14,7 +14,7 @@ MAGIC = b"TDEDUPB\x00"
 #: First 8 bytes of the footer (the last FOOTER_SIZE bytes of the bundle).
 FOOTER_MAGIC = b"TDDFOOT\x00"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 #: Raw blobs start at a multiple of this (mmap-able, page-aligned for the device copy).
 RAW_ALIGNMENT = 4096
 #: Every other blob, and the manifest, start at a multiple of this.
@@ -63,6 +63,11 @@ class BlobEncoding(IntEnum):
     - ``LOWRANK_SUB_BYTEPLANE_ZSTD`` (20): rows, cols, rank, factors ``U``, ``V``, then byte
       planes of ``zigzag(data - P)``, ``P = float32(base + U @ V)`` summed in float64 (a
       merged LoRA).
+    - ``DERIVED_XOR_BYTEPLANE_ZSTD`` (24, since 1.1): a transform chain applied to the base
+      (a cast, a ggml quantization...; ``format.codecs.transforms``), then byte planes of
+      ``data XOR prediction``; the base may have any length.
+    - ``ZSTD_REF`` (25, since 1.1): one zstd frame with the base as a raw-content
+      dictionary (a file's layout bytes against another file's).
 
     ``ROTATED_BYTEPLANE_ZSTD`` (32, self-contained): every element of 2 or 4 bytes rotated
     left by one bit, then byte planes: the sign goes to bit 0, so the 8 exponent bits of
@@ -77,11 +82,18 @@ class BlobEncoding(IntEnum):
     ZIGZAG_SUB_BYTEPLANE_ZSTD = 18
     DECAY_SUB_BYTEPLANE_ZSTD = 19
     LOWRANK_SUB_BYTEPLANE_ZSTD = 20
+    DERIVED_XOR_BYTEPLANE_ZSTD = 24
+    ZSTD_REF = 25
     ROTATED_BYTEPLANE_ZSTD = 32
 
     @property
     def is_delta(self) -> bool:
         return 16 <= self < 32
+
+    @property
+    def any_length_base(self) -> bool:
+        """Whether the base may differ in length (a transform's or a reference's base)."""
+        return self in (BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, BlobEncoding.ZSTD_REF)
 
 
 class ManifestEncoding(IntEnum):

@@ -330,7 +330,8 @@ class _Parser:
                     if base is None:
                         raise _fail(f"delta base {rec.base[:16]} of blob {cur[:16]} is not in "
                                     "the bundle")
-                    if base.decoded_length != rec.decoded_length:
+                    if (base.decoded_length != rec.decoded_length
+                            and not rec.encoding.any_length_base):
                         raise _fail(f"blob {cur[:16]} and its base differ in length")
                 cur = rec.base
             d = depth[cur] if cur is not None else 0

@@ -1,7 +1,9 @@
 """Blob encodings: turn decoded bytes into stored bytes and back (spec/FORMAT.md §4).
 
 This package is the dispatch; each encoding family has its module: :mod:`.zstd`,
-:mod:`.byteplane`, :mod:`.delta` (with :mod:`.delta_fit` for the encoder's searches).
+:mod:`.byteplane`, :mod:`.delta` (with :mod:`.delta_fit` for the encoder's searches),
+:mod:`.derived` (a transform of the base plus a residual, and zstd against a reference;
+the transforms in :mod:`.transforms` and :mod:`.kquants`).
 
 Decoders never trust the stored bytes: every zstd frame must declare its content size,
 and a frame that declares (or produces) more than the blob's declared size is refused
@@ -20,15 +22,18 @@ from .byteplane import (
 )
 from .delta import decode_delta
 from .delta_encode import encode_delta
+from .derived import decode_derived, decode_ref, encode_derived, encode_ref
 from .zstd import DEFAULT_LEVEL, zstd_compress, zstd_decompress
 
 __all__ = ["DEFAULT_LEVEL", "encode", "decode"]
 
 
 def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT_LEVEL,
-           base=None, shape: tuple[int, ...] | None = None):
+           base=None, shape: tuple[int, ...] | None = None, derive=None):
     """Encode ``data`` (bytes-like). Delta encodings need ``base`` of the same length;
-    ``shape`` (the tensor's) lets the low-rank delta see a matrix."""
+    ``shape`` (the tensor's) lets the low-rank delta see a matrix. The derived encoding
+    needs ``derive = (chain, base dtype, base shape)``; it and ``ZSTD_REF`` take a base of
+    any length."""
     if encoding is BlobEncoding.RAW:
         return data
     if encoding is BlobEncoding.ZSTD:
@@ -37,6 +42,11 @@ def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT
         return byteplane_compress(data, width, level)
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_compress(data, width, level)
+    if encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
+        chain, base_dtype, base_shape = derive
+        return encode_derived(data, base, chain, base_dtype, tuple(base_shape), level)
+    if encoding is BlobEncoding.ZSTD_REF:
+        return encode_ref(data, base, level)
     if encoding.is_delta:
         return encode_delta(encoding, data, base, width=width, level=level, shape=shape)
     raise BundleFormatError(f"unknown blob encoding {int(encoding)}")
@@ -58,6 +68,12 @@ def decode(encoding: BlobEncoding, stored, expected: int, *, base=None,
         return byteplane_decompress(stored, expected, what)
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_decompress(stored, expected, what)
+    if encoding in (BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, BlobEncoding.ZSTD_REF):
+        if base is None:
+            raise BundleFormatError("base of a derived blob missing", part=what)
+        if encoding is BlobEncoding.ZSTD_REF:
+            return decode_ref(stored, expected, base, what)
+        return decode_derived(stored, expected, base, what)
     if encoding.is_delta:
         if base is None or len(base) != expected:
             raise BundleFormatError("delta base missing or of the wrong size", part=what)

@@ -1,0 +1,127 @@
+"""Regenerate the format 1.1 test vectors: one tiny bundle per transform (§4.6-4.8).
+
+    python spec/vectors/make_vectors.py      (repo root, tdedup importable)
+
+Each ``<name>.tdd`` packs two or three tiny models whose later tensors are the named
+transform of the first model's; ``expected.json`` records, per vector, the SHA-256 of every
+original file (what unpack must give back), the transform chains its derived blobs name,
+and the BLAKE3 hash of each derived blob's decoded bytes. A second implementation checks
+itself by unpacking each bundle and comparing. Inputs are seeded, so a rerun rewrites the
+same bytes (the bundles too, while the writer does not change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+
+import tdedup
+from tdedup.format.bundle.constants import BlobEncoding
+from tdedup.format.codecs.derived import parse_derived
+from tdedup.format.codecs.transforms import quantize
+
+HERE = Path(__file__).parent
+HF_Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _x(shape, seed=0, scale=0.05) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _gguf(path: Path, tensors: dict, arch: str = "bert", heads: int | None = None) -> None:
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    if heads:
+        w.add_head_count(heads)
+        w.add_head_count_kv(heads)
+    for name, (data, qtype) in tensors.items():
+        if qtype is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _quant(x: np.ndarray, name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    q = quantize(x, name, x.shape[-1]).reshape(x.shape[0], -1)
+    return q, gguf.GGMLQuantizationType[name]
+
+
+def build(d: Path) -> dict[str, list[Path]]:
+    """Vector name -> the model files to pack, in order (the base first)."""
+    out: dict[str, list[Path]] = {}
+    x = _x((2, 256))
+    save_file({"w": x}, d / "f32.safetensors")
+    for t, arr in (("f16", x.astype(np.float16)),):
+        save_file({"w": arr}, d / f"{t}.safetensors")
+    out["cast_f16"] = [d / "f32.safetensors", d / "f16.safetensors"]
+    import torch  # the BF16 cast as torch writes it
+    from safetensors.torch import save_file as save_torch
+    save_torch({"w": torch.from_numpy(x).bfloat16()}, d / "bf16.safetensors")
+    out["cast_bf16"] = [d / "f32.safetensors", d / "bf16.safetensors"]
+    exact = np.round(x * 64).astype(np.float16).astype(np.float32)  # F16-exact values
+    save_file({"w": exact.astype(np.float16)}, d / "exact-f16.safetensors")
+    save_file({"w": exact}, d / "exact-f32.safetensors")
+    out["cast_f32"] = [d / "exact-f16.safetensors", d / "exact-f32.safetensors"]
+    name = "token_embd.weight"
+    _gguf(d / "base.gguf", {name: (x, None)})
+    for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        _gguf(d / f"{q.lower()}.gguf", {name: _quant(x, q)})
+        out[f"quantize_{q.lower()}"] = [d / "base.gguf", d / f"{q.lower()}.gguf"]
+    q41 = _quant(x, "Q4_1")
+    deq = gguf.quants.dequantize(q41[0], q41[1]).astype(np.float32)
+    _gguf(d / "deq-f16.gguf", {name: (deq.astype(np.float16), None)})
+    _gguf(d / "req-q8_0.gguf", {name: (gguf.quants.quantize(deq, gguf.GGMLQuantizationType.Q8_0),
+                                       gguf.GGMLQuantizationType.Q8_0)})
+    out["dequantize_f16"] = [d / "q4_1.gguf", d / "deq-f16.gguf"]
+    out["chain_dequantize_quantize"] = [d / "q4_1.gguf", d / "req-q8_0.gguf"]
+    y = _x((16, 64), seed=1)
+    save_file({"w": y}, d / "t-base.safetensors")
+    save_file({"w": np.ascontiguousarray(y.T)}, d / "t-transposed.safetensors")
+    out["transpose"] = [d / "t-base.safetensors", d / "t-transposed.safetensors"]
+    q = _x((64, 32), seed=2)
+    save_file({HF_Q: q}, d / "llama-hf.safetensors")
+    perm = q.reshape(4, 2, 8, 32).swapaxes(1, 2).reshape(64, 32)  # convert_hf_to_gguf permute
+    _gguf(d / "llama.gguf", {"blk.0.attn_q.weight": (np.ascontiguousarray(perm), None)},
+          arch="llama", heads=4)
+    out["permute_qk"] = [d / "llama-hf.safetensors", d / "llama.gguf"]
+    return out
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    expected = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, files in build(Path(tmp)).items():
+            bundle = HERE / f"{name}.tdd"
+            args = [f"m{i}={p}" for i, p in enumerate(files)]
+            tdedup.pack(args, bundle)
+            derived = {}
+            with tdedup.open_bundle(bundle) as b:
+                for rec in b.manifest.blobs.values():
+                    if rec.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
+                        chain = parse_derived(b.stored_bytes(rec))[0]
+                        derived[rec.hash] = [t.to_json() for t in chain]
+            if not derived:
+                sys.exit(f"{name}: no derived blob was planned")
+            expected[name] = {"files": {f"m{i}/{p.name}": _sha(p) for i, p in enumerate(files)},
+                              "derived": derived}
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(expected)} vectors to {HERE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The format 1.1 test vectors (spec/vectors/): every bundle unpacks to the recorded files,
+and its derived blobs name the recorded transform chains and decode to the recorded hashes.
+
+Regenerate with ``python spec/vectors/make_vectors.py`` when the writer changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import tdedup
+from tdedup.format.bundle.constants import BlobEncoding
+from tdedup.format.bundle.hashing import hash_bytes
+from tdedup.format.codecs.derived import parse_derived
+from tdedup.format.codecs.transforms import TransformKind
+
+VECTORS = Path(__file__).parents[1] / "spec" / "vectors"
+EXPECTED = json.loads((VECTORS / "expected.json").read_text())
+#: The registry entry each vector exercises (by its name's first word).
+KIND = {"cast": TransformKind.CAST, "quantize": TransformKind.QUANTIZE,
+        "dequantize": TransformKind.DEQUANTIZE, "chain": TransformKind.QUANTIZE,
+        "transpose": TransformKind.TRANSPOSE, "permute": TransformKind.PERMUTE_QK}
+
+
+def test_every_transform_has_a_vector():
+    kinds = {KIND[name.split("_")[0]] for name in EXPECTED}
+    assert kinds >= set(TransformKind) - {TransformKind.UNPERMUTE_QK}
+    assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 10
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vector(name, tmp_path):
+    want = EXPECTED[name]
+    bundle = VECTORS / f"{name}.tdd"
+    tdedup.unpack(bundle, tmp_path / "out")
+    for rel, sha in want["files"].items():
+        assert hashlib.sha256((tmp_path / "out" / rel).read_bytes()).hexdigest() == sha, rel
+    with tdedup.open_bundle(bundle) as b:
+        derived = {h: r for h, r in b.manifest.blobs.items()
+                   if r.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD}
+        assert set(derived) == set(want["derived"])
+        for h, rec in derived.items():
+            chain = parse_derived(b.stored_bytes(rec))[0]
+            assert [t.to_json() for t in chain] == want["derived"][h]
+            assert hash_bytes(bytes(b.read_blob(h))) == h
+        kinds = {t[0] for chains in want["derived"].values() for t in chains}
+        assert int(KIND[name.split("_")[0]]) in kinds
