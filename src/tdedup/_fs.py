@@ -92,11 +92,16 @@ def open_temp(target: Path):
     Returns ``(path, binary file)``."""
     tmp = temp_path_for(target)
     f = open(tmp, "xb")
-    if fcntl is not None:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a file system without locks: the process check alone decides
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass  # a file system without locks: the process check alone decides
+    except BaseException:  # interrupted before the caller holds the file: leave nothing
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp, f
 
 

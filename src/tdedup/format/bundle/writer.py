@@ -51,8 +51,12 @@ class BundleWriter:
             raise OutputError(f"cannot create the bundle: {e.strerror or e}",
                               path=self.target) from e
         self.pos = 0
-        self._write(HEADER_STRUCT.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, alignment))
         self.finished = False
+        try:
+            self._write(HEADER_STRUCT.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, alignment))
+        except BaseException:  # Ctrl-C or SIGTERM before the caller's ``with`` holds us
+            self.abort()
+            raise
 
     def __enter__(self) -> "BundleWriter":
         return self
