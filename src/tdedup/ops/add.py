@@ -1,0 +1,326 @@
+"""``add`` and ``remove``: change which models a bundle holds without re-encoding it.
+
+A bundle grows by a fine-tune a week. Unpacking and packing everything again re-encodes
+every blob; here the blobs already stored are copied into the new bundle by the kernel
+(``copy_file_range``: no byte passes through Python, and file systems that share extents
+make it a reflink), and only the new models' tensors are hashed, planned and encoded.
+
+New tensors may be stored as deltas against tensors the bundle already holds: the
+bundle's tensors are handed to the delta planner as earlier candidates (raw blobs are
+read in place in the bundle, others decoded once into a temporary spill file beside the
+output), so an added fine-tune is stored as it would be by a fresh pack of both.
+
+The result is written as pack writes (temporary name, fsync, rename over the target), so
+the old bundle stays valid until the new one replaces it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._fs import mapped, open_temp
+from .._version import __version__
+from ..analyzers.delta_planning import DeltaChoice, plan_deltas
+from ..analyzers.scan import ScannedModels, hash_models
+from ..analyzers.tensor_hashes import HashedTensor
+from ..errors import UsageError
+from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
+from ..format.bundle.hashing import hash_bytes
+from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
+from ..format.bundle.reader import Bundle
+from ..format.bundle.writer import BundleWriter
+from ..format.checkpoints.dtypes import element_width
+from ..format.checkpoints.records import (
+    FileKind,
+    ModelLayout,
+    ModelSource,
+    SourceFile,
+    TensorRecord,
+)
+from ..format.checkpoints.sources import (
+    ModelArg,
+    assign_names,
+    open_model,
+    parse_model_arg,
+)
+from ..format.codecs import DEFAULT_LEVEL
+from ..format.codecs.zstd import zstd_compress
+from . import ProgressFn
+from .pack import choose_encoding, layout_bytes, sha256_file
+
+#: Blobs encoded ahead of the writer (bounds memory to a few blobs).
+WINDOW = 6
+
+
+@dataclass(slots=True)
+class EditResult:
+    """What ``add`` or ``remove`` wrote."""
+
+    path: Path
+    models: list[str]  # every model of the new bundle
+    changed: list[str]  # the models added or removed
+    copied_blobs: int
+    new_blobs: int
+    bundle_bytes: int
+    seconds: float
+
+
+def summary_of(manifest: Manifest) -> dict:
+    """The manifest's ``summary`` object, recomputed from its models and blobs."""
+    tensors = {t.hash: t.length for m in manifest.models for f in m.files for t in f.tensors}
+    counts: dict[str, int] = {}
+    for rec in manifest.blobs.values():
+        counts[rec.encoding.name.lower()] = counts.get(rec.encoding.name.lower(), 0) + 1
+    return {"models": len(manifest.models),
+            "logical_bytes": sum(m.file_bytes for m in manifest.models),
+            "tensor_bytes": sum(m.tensor_bytes for m in manifest.models),
+            "distinct_tensor_bytes": sum(tensors.values()),
+            "stored_blob_bytes": sum(b.stored_length for b in manifest.blobs.values()),
+            "encodings": counts}
+
+
+def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
+    """Kernel-copy blobs of ``bundle`` (stored checksum checked first), in file order."""
+    recs = sorted((bundle.blob(d) for d in digests), key=lambda r: r.offset)
+    total = sum(r.stored_length for r in recs)
+    for rec in recs:
+        bundle.check_stored(rec)  # never carry a corrupted blob into a new bundle
+    with open(bundle.path, "rb") as src:
+        for rec in recs:
+            writer.copy_blob(rec, src.fileno())
+            progress("copying", rec.stored_length, total)
+    return len(recs)
+
+
+def _finish(writer: BundleWriter, models: list[ModelEntry], level: int) -> int:
+    manifest = Manifest(models, {}, tool_version=__version__)
+    manifest.blobs = writer.blobs
+    manifest.summary = summary_of(manifest)
+    return writer.finish(manifest, level=level, validate=True)
+
+
+def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
+           output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
+           progress: ProgressFn | None = None) -> EditResult:
+    """Drop models ``names`` and the blobs no other model needs; nothing is re-encoded.
+
+    Writes ``output`` (default: over ``bundle_path``, atomically)."""
+    t0 = time.perf_counter()
+    report = progress or (lambda phase, n, total: None)
+    target = Path(output or bundle_path)
+    with Bundle(bundle_path) as b:
+        unknown = [n for n in names if n not in b.model_names]
+        for n in unknown:
+            b.model(n)  # raises ModelNotFoundError naming what the bundle has
+        kept = [m for m in b.manifest.models if m.name not in set(names)]
+        if not kept:
+            raise UsageError("removing every model would leave an empty bundle",
+                             path=bundle_path, hint="delete the file instead")
+        b.check_padding()
+        with BundleWriter(target, alignment=b.manifest.alignment) as w:
+            copied = _copy_blobs(w, b, b.manifest.blobs_of(kept), report)
+            size = _finish(w, kept, level)
+    return EditResult(target, [m.name for m in kept], list(names), copied, 0, size,
+                      time.perf_counter() - t0)
+
+
+# -- add ---------------------------------------------------------------------------------
+
+def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path | None
+                   ) -> tuple[list[ModelSource], dict[str, list[HashedTensor]]]:
+    """The bundle's models as planner candidates: only tensors whose (dtype, length) a new
+    tensor has. Raw blobs are located in the bundle itself; others are decoded once into
+    ``spill``."""
+    placed: dict[str, tuple[Path, int]] = {}
+    spill_pos = 0
+    out_models, hashed = [], {}
+    spill_f = open(spill, "wb") if spill is not None else None
+    try:
+        for m in b.manifest.models:
+            raw = SourceFile("<bundle>", b.path, b.size, FileKind.SAFETENSORS)
+            spilled = SourceFile("<spill>", spill or b.path, 0, FileKind.SAFETENSORS)
+            hs = []
+            for f in m.files:
+                for t in f.tensors:
+                    if not t.length or (t.dtype, t.length) not in wanted:
+                        continue
+                    if t.hash not in placed:
+                        rec = b.blob(t.hash)
+                        if rec.encoding is BlobEncoding.RAW:
+                            placed[t.hash] = (b.path, rec.offset)
+                        else:
+                            assert spill_f is not None
+                            spill_f.write(b.read_blob(t.hash, verify=True))
+                            placed[t.hash] = (spill, spill_pos)  # type: ignore[assignment]
+                            spill_pos += t.length
+                    path, off = placed[t.hash]
+                    sf = raw if path == b.path else spilled
+                    r = TensorRecord(m.name, sf.rel_path, t.name, t.dtype, tuple(t.shape),
+                                     off, t.length)
+                    sf.tensors.append(r)
+                    hs.append(HashedTensor(r, t.hash))
+            spilled.size = spill_pos
+            out_models.append(ModelSource(m.name, b.path, ModelLayout.FOLDER,
+                                          [f for f in (raw, spilled) if f.tensors]))
+            hashed[m.name] = hs
+    finally:
+        if spill_f is not None:
+            spill_f.close()
+    return out_models, hashed
+
+
+def _depths(b: Bundle, choices: dict, order: list) -> dict:
+    """Drop planned deltas whose chain through the bundle's own would be too deep."""
+    depth = {h: d for h, d in b.manifest.with_bases(b.manifest.blobs).items()}
+    kept: dict = {}
+    for key in order:
+        c = choices.get(key)
+        if c is None:
+            continue
+        base_depth = depth.get(c.base[0], 0)
+        if base_depth + 1 <= MAX_DELTA_DEPTH:
+            kept[key] = c
+            depth[key[0]] = base_depth + 1
+    return kept
+
+
+def _order(keys: list, choices: dict[tuple, DeltaChoice]) -> list:
+    """New contents in first-occurrence order, a new base before its deltas."""
+    order, placed, new = [], set(), set(keys)
+
+    def place(key, depth=0):
+        if key in placed:
+            return
+        c = choices.get(key)
+        if c is not None and c.base in new and depth < 64:
+            place(c.base, depth + 1)
+        placed.add(key)
+        order.append(key)
+
+    for k in keys:
+        place(k)
+    return order
+
+
+def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
+        output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
+        delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None
+        ) -> EditResult:
+    """Add the models ``paths`` (``PATH`` or ``NAME=PATH``) to a bundle.
+
+    The bundle's blobs are copied unchanged; new tensors are deduplicated against them and
+    may be stored as deltas against them. Writes ``output`` (default: over
+    ``bundle_path``, atomically: the old bundle stays valid until the rename)."""
+    if delta not in ("auto", "off"):
+        raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
+    t0 = time.perf_counter()
+    report = progress or (lambda phase, n, total: None)
+    target = Path(output or bundle_path)
+    args = [a if isinstance(a, ModelArg) else parse_model_arg(str(a)) for a in paths]
+    if not args:
+        raise UsageError("no models given")
+    with Bundle(bundle_path) as b, ExitStack() as stack:
+        taken = set(b.model_names)
+        names = assign_names(args)
+        clash = [n for n in names if n in taken]
+        if clash:
+            raise UsageError(f"the bundle already holds a model named {clash[0]!r}",
+                             path=bundle_path, hint="give another name as NAME=PATH, or "
+                             "remove the old one first")
+        new_models = [open_model(a, n) for a, n in zip(args, names)]
+        total = sum(m.tensor_bytes for m in new_models)
+        new_scan = hash_models(new_models, lambda n: report("hashing", n, total))
+        have = set(b.manifest.blobs)
+        firsts = {k: h for k, h in new_scan.first_occurrences().items() if k[0] not in have}
+        choices: dict = {}
+        if delta == "auto" and firsts:
+            wanted = {(h.record.dtype, h.record.length) for h in firsts.values()}
+            spill = None
+            if any(rec.encoding is not BlobEncoding.RAW for rec in b.manifest.blobs.values()):
+                spill_path, f = open_temp(target.with_name(target.name + ".spill"))
+                f.close()
+                stack.callback(spill_path.unlink, missing_ok=True)
+                spill = spill_path
+            old_models, old_hashed = _bundle_models(b, wanted, spill)
+            combined = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
+            planned = plan_deltas(combined, only=set(firsts)).choices
+            choices = _depths(b, planned, list(firsts))
+            scanned = combined
+        else:
+            scanned = new_scan
+        order = _order(list(firsts), choices)
+        b.check_padding()
+        w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
+        copied = _copy_blobs(w, b, list(b.manifest.blobs), report)
+        views: dict[Path, memoryview] = {}
+
+        def view_of(path: Path):
+            if path not in views:
+                views[path] = stack.enter_context(mapped(path))
+            return views[path]
+
+        def source(h: HashedTensor):
+            path, off, length = scanned.locate(h)
+            return view_of(path)[off:off + length]
+
+        all_firsts = scanned.first_occurrences()
+
+        def job(key):
+            h = firsts[key]
+            c = choices.get(key)
+            base = source(all_firsts[c.base]) if c is not None else None
+            enc, stored, used = choose_encoding(source(h), element_width(h.record.dtype), level,
+                                                base=base, delta=c)
+            return key, enc, stored, (c.base[0] if used else None)
+
+        distinct = sum(k[1] for k in firsts)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = []
+            for key in order:
+                pending.append(pool.submit(job, key))
+                while len(pending) > WINDOW:
+                    _write(w, pending.pop(0).result(), report, distinct)
+            while pending:
+                _write(w, pending.pop(0).result(), report, distinct)
+            shas = {id(f): pool.submit(sha256_file, f.abs_path)
+                    for m in new_models for f in m.files}
+            entries = [_model_entry(m, new_scan, w, view_of, shas, level) for m in new_models]
+        size = _finish(w, list(b.manifest.models) + entries, level)
+        new_blobs = len(w.blobs) - copied
+        all_names = b.model_names + names
+    return EditResult(target, all_names, names, copied, new_blobs, size,
+                      time.perf_counter() - t0)
+
+
+def _write(w: BundleWriter, result, report, distinct: int) -> None:
+    key, enc, stored, base = result
+    w.add_blob(key[0], enc, stored, key[1], base=base)
+    report("packing", key[1], distinct)
+
+
+def _model_entry(m: ModelSource, scan: ScannedModels, w: BundleWriter, view_of, shas,
+                 level: int) -> ModelEntry:
+    """The manifest entry of a new model; its layout blobs are written if new."""
+    digests = {(h.record.file, h.record.name): h.digest for h in scan.hashed[m.name]}
+    files = []
+    for f in m.files:
+        layout = layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+        digest = hash_bytes(layout)
+        if digest not in w:
+            stored = zstd_compress(layout, level)
+            if len(stored) < len(layout):
+                w.add_blob(digest, BlobEncoding.ZSTD, stored, len(layout))
+            else:
+                w.add_blob(digest, BlobEncoding.RAW, layout, len(layout))
+        tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
+                               digests[(t.file, t.name)]) for t in f.tensors]
+        info = {k: v for k, v in f.info.items() if isinstance(v, (str, int, float))}
+        files.append(FileEntry(f.rel_path, f.size, shas[id(f)].result(), f.kind.value,
+                               digest, tensors, info))
+    return ModelEntry(m.name, m.layout.value, files, m.hub)
