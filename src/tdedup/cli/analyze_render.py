@@ -89,6 +89,49 @@ def _matrix_cell(report: OverlapReport, a: str, b: str, size: int) -> tuple[int,
 
 # -- rich -----------------------------------------------------------------------------
 
+#: Above this many models the pair matrix is a ranked list of pairs (a matrix of n²
+#: cells stops being readable long before it stops fitting).
+MATRIX_MAX_MODELS = 6
+#: Pairs listed, largest sharing first.
+PAIRS_SHOWN = 20
+#: Layer names up to this long are shown whole; longer ones lose their start, never
+#: their end, where the layer number and the tensor's role are.
+LAYER_WIDTH = 40
+
+
+def matrix_fits(report: OverlapReport, width: int) -> bool:
+    """Whether the pair matrix is readable: few models, and every cell fits the width."""
+    n = len(report.models)
+    label = max(len(f"#{n} {m.name}") for m in report.models)
+    return n <= MATRIX_MAX_MODELS and label + 4 + n * 11 <= width
+
+
+def print_pairs(report: OverlapReport, console: Console) -> None:
+    """The pairs of models that share bytes, most first, as a list."""
+    sizes = {m.name: m.tensor_bytes for m in report.models}
+    pairs = sorted(((report.pair(a.name, b.name).shared_bytes, a.name, b.name)
+                    for i, a in enumerate(report.models) for b in report.models[i + 1:]),
+                   key=lambda p: -p[0])
+    pairs = [p for p in pairs if p[0]]
+    table = Table()
+    for col, just in (("model", "left"), ("model", "left"), ("shared bytes", "right"),
+                      ("of first (%)", "right"), ("of second (%)", "right")):
+        table.add_column(col, justify=just, no_wrap=just == "right")
+    for shared, a, b in pairs[:PAIRS_SHOWN]:
+        table.add_row(plain(a), plain(b), human_bytes(shared), _pct(shared, sizes[a]),
+                      _pct(shared, sizes[b]))
+    more = f"; {len(pairs) - PAIRS_SHOWN} more not shown" if len(pairs) > PAIRS_SHOWN else ""
+    _section(console, "Pairs of models that share bytes",
+             f"{len(pairs)} of {len(report.models) * (len(report.models) - 1) // 2} pairs, "
+             f"most shared first{more}")
+    console.print(table)
+
+
+def layer_label(name: str, width: int = LAYER_WIDTH) -> str:
+    """``name``, or its last ``width`` characters after an ellipsis: the end holds the layer
+    number and the tensor's role, the start only the model's prefix."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
 
 def _section(console: Console, title: str, note: str = "") -> None:
     # A heading line rather than a table title: rich wraps titles to the table's width.
@@ -106,7 +149,8 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     models = Table()
     for col, just in (("#", "right"), ("model", "left"), ("layout", "left"),
                       ("tensors", "right"), ("tensor bytes", "right"),
-                      ("shared", "right"), ("unique", "right"), ("shared %", "right")):
+                      ("shared bytes", "right"), ("unique bytes", "right"),
+                      ("shared (%)", "right")):
         models.add_column(col, justify=just, no_wrap=just == "right")
     for i, m in enumerate(report.models, 1):
         models.add_row(str(i), plain(m.name), plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
@@ -115,7 +159,9 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     _section(console, "Models")
     console.print(models)
 
-    if len(report.models) > 1:
+    if len(report.models) > 1 and not matrix_fits(report, console.width):
+        print_pairs(report, console)
+    elif len(report.models) > 1:
         matrix = Table()
         matrix.add_column("")
         for i in range(1, len(report.models) + 1):
@@ -136,8 +182,8 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     shown = _shown_groups(report, top)
     if shown:
         groups = Table()
-        for col, just in (("size", "right"), ("copies", "right"), ("saves", "right"),
-                          ("tensor (models)", "left")):
+        for col, just in (("bytes each", "right"), ("copies", "right"),
+                          ("bytes saved", "right"), ("tensor (models)", "left")):
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
@@ -149,7 +195,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     mismatches = report.view_mismatches
     if mismatches:
         table = Table()
-        for col, just in (("hash", "left"), ("size", "right"), ("views", "left")):
+        for col, just in (("hash", "left"), ("bytes", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
             table.add_row(g.hash[:12], human_bytes(g.bytes), plain(view_list(g)))
@@ -228,17 +274,20 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
 def drift_table(report: DriftReport, *, max_rows: int = 60) -> Table:
     """A rich ``Table`` of the per-layer drift, with the size estimate as its caption."""
     table = Table(title="Drift of differing tensors, by layer", title_justify="left")
-    for col, kw in (("model", {}), ("vs", {}), ("layer", {}),
+    layer_width = min(LAYER_WIDTH, max((len(g.layer) for g in report.layers[:max_rows]),
+                                       default=5))
+    for col, kw in (("model", {}), ("vs", {}),
+                    ("layer", {"no_wrap": True, "min_width": layer_width}),
                     ("tensors", {"justify": "right"}), ("bytes", {"justify": "right"}),
-                    ("bytes changed", {"justify": "right"}),
-                    ("elements changed", {"justify": "right"}),
-                    ("rel. L2", {"justify": "right"}),
-                    ("planes changed (high..low)", {})):
+                    ("bytes changed (%)", {"justify": "right"}),
+                    ("elements changed (%)", {"justify": "right"}),
+                    ("rel. L2 (ratio)", {"justify": "right"}),
+                    ("planes changed (%, high..low)", {})):
         table.add_column(col, **kw)
     for g in report.layers[:max_rows]:
         planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        table.add_row(plain(g.model), plain(g.reference), plain(g.layer), str(g.tensors),
-                      human_bytes(g.bytes),
+        table.add_row(plain(g.model), plain(g.reference), plain(layer_label(g.layer)),
+                      str(g.tensors), human_bytes(g.bytes),
                       f"{g.bytes_changed:.1%}", f"{g.elements_changed:.1%}",
                       "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes)
     if len(report.layers) > max_rows:

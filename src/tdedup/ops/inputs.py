@@ -59,19 +59,27 @@ def expand_one(arg: str) -> list[ModelArg]:
     return [parsed]
 
 
+def scan_args(cache_dir: str | os.PathLike) -> list[ModelArg]:
+    """Every cached revision of a hub cache folder, one model each (``--hf-cache``)."""
+    return _hub_args(None, hub_cache.scan(cache_dir))
+
+
 def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
-                  exclude: Sequence[str] = ()) -> list[ModelArg]:
-    """Every model the arguments name, filtered by the globs (matched against the model's
-    name, when known, and its path), each input at most once."""
+                  exclude: Sequence[str] = (), models: Sequence[ModelArg] = ()
+                  ) -> list[ModelArg]:
+    """Every model the arguments (and ``models``, already resolved) name, filtered by the
+    globs (matched against the model's name, when known, and its path), each input at
+    most once."""
     out: list[ModelArg] = []
     given: dict[Path, str] = {}
-    for arg in args:
-        for m in expand_one(arg):
-            key = m.path.resolve() if m.path.exists() else m.path
-            if key in given:
-                raise UsageError(f"the same input is given twice: {given[key]!r} and {arg!r}")
-            given[key] = arg
-            out.append(m)
+    pairs = [(arg, m) for arg in args for m in expand_one(arg)]
+    pairs += [(str(m.path), m) for m in models]
+    for arg, m in pairs:
+        key = m.path.resolve() if m.path.exists() else m.path
+        if key in given:
+            raise UsageError(f"the same input is given twice: {given[key]!r} and {arg!r}")
+        given[key] = arg
+        out.append(m)
 
     def matches(m: ModelArg, globs: Sequence[str]) -> bool:
         return any(fnmatch.fnmatchcase(s, g) for g in globs
