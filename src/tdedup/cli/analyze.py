@@ -223,7 +223,7 @@ def analyze(
         console = stdout_console()
         print_report(report, console, top=top)
         if drift_report is not None:
-            console.print(drift_table(drift_report))
+            console.print(drift_table(drift_report, width=console.width))
         if derived:
             console.print(derived_table(derived))
     if markdown is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -85,12 +86,26 @@ def summary_of(manifest: Manifest) -> dict:
             "encodings": counts}
 
 
-def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
-    """Kernel-copy blobs of ``bundle`` (stored checksum checked first), in file order."""
+def _windowed(pool: ThreadPoolExecutor, fn, items, window: int = WINDOW):
+    """``pool.map(fn, items)`` in order, with at most ``window`` results held ahead."""
+    pending: list = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > window:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
+
+
+def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress,
+                checked: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+    """Kernel-copy blobs of ``bundle`` (stored checksum checked first, unless in
+    ``checked``), in file order."""
     recs = sorted((bundle.blob(d) for d in digests), key=lambda r: r.offset)
     total = sum(r.stored_length for r in recs)
     for rec in recs:
-        bundle.check_stored(rec)  # never carry a corrupted blob into a new bundle
+        if rec.hash not in checked:
+            bundle.check_stored(rec)  # never carry a corrupted blob into a new bundle
     with open(bundle.path, "rb") as src:
         for rec in recs:
             writer.copy_blob(rec, src.fileno())
@@ -114,6 +129,7 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
     t0 = time.perf_counter()
     report = progress or (lambda phase, n, total: None)
     target = Path(output or bundle_path)
+    names = [unicodedata.normalize("NFC", n) for n in names]
     with Bundle(bundle_path) as b:
         unknown = [n for n in names if n not in b.model_names]
         for n in unknown:
@@ -132,46 +148,50 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
 
 # -- add ---------------------------------------------------------------------------------
 
-def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path | None
+def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path,
+                   pool: ThreadPoolExecutor, checked: set[str]
                    ) -> tuple[list[ModelSource], dict[str, list[HashedTensor]]]:
     """The bundle's models as planner candidates: only tensors whose (dtype, length) a new
-    tensor has. Raw blobs are located in the bundle itself; others are decoded once into
+    tensor has. Raw blobs are located in the bundle itself; others are decoded (on the
+    pool, their stored and decoded hashes checked, recorded in ``checked``) into
     ``spill``."""
+    tensors = [(m, t) for m in b.manifest.models for f in m.files for t in f.tensors
+               if t.length and (t.dtype, t.length) in wanted]
     placed: dict[str, tuple[Path, int]] = {}
-    spill_pos = 0
+    to_decode = []
+    for _, t in tensors:
+        if t.hash not in placed:
+            rec = b.blob(t.hash)
+            if rec.encoding is BlobEncoding.RAW:
+                placed[t.hash] = (b.path, rec.offset)
+            else:
+                placed[t.hash] = (spill, -1)
+                to_decode.append(t.hash)
+    pos = 0
+    with open(spill, "r+b") as out:
+        for digest, data in zip(to_decode, _windowed(
+                pool, lambda d: b.read_blob(d, verify=True), to_decode)):
+            out.write(data)
+            placed[digest] = (spill, pos)
+            checked.add(digest)
+            pos += memoryview(data).nbytes
     out_models, hashed = [], {}
-    spill_f = open(spill, "wb") if spill is not None else None
-    try:
-        for m in b.manifest.models:
-            raw = SourceFile("<bundle>", b.path, b.size, FileKind.SAFETENSORS)
-            spilled = SourceFile("<spill>", spill or b.path, 0, FileKind.SAFETENSORS)
-            hs = []
-            for f in m.files:
-                for t in f.tensors:
-                    if not t.length or (t.dtype, t.length) not in wanted:
-                        continue
-                    if t.hash not in placed:
-                        rec = b.blob(t.hash)
-                        if rec.encoding is BlobEncoding.RAW:
-                            placed[t.hash] = (b.path, rec.offset)
-                        else:
-                            assert spill_f is not None
-                            spill_f.write(b.read_blob(t.hash, verify=True))
-                            placed[t.hash] = (spill, spill_pos)  # type: ignore[assignment]
-                            spill_pos += t.length
-                    path, off = placed[t.hash]
-                    sf = raw if path == b.path else spilled
-                    r = TensorRecord(m.name, sf.rel_path, t.name, t.dtype, tuple(t.shape),
-                                     off, t.length)
-                    sf.tensors.append(r)
-                    hs.append(HashedTensor(r, t.hash))
-            spilled.size = spill_pos
-            out_models.append(ModelSource(m.name, b.path, ModelLayout.FOLDER,
-                                          [f for f in (raw, spilled) if f.tensors]))
-            hashed[m.name] = hs
-    finally:
-        if spill_f is not None:
-            spill_f.close()
+    for m in b.manifest.models:
+        raw = SourceFile("<bundle>", b.path, b.size, FileKind.SAFETENSORS)
+        spilled = SourceFile("<spill>", spill, pos, FileKind.SAFETENSORS)
+        hs = []
+        for mm, t in tensors:
+            if mm is not m:
+                continue
+            path, off = placed[t.hash]
+            sf = raw if path == b.path else spilled
+            r = TensorRecord(m.name, sf.rel_path, t.name, t.dtype, tuple(t.shape), off,
+                             t.length)
+            sf.tensors.append(r)
+            hs.append(HashedTensor(r, t.hash))
+        out_models.append(ModelSource(m.name, b.path, ModelLayout.FOLDER,
+                                      [f for f in (raw, spilled) if f.tensors]))
+        hashed[m.name] = hs
     return out_models, hashed
 
 
@@ -234,30 +254,29 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                              path=bundle_path, hint="give another name as NAME=PATH, or "
                              "remove the old one first")
         new_models = [open_model(a, n) for a, n in zip(args, names)]
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
+        # The files' sha256 runs beside the hashing, as in pack.
+        shas = {id(f): pool.submit(sha256_file, f.abs_path)
+                for m in new_models for f in m.files}
         total = sum(m.tensor_bytes for m in new_models)
         new_scan = hash_models(new_models, lambda n: report("hashing", n, total))
         have = set(b.manifest.blobs)
         firsts = {k: h for k, h in new_scan.first_occurrences().items() if k[0] not in have}
         choices: dict = {}
+        scanned = new_scan
+        checked: set[str] = set()
         if delta == "auto" and firsts:
             wanted = {(h.record.dtype, h.record.length) for h in firsts.values()}
-            spill = None
-            if any(rec.encoding is not BlobEncoding.RAW for rec in b.manifest.blobs.values()):
-                spill_path, f = open_temp(target.with_name(target.name + ".spill"))
-                f.close()
-                stack.callback(spill_path.unlink, missing_ok=True)
-                spill = spill_path
-            old_models, old_hashed = _bundle_models(b, wanted, spill)
-            combined = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
-            planned = plan_deltas(combined, only=set(firsts)).choices
+            spill, f = open_temp(target.with_name(target.name + ".spill"))
+            f.close()
+            stack.callback(spill.unlink, missing_ok=True)
+            old_models, old_hashed = _bundle_models(b, wanted, spill, pool, checked)
+            scanned = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
+            planned = plan_deltas(scanned, only=set(firsts)).choices
             choices = _depths(b, planned, list(firsts))
-            scanned = combined
-        else:
-            scanned = new_scan
-        order = _order(list(firsts), choices)
         b.check_padding()
         w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
-        copied = _copy_blobs(w, b, list(b.manifest.blobs), report)
+        copied = _copy_blobs(w, b, list(b.manifest.blobs), report, checked)
         views: dict[Path, memoryview] = {}
 
         def view_of(path: Path):
@@ -280,17 +299,9 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
             return key, enc, stored, (c.base[0] if used else None)
 
         distinct = sum(k[1] for k in firsts)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            pending = []
-            for key in order:
-                pending.append(pool.submit(job, key))
-                while len(pending) > WINDOW:
-                    _write(w, pending.pop(0).result(), report, distinct)
-            while pending:
-                _write(w, pending.pop(0).result(), report, distinct)
-            shas = {id(f): pool.submit(sha256_file, f.abs_path)
-                    for m in new_models for f in m.files}
-            entries = [_model_entry(m, new_scan, w, view_of, shas, level) for m in new_models]
+        for result in _windowed(pool, job, _order(list(firsts), choices)):
+            _write(w, result, report, distinct)
+        entries = [_model_entry(m, new_scan, w, view_of, shas, level) for m in new_models]
         size = _finish(w, list(b.manifest.models) + entries, level)
         new_blobs = len(w.blobs) - copied
         all_names = b.model_names + names

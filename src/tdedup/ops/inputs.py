@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputError, OutputExistsError, UsageError
+from ..errors import InputError, OutputError, OutputExistsError, UsageError
 from ..format.bundle.constants import MAGIC
 from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
@@ -44,13 +44,19 @@ def expand_one(arg: str) -> list[ModelArg]:
     parsed = parse_model_arg(arg)
     text = str(parsed.path) if not arg.startswith(hub_cache.HF_PREFIX) else \
         arg.partition("=")[2] if parsed.name else arg
-    if text.startswith(hub_cache.HF_PREFIX) or (
-            not os.path.lexists(text) and "/" in text.strip("/")
-            and hub_cache.parse_hub_id(text) is not None):
+    if text.startswith(hub_cache.HF_PREFIX):
         ident = hub_cache.parse_hub_id(text)
         if ident is None:
             raise UsageError(f"{text!r} is not a hub id (hf://org/name[@revision])")
         return _hub_args(parsed.name, [hub_cache.resolve(*ident)])
+    ident = hub_cache.parse_hub_id(text)
+    if ident is not None and "/" in ident[0] and not os.path.lexists(text):
+        # A bare org/name: a repo of the cache when no such path exists.
+        try:
+            return _hub_args(parsed.name, [hub_cache.resolve(*ident)])
+        except (InputError, UsageError):
+            raise InputError("no such file or folder (nor a model repo in the Hugging Face "
+                             "cache)", path=text) from None
     path = parsed.path
     if path.is_dir() and hub_cache.is_repo_folder(path):
         return _hub_args(parsed.name, hub_cache.repo_revisions(path))
