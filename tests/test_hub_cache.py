@@ -106,6 +106,10 @@ def test_unpack_into_a_cache_loads_with_from_pretrained(default_cache, bert_fami
     v1 = AutoModel.from_pretrained("org/bert", revision="v1", cache_dir=target,
                                    local_files_only=True)
     assert v1 is not None
+    # A plain unpack puts org/name@rev under DEST/org--name@rev/ (spec 6.3).
+    tdedup.unpack(bundle, tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [
+        "org--bert@main", "org--bert@v1", "other--bert-copy@main"]
 
 
 def test_hub_refusals(default_cache, tmp_path):
