@@ -12,7 +12,9 @@ median of ``--repeat``:
 
 - add: ``tdedup.add(bundle, [ft-full])`` (the bundle's blobs kernel-copied, its tensors
   decoded once as delta candidates, the fine-tune hashed, planned and encoded);
-- fresh pack: ``tdedup.pack`` of every model again, what one did before ``add``.
+- fresh pack: ``tdedup.pack`` of every model again from the original files;
+- unpack + pack: what one did before ``add`` without the original files at hand
+  (``tdedup.unpack`` of the bundle, then ``tdedup.pack`` of its models and the new one).
 
 Prints seconds, the time ratio, and the two bundles' sizes (add must be within 2%).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +52,7 @@ def main() -> int:
             old_args = [f"{n}={p}" for n, p in old.items()]
             tdedup.pack(old_args, bundle)
             tdedup.pack([*old_args, f"ft={ft}"], tmpd / "warm.tdd")  # warm-up
-            adds, packs = [], []
+            adds, packs, repacks = [], [], []
             for i in range(a.repeat):
                 t0 = time.perf_counter()
                 fresh = tdedup.pack([*old_args, f"ft={ft}"], tmpd / f"fresh{i}.tdd")
@@ -57,10 +60,17 @@ def main() -> int:
                 t0 = time.perf_counter()
                 added = tdedup.add(bundle, [f"ft={ft}"], output=tmpd / f"added{i}.tdd")
                 adds.append(time.perf_counter() - t0)
-            ta, tp = statistics.median(adds), statistics.median(packs)
-            print(f"{case}: add {ta:.3f} s, fresh pack of all {len(old) + 1} {tp:.3f} s: "
-                  f"add takes {ta / tp:.2f}x; sizes: added {added.bundle_bytes:,} B, fresh "
-                  f"{fresh.bundle_bytes:,} B ({added.bundle_bytes / fresh.bundle_bytes - 1:+.2%})")
+                t0 = time.perf_counter()
+                tdedup.unpack(bundle, tmpd / f"un{i}")
+                tdedup.pack([*(f"{n}={tmpd / f'un{i}' / n}" for n in old), f"ft={ft}"],
+                            tmpd / f"repack{i}.tdd")
+                repacks.append(time.perf_counter() - t0)
+                shutil.rmtree(tmpd / f"un{i}")
+            ta, tp, tr = (statistics.median(x) for x in (adds, packs, repacks))
+            print(f"{case}: add {ta:.3f} s; fresh pack of all {len(old) + 1} {tp:.3f} s "
+                  f"(add {ta / tp:.2f}x); unpack + pack {tr:.3f} s (add {ta / tr:.2f}x); "
+                  f"sizes: added {added.bundle_bytes:,} B, fresh {fresh.bundle_bytes:,} B "
+                  f"({added.bundle_bytes / fresh.bundle_bytes - 1:+.2%})")
     return 0
 
 

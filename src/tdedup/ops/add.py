@@ -97,15 +97,13 @@ def _windowed(pool: ThreadPoolExecutor, fn, items, window: int = WINDOW):
         yield fut.result()
 
 
-def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress,
-                checked: set[str] = frozenset()) -> int:  # type: ignore[assignment]
-    """Kernel-copy blobs of ``bundle`` (stored checksum checked first, unless in
-    ``checked``), in file order."""
+def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
+    """Kernel-copy blobs of ``bundle`` (every stored checksum checked first), in file
+    order."""
     recs = sorted((bundle.blob(d) for d in digests), key=lambda r: r.offset)
     total = sum(r.stored_length for r in recs)
     for rec in recs:
-        if rec.hash not in checked:
-            bundle.check_stored(rec)  # never carry a corrupted blob into a new bundle
+        bundle.check_stored(rec)  # never carry a corrupted blob into a new bundle
     with open(bundle.path, "rb") as src:
         for rec in recs:
             writer.copy_blob(rec, src.fileno())
@@ -148,13 +146,13 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
 
 # -- add ---------------------------------------------------------------------------------
 
-def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path,
-                   pool: ThreadPoolExecutor, checked: set[str]
+def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], make_spill,
+                   pool: ThreadPoolExecutor
                    ) -> tuple[list[ModelSource], dict[str, list[HashedTensor]]]:
     """The bundle's models as planner candidates: only tensors whose (dtype, length) a new
     tensor has. Raw blobs are located in the bundle itself; others are decoded (on the
-    pool, their stored and decoded hashes checked, recorded in ``checked``) into
-    ``spill``."""
+    pool) into a spill file (``make_spill(nbytes)`` makes it). Their stored checksums are
+    checked by the copy, before anything encoded against them is written."""
     tensors = [(m, t) for m in b.manifest.models for f in m.files for t in f.tensors
                if t.length and (t.dtype, t.length) in wanted]
     placed: dict[str, tuple[Path, int]] = {}
@@ -165,15 +163,15 @@ def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path,
             if rec.encoding is BlobEncoding.RAW:
                 placed[t.hash] = (b.path, rec.offset)
             else:
-                placed[t.hash] = (spill, -1)
+                placed[t.hash] = (b.path, -1)
                 to_decode.append(t.hash)
+    spill = make_spill(sum(b.blob(d).decoded_length for d in to_decode))
+
     pos = 0
     with open(spill, "r+b") as out:
-        for digest, data in zip(to_decode, _windowed(
-                pool, lambda d: b.read_blob(d, verify=True), to_decode)):
+        for digest, data in zip(to_decode, _windowed(pool, b.read_blob, to_decode)):
             out.write(data)
             placed[digest] = (spill, pos)
-            checked.add(digest)
             pos += memoryview(data).nbytes
     out_models, hashed = [], {}
     for m in b.manifest.models:
@@ -193,6 +191,28 @@ def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], spill: Path,
                                       [f for f in (raw, spilled) if f.tensors]))
         hashed[m.name] = hs
     return out_models, hashed
+
+
+#: Decoded candidates up to this size are spilled into memory (a memfd), larger ones into
+#: a temporary file beside the output (never more than a quarter of the free memory).
+MEMORY_SPILL = 2 << 30
+
+
+def _spill_file(stack: ExitStack, target: Path, nbytes: int) -> Path:
+    """Where decoded candidate bases go: an anonymous memory file when they fit, else a
+    temporary file beside the output; removed when ``stack`` closes."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 0
+    if hasattr(os, "memfd_create") and nbytes <= min(MEMORY_SPILL, free // 4):
+        fd = os.memfd_create("tdedup-spill")
+        stack.callback(os.close, fd)
+        return Path(f"/proc/self/fd/{fd}")
+    path, f = open_temp(target.with_name(target.name + ".spill"))
+    f.close()
+    stack.callback(path.unlink, missing_ok=True)
+    return path
 
 
 def _depths(b: Bundle, choices: dict, order: list) -> dict:
@@ -254,6 +274,12 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                              path=bundle_path, hint="give another name as NAME=PATH, or "
                              "remove the old one first")
         new_models = [open_model(a, n) for a, n in zip(args, names)]
+        b.check_padding()
+        w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
+        # The old blobs are checked and kernel-copied beside the hashing and planning
+        # (their checksums are what vouches for every base decoded below).
+        copier = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        copy_done = copier.submit(_copy_blobs, w, b, list(b.manifest.blobs), report)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
         # The files' sha256 runs beside the hashing, as in pack.
         shas = {id(f): pool.submit(sha256_file, f.abs_path)
@@ -264,19 +290,14 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         firsts = {k: h for k, h in new_scan.first_occurrences().items() if k[0] not in have}
         choices: dict = {}
         scanned = new_scan
-        checked: set[str] = set()
         if delta == "auto" and firsts:
             wanted = {(h.record.dtype, h.record.length) for h in firsts.values()}
-            spill, f = open_temp(target.with_name(target.name + ".spill"))
-            f.close()
-            stack.callback(spill.unlink, missing_ok=True)
-            old_models, old_hashed = _bundle_models(b, wanted, spill, pool, checked)
+            old_models, old_hashed = _bundle_models(
+                b, wanted, lambda n: _spill_file(stack, target, n), pool)
             scanned = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
             planned = plan_deltas(scanned, only=set(firsts)).choices
             choices = _depths(b, planned, list(firsts))
-        b.check_padding()
-        w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
-        copied = _copy_blobs(w, b, list(b.manifest.blobs), report, checked)
+        copied = copy_done.result()
         views: dict[Path, memoryview] = {}
 
         def view_of(path: Path):
