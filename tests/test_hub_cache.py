@@ -120,3 +120,32 @@ def test_hub_refusals(default_cache, tmp_path):
         assert res.exit_code == 2, (args, res.output)
         assert res.stderr.startswith("error: ")
         assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_cache_is_huggingface_hubs(default_cache):
+    res = runner.invoke(app, ["analyze", "--hf-cache", "--json", "-q",
+                              "--include", "org/*"])
+    assert res.exit_code == 0, res.output
+    assert sorted(m["name"] for m in json.loads(res.stdout)["models"]) == [
+        "org/bert@main", "org/bert@v1"]
+
+
+def test_a_missing_huggingface_hub_names_the_extra(cache, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
+    res = runner.invoke(app, ["analyze", "--hf-cache", str(cache)])
+    assert res.exit_code == 2
+    assert "huggingface_hub" in res.stderr and "tdedup[hf]" in res.stderr
+
+
+def test_a_cached_repo_folder_is_its_revisions_never_its_blobs(cache, tmp_path):
+    res = runner.invoke(app, ["pack", str(cache / "models--org--bert"), "-o",
+                              str(tmp_path / "r.tdd"), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["models"] == ["org/bert@main", "org/bert@v1"]
+    with tdedup.open_bundle(tmp_path / "r.tdd") as b:
+        for m in b.manifest.models:
+            assert m.hub is not None and m.hub["repo_id"] == "org/bert"
+            assert not any("blobs" in f.path for f in m.files)
+            assert all("hub_blob" in f.info for f in m.files)
