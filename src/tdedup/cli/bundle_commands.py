@@ -58,7 +58,9 @@ def pack(
     check_output_not_input(output, [a.path for a in args])
     if dry_run:
         from ..ops.estimate import estimate
-        _print_estimate(estimate(args, delta=delta), as_json)
+        from ..ops.inputs import staged_bundles
+        with staged_bundles(args) as staged:
+            _print_estimate(estimate(staged, delta=delta), as_json)
         return
     check_new_output(output, force)
     if any(is_bundle(a.path) for a in args):

@@ -62,15 +62,22 @@ def add(
 ) -> None:
     """Add models to a bundle; what it holds is copied, never re-encoded."""
     from ..ops.add import add as add_models
-    from ..ops.inputs import check_new_output, check_output_not_input, expand_inputs
+    from ..ops.inputs import (
+        check_new_output,
+        check_output_not_input,
+        expand_inputs,
+        staged_bundles,
+    )
     args = expand_inputs(paths, include=include or (), exclude=exclude or ())
     target = output or bundle
     check_output_not_input(target, [a.path for a in args])
     if output is not None:
         check_output_not_input(output, [bundle])
         check_new_output(output, force)
-    with phased_progress(quiet) as progress:
-        r = add_models(bundle, args, output=output, level=level, delta=delta,
+    # Bundles among the new models are restored beside the target and added as models.
+    with staged_bundles(args, Path(target).resolve().parent) as staged, \
+            phased_progress(quiet) as progress:
+        r = add_models(bundle, staged, output=output, level=level, delta=delta,
                        progress=progress)
     _report(r, "added", as_json)
 
