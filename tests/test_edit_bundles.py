@@ -113,3 +113,16 @@ def test_add_cli_refusals_change_nothing(fam, tmp_path):
         assert res.stderr.startswith("error: ")
         assert bundle.read_bytes() == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tdd"]
+
+
+def test_add_takes_a_bundle_of_models(fam, tmp_path):
+    a, b = tmp_path / "a.tdd", tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    tdedup.pack([f"ft={fam['ft']}", f"lora={fam['lora']}"], b)
+    res = runner.invoke(app, ["add", str(a), str(b), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["models"] == ["base", "ft", "lora"]
+    dry = runner.invoke(app, ["pack", str(b), "-o", str(tmp_path / "x.tdd"), "--dry-run",
+                              "--json"])
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["model_names"] == ["ft", "lora"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tdd", "b.tdd"]

@@ -149,3 +149,12 @@ def test_a_cached_repo_folder_is_its_revisions_never_its_blobs(cache, tmp_path):
             assert m.hub is not None and m.hub["repo_id"] == "org/bert"
             assert not any("blobs" in f.path for f in m.files)
             assert all("hub_blob" in f.info for f in m.files)
+
+
+def test_unpack_into_a_cache_refuses_models_not_from_the_hub(bert_family, tmp_path):
+    bundle = tmp_path / "plain.tdd"
+    tdedup.pack([f"base={bert_family['base']}"], bundle)
+    res = runner.invoke(app, ["unpack", str(bundle), "--hf-cache", str(tmp_path / "hub")])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ")
+    assert "not packed from the Hugging Face cache" in res.stderr
+    assert not (tmp_path / "hub").exists()
