@@ -126,3 +126,16 @@ def test_add_takes_a_bundle_of_models(fam, tmp_path):
                               "--json"])
     assert dry.exit_code == 0 and json.loads(dry.stdout)["model_names"] == ["ft", "lora"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tdd", "b.tdd"]
+
+
+def test_add_keeps_a_serving_bundle_serving(fam, tmp_path):
+    from tdedup.format.bundle.constants import BlobEncoding
+
+    bundle = tmp_path / "s.tdd"
+    tdedup.pack([f"base={fam['base']}"], bundle, layout="serving")
+    tdedup.add(bundle, [f"ft={fam['ft']}", f"copy={fam['copy']}"])
+    with Bundle(bundle) as b:
+        assert b.manifest.summary["layout"] == "serving"
+        assert all(r.encoding is BlobEncoding.RAW
+                   for r in b.manifest.blobs.values() if r.base is None)
+    _restored_equal(bundle, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "copy")})

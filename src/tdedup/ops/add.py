@@ -31,7 +31,7 @@ from ..analyzers.delta_planning import DeltaChoice, plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
 from ..errors import UsageError
-from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
+from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.reader import Bundle
@@ -53,6 +53,7 @@ from ..format.checkpoints.sources import (
 from ..format.codecs import DEFAULT_LEVEL
 from ..format.codecs.zstd import zstd_compress
 from . import ProgressFn
+from .convert import layout_of
 from .pack import choose_encoding, layout_bytes, sha256_file
 
 #: Blobs encoded ahead of the writer (bounds memory to a few blobs).
@@ -111,10 +112,10 @@ def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
     return len(recs)
 
 
-def _finish(writer: BundleWriter, models: list[ModelEntry], level: int) -> int:
+def _finish(writer: BundleWriter, models: list[ModelEntry], level: int, layout: str) -> int:
     manifest = Manifest(models, {}, tool_version=__version__)
     manifest.blobs = writer.blobs
-    manifest.summary = summary_of(manifest)
+    manifest.summary = {**summary_of(manifest), "layout": layout}
     return writer.finish(manifest, level=level, validate=True)
 
 
@@ -139,7 +140,7 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
         b.check_padding()
         with BundleWriter(target, alignment=b.manifest.alignment) as w:
             copied = _copy_blobs(w, b, b.manifest.blobs_of(kept), report)
-            size = _finish(w, kept, level)
+            size = _finish(w, kept, level, layout_of(b.manifest))
     return EditResult(target, [m.name for m in kept], list(names), copied, 0, size,
                       time.perf_counter() - t0)
 
@@ -274,6 +275,9 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                              path=bundle_path, hint="give another name as NAME=PATH, or "
                              "remove the old one first")
         new_models = [open_model(a, n) for a, n in zip(args, names)]
+        # New blobs follow the bundle's layout (serving: self-contained blobs stay raw).
+        layout = layout_of(b.manifest)
+        raw_only = layout == BundleLayout.SERVING.value
         b.check_padding()
         w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
         # The old blobs are checked and kernel-copied beside the hashing and planning
@@ -314,16 +318,21 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         def job(key):
             h = firsts[key]
             c = choices.get(key)
+            if raw_only and c is None:
+                return key, BlobEncoding.RAW, source(h), None
             base = source(all_firsts[c.base]) if c is not None else None
             enc, stored, used = choose_encoding(source(h), element_width(h.record.dtype), level,
                                                 base=base, delta=c)
+            if raw_only and not used:  # as pack --layout serving does
+                enc, stored = BlobEncoding.RAW, source(h)
             return key, enc, stored, (c.base[0] if used else None)
 
         distinct = sum(k[1] for k in firsts)
         for result in _windowed(pool, job, _order(list(firsts), choices)):
             _write(w, result, report, distinct)
-        entries = [_model_entry(m, new_scan, w, view_of, shas, level) for m in new_models]
-        size = _finish(w, list(b.manifest.models) + entries, level)
+        entries = [_model_entry(m, new_scan, w, view_of, shas, None if raw_only else level)
+                   for m in new_models]
+        size = _finish(w, list(b.manifest.models) + entries, level, layout)
         new_blobs = len(w.blobs) - copied
         all_names = b.model_names + names
     return EditResult(target, all_names, names, copied, new_blobs, size,
@@ -337,15 +346,16 @@ def _write(w: BundleWriter, result, report, distinct: int) -> None:
 
 
 def _model_entry(m: ModelSource, scan: ScannedModels, w: BundleWriter, view_of, shas,
-                 level: int) -> ModelEntry:
-    """The manifest entry of a new model; its layout blobs are written if new."""
+                 level: int | None) -> ModelEntry:
+    """The manifest entry of a new model; its layout blobs are written if new (raw when
+    ``level`` is None: the serving layout)."""
     digests = {(h.record.file, h.record.name): h.digest for h in scan.hashed[m.name]}
     files = []
     for f in m.files:
         layout = layout_bytes(f, view_of(f.abs_path)) if f.size else b""
         digest = hash_bytes(layout)
         if digest not in w:
-            stored = zstd_compress(layout, level)
+            stored = zstd_compress(layout, level) if level is not None else layout
             if len(stored) < len(layout):
                 w.add_blob(digest, BlobEncoding.ZSTD, stored, len(layout))
             else:
