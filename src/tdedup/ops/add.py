@@ -31,7 +31,7 @@ from ..analyzers.delta_planning import DeltaChoice, plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
 from ..errors import UsageError
-from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding, BundleLayout
+from ..format.bundle.constants import DEFAULT_LEVEL, MAX_DELTA_DEPTH, BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.reader import Bundle
@@ -50,11 +50,10 @@ from ..format.checkpoints.sources import (
     open_model,
     parse_model_arg,
 )
-from ..format.codecs import DEFAULT_LEVEL
 from ..format.codecs.zstd import zstd_compress
 from . import ProgressFn
 from .convert import layout_of
-from .pack import choose_encoding, layout_bytes, sha256_file
+from .pack import ROTATED_DTYPES, choose_encoding, layout_bytes, sha256_file
 
 #: Blobs encoded ahead of the writer (bounds memory to a few blobs).
 WINDOW = 6
@@ -322,7 +321,8 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                 return key, BlobEncoding.RAW, source(h), None
             base = source(all_firsts[c.base]) if c is not None else None
             enc, stored, used = choose_encoding(source(h), element_width(h.record.dtype), level,
-                                                base=base, delta=c)
+                                                base=base, delta=c,
+                                                rotate=h.record.dtype in ROTATED_DTYPES)
             if raw_only and not used:  # as pack --layout serving does
                 enc, stored = BlobEncoding.RAW, source(h)
             return key, enc, stored, (c.base[0] if used else None)
