@@ -20,7 +20,7 @@ from helpers.factory import make_safetensors, random_tensors
 from tdedup.cli.app import app
 
 GOLDEN = Path(__file__).parent / "golden"
-COMMANDS = ["analyze", "pack", "add", "remove", "convert", "unpack", "verify", "inspect", "load", "demo"]
+COMMANDS = ["analyze", "index", "pack", "add", "remove", "convert", "unpack", "verify", "inspect", "load", "demo"]
 runner = CliRunner()
 
 

@@ -170,7 +170,7 @@ def analyze(
         "--dask", metavar="ADDRESS",
         help="Hash on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] "
              "for N local worker processes. Workers must see the models at the same "
-             "paths (a shared file system). Needs tdedup[dask].")] = None,
+             "paths (a shared file system). Needs the dask extra (pip install tdedup\\[dask]).")] = None,
     index: Annotated[Optional[Path], typer.Option(
         "--index", metavar="PATH",
         help="Keep every file's tensor hashes in this SQLite index and hash only files "

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._fs import mapped, open_temp
+from .._fs import InputFile, mapped, open_temp
 from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
@@ -284,8 +284,15 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         copier = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         copy_done = copier.submit(_copy_blobs, w, b, list(b.manifest.blobs), report)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers)))
-        # The files' sha256 runs beside the hashing, as in pack.
-        shas = {id(f): pool.submit(sha256_file, f.abs_path)
+        # New files are read as pack reads them (by offset, identity checked before the
+        # bundle is published); their sha256 runs beside the hashing.
+        inputs: dict[Path, InputFile] = {}
+        for m in new_models:
+            for f in m.files:
+                if f.abs_path not in inputs:
+                    inputs[f.abs_path] = stack.enter_context(
+                        InputFile(f.abs_path, expect_size=f.size))
+        shas = {id(f): pool.submit(sha256_file, inputs[f.abs_path], f.size)
                 for m in new_models for f in m.files}
         total = sum(m.tensor_bytes for m in new_models)
         new_scan = hash_models(new_models, lambda n: report("hashing", n, total))
@@ -309,8 +316,16 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
             return views[path]
 
         def source(h: HashedTensor):
+            """A tensor's bytes: the bundle's (and decoded bases) from their maps, a new
+            file's read again and checked against the hash it was planned with."""
             path, off, length = scanned.locate(h)
-            return view_of(path)[off:off + length]
+            if path not in inputs:
+                return view_of(path)[off:off + length]
+            data = inputs[path].read(off, length)
+            if hash_bytes(data) != h.digest:
+                raise inputs[path].changed(f"tensor {h.record.name!r} no longer has the "
+                                           "bytes it was hashed with")
+            return data
 
         all_firsts = scanned.first_occurrences()
 
@@ -330,8 +345,10 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         distinct = sum(k[1] for k in firsts)
         for result in _windowed(pool, job, _order(list(firsts), choices)):
             _write(w, result, report, distinct)
-        entries = [_model_entry(m, new_scan, w, view_of, shas, None if raw_only else level)
+        entries = [_model_entry(m, new_scan, w, inputs, shas, None if raw_only else level)
                    for m in new_models]
+        for src in inputs.values():
+            src.check_unchanged()
         size = _finish(w, list(b.manifest.models) + entries, level, layout)
         new_blobs = len(w.blobs) - copied
         all_names = b.model_names + names
@@ -345,14 +362,15 @@ def _write(w: BundleWriter, result, report, distinct: int) -> None:
     report("packing", key[1], distinct)
 
 
-def _model_entry(m: ModelSource, scan: ScannedModels, w: BundleWriter, view_of, shas,
+def _model_entry(m: ModelSource, scan: ScannedModels, w: BundleWriter,
+                 inputs: dict[Path, InputFile], shas,
                  level: int | None) -> ModelEntry:
     """The manifest entry of a new model; its layout blobs are written if new (raw when
     ``level`` is None: the serving layout)."""
     digests = {(h.record.file, h.record.name): h.digest for h in scan.hashed[m.name]}
     files = []
     for f in m.files:
-        layout = layout_bytes(f, view_of(f.abs_path)) if f.size else b""
+        layout = layout_bytes(f, inputs[f.abs_path]) if f.size else b""
         digest = hash_bytes(layout)
         if digest not in w:
             stored = zstd_compress(layout, level) if level is not None else layout

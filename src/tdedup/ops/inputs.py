@@ -20,6 +20,7 @@ from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
 from ..format.checkpoints.records import model_folder
 from ..format.checkpoints.sources import ModelArg, parse_model_arg
+from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
 from .unpack import unpack
 
 
@@ -97,21 +98,6 @@ def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
         raise UsageError("no models left to read"
                          + (" after --include/--exclude" if include or exclude else ""))
     return out
-
-
-def check_output_not_input(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]
-                           ) -> None:
-    """Refuse an output that is one of the inputs, or lies inside one (a folder model):
-    writing it would replace or grow what is being read."""
-    out = Path(output).resolve()
-    for i in inputs:
-        p = Path(i)
-        if not p.exists():
-            continue
-        r = p.resolve()
-        if out == r or r in out.parents:
-            raise OutputError(f"the output is {'one of' if out == r else 'inside one of'} "
-                              f"the inputs ({i})", path=output)
 
 
 def check_new_output(output: str | os.PathLike, force: bool) -> None:
