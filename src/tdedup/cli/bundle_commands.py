@@ -182,7 +182,7 @@ def unpack(
     assert target is not None
     if bundle.exists() and target.exists() and \
             (bundle.resolve() == target.resolve() or target.resolve() in bundle.resolve().parents):
-        raise OutputError("the destination holds the bundle being read", path=target)
+        raise OutputError("the destination holds the input bundle (it would be read and written)", path=target)
     model = [unicodedata.normalize("NFC", m) for m in model] if model else None
     with phased_progress(quiet) as progress:
         if hf_cache is not None:

@@ -14,12 +14,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InputError, OutputError, OutputExistsError, UsageError
+from ..errors import InputError, OutputExistsError, UsageError
 from ..format.bundle.constants import MAGIC
 from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
 from ..format.checkpoints.records import model_folder
 from ..format.checkpoints.sources import ModelArg, parse_model_arg
+from . import check_output_file
 from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
 from .unpack import unpack
 
@@ -102,9 +103,7 @@ def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
 
 def check_new_output(output: str | os.PathLike, force: bool) -> None:
     """Refuse to replace an existing output unless ``force``."""
-    out = Path(output)
-    if out.is_dir():
-        raise OutputError("the output is a folder", path=output)
+    out = check_output_file(output)  # no file name at all ('', '.', a folder): one line
     if out.exists() and not force:
         raise OutputExistsError("the output exists", path=output,
                                 hint="pass --force to replace it")
