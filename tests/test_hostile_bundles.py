@@ -87,8 +87,9 @@ def test_unsafe_file_paths_are_refused_before_anything_is_written(seed, tmp_path
     refused_everywhere(bundle, tmp_path, UnsafePathError, "unsafe path")
 
 
-@pytest.mark.parametrize("bad", ["..", ".", "", "/abs", "a/b", "a\\b", "-x", "a" * 129,
-                                 "\u00e9", "C:"])
+# Hub ids (org/name@rev) and any NFC letters are names; what could leave DEST is not.
+@pytest.mark.parametrize("bad", ["..", ".", "", "/abs", "a/b/c", "a//b", "a/../b", "a\\b",
+                                 "-x", "a" * 201, "e\u0301", "a b", "a\n", "a/", "C:"])
 def test_unsafe_model_names_are_refused(seed, tmp_path, bad):
     def edit(d, o):
         d["models"][1]["name"] = bad

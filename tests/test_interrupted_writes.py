@@ -99,7 +99,8 @@ def timed(cmd: list[str]) -> float:
 
 def run_pack_kills(family, folder: Path, kills: int, existing: bytes | None) -> dict:
     target = folder / "out.tdd"
-    args = tdedup_cmd("pack", "-q", *[f"{k}={v}" for k, v in family.items()], "-o", str(target))
+    args = tdedup_cmd("pack", "-q", "--force", *[f"{k}={v}" for k, v in family.items()],
+                      "-o", str(target))
     if existing is not None:
         target.write_bytes(existing)
     full = timed(args)  # also the reference result
@@ -203,7 +204,7 @@ def test_pack_over_an_existing_bundle_out_of_space_leaves_it_untouched(family, p
                                                                        tmp_path):
     target = tmp_path / "out.tdd"
     target.write_bytes(packed.read_bytes())
-    result = subprocess.run(tdedup_cmd("pack", f"x={family['a']}", "-o", str(target)),
+    result = subprocess.run(tdedup_cmd("pack", f"x={family['a']}", "-o", str(target), "--force"),
                             capture_output=True, text=True, preexec_fn=limited(1 << 20))
     assert result.returncode == 2
     assert target.read_bytes() == packed.read_bytes()

@@ -275,8 +275,8 @@ def test_manifest_key_tables_match_schema():
 # semantics); test_validator_knows_every_keyword keeps it from ignoring a new one.
 KNOWN = {"$schema", "$id", "title", "description", "$defs", "$ref", "type", "properties",
          "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-         "const", "enum", "pattern", "minimum", "maximum", "minLength", "if", "then", "else",
-         "not"}
+         "const", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "if",
+         "then", "else", "not"}
 
 
 def _json_equal(a, b) -> bool:
@@ -316,6 +316,8 @@ def validate(v, s: dict, root: dict = SCHEMA, at: str = "$") -> list[str]:
             errs.append(f"{at}: {v!r} does not match {s['pattern']}")
         if "minLength" in s and len(v) < s["minLength"]:
             errs.append(f"{at}: too short")
+        if "maxLength" in s and len(v) > s["maxLength"]:
+            errs.append(f"{at}: too long")
     if isinstance(v, list):
         if "minItems" in s and len(v) < s["minItems"]:
             errs.append(f"{at}: too few items")

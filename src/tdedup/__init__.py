@@ -2,9 +2,10 @@
 
 Find what a set of checkpoints shares (``tdedup analyze``), store it once in a bundle
 (:func:`pack`; :func:`convert` re-lays one), restore every original file (:func:`unpack`),
-check it (:func:`verify`), read one model lazily (:func:`open_bundle`) and load every
-model onto a torch device with shared tensors stored once (:func:`load`, needs the
-``torch`` extra), and rebuild models sharing them (:func:`from_bundle` for transformers,
+check it (:func:`verify`), add or drop models without re-encoding the rest (:func:`add`,
+:func:`remove`), read one model lazily (:func:`open_bundle`) and load every model onto a
+torch device with shared tensors stored once (:func:`load`, needs the ``torch`` extra),
+and rebuild models sharing them (:func:`from_bundle` for transformers,
 :func:`sentence_transformer`, :func:`pipelines` for Diffusers; :func:`private` for a copy
 to train).
 """
@@ -23,6 +24,7 @@ _LAZY = {
     "UnpackResult": ".ops.unpack", "unpack": ".ops.unpack",
     "VerifyResult": ".ops.verify", "verify": ".ops.verify",
     "ConvertResult": ".ops.convert", "convert": ".ops.convert",
+    "EditResult": ".ops.add", "add": ".ops.add", "remove": ".ops.add",
     "load": ".loaders.torch", "LoadedBundle": ".loaders.torch",
     "Registry": ".loaders.registry",
     "load_into": ".loaders.modules", "private": ".loaders.modules",
@@ -47,6 +49,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["__version__", "TdedupError", "Bundle", "open_bundle", "pack", "PackResult",
-           "convert", "ConvertResult", "unpack", "UnpackResult", "verify", "VerifyResult",
+           "convert", "ConvertResult", "add", "remove", "EditResult",
+           "unpack", "UnpackResult", "verify", "VerifyResult",
            "load", "load_into", "LoadedBundle", "Registry", "private", "from_bundle",
            "sentence_transformer", "pipelines"]

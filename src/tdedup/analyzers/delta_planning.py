@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,10 +248,13 @@ Decided = Callable[[ContentKey, "DeltaChoice | None"], None]
 
 
 def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH,
-                decided: Decided | None = None) -> DeltaPlan:
+                decided: Decided | None = None,
+                only: Container[ContentKey] | None = None) -> DeltaPlan:
     """Plan deltas for every distinct content of ``scanned`` (see the module docstring).
     Estimates do not depend on the zstd level the writer will use. ``decided``, when
-    given, is called with each content and its choice (None: no delta) in order."""
+    given, is called with each content and its choice (None: no delta) in order.
+    ``only``: plan just these contents; the others are candidate bases only (``add``
+    passes the new ones)."""
     firsts = scanned.first_occurrences()
     occurrences: dict[ContentKey, list[HashedTensor]] = defaultdict(list)
     for m in scanned.models:
@@ -280,7 +283,8 @@ def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH,
                 if decided is not None:
                     decided(key, None)
                 continue
-            cands = _candidates(k, by_name, by_shape, names_of_model, max_depth, stats)
+            cands = ([] if only is not None and key not in only else
+                     _candidates(k, by_name, by_shape, names_of_model, max_depth, stats))
             choice = _best(k, cands, read, stats) if cands else None
             if choice is not None:
                 base, enc, est = choice

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -17,6 +18,9 @@ import typer
 from ..errors import OutputError, UsageError, display_path
 from .common import (
     EXIT_THRESHOLD,
+    Exclude,
+    Include,
+    Quiet,
     byte_progress,
     guarded,
     hint,
@@ -29,6 +33,7 @@ from .common import (
 if TYPE_CHECKING:
     from ..analyzers.derivation import DerivableModel
     from ..analyzers.drift import DriftReport
+    from ..format.checkpoints.sources import ModelArg
     from ..analyzers.overlap import OverlapReport
     from ..analyzers.scan import ScannedModels
     from ..format.checkpoints.records import ModelSource
@@ -91,7 +96,8 @@ def render_json(report: OverlapReport, drift: DriftReport | None = None,
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def analyze_paths(paths: list[str], *, dask: str | None = None, index: Path | None = None
+def analyze_paths(paths: Sequence[str | ModelArg], *, dask: str | None = None,
+                  index: Path | None = None, quiet: bool = False
                   ) -> tuple[ScannedModels, OverlapReport]:
     """Index, hash (with a progress bar on stderr) and compare the given models; on a
     Dask cluster and through an incremental index when asked."""
@@ -102,7 +108,8 @@ def analyze_paths(paths: list[str], *, dask: str | None = None, index: Path | No
     warn_unread_weights(models)
     warn_skipped(models)
     with scan_backends(dask, index) as (idx, runner), \
-            byte_progress("hashing", sum(m.tensor_bytes for m in models)) as advance:
+            byte_progress("hashing", sum(m.tensor_bytes for m in models),
+                          quiet=quiet) as advance:
         scanned = hash_models(models, advance, index=idx, runner=runner)
     report_counts(scanned, index)
     return scanned, compute_overlap(scanned.models, scanned.hashed)
@@ -140,10 +147,11 @@ def drift_markdown(drift: DriftReport, max_rows: int = 60) -> str:
 
 @guarded
 def analyze(
-    paths: Annotated[list[str], typer.Argument(
+    paths: Annotated[Optional[list[str]], typer.Argument(
         help="Models: .safetensors or .gguf files (a split GGUF by any part), sharded or "
-             "Diffusers folders, any folder; as PATH or NAME=PATH.",
-        show_default=False)],
+             "Diffusers folders, any folder, hub cache folders, hf://org/name[@rev], "
+             "bundles; as PATH or NAME=PATH.",
+        show_default=False)] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the report as JSON on stdout (docs/analyze-json.md).")] = False,
     markdown: Annotated[Optional[str], typer.Option(
@@ -162,11 +170,18 @@ def analyze(
         "--dask", metavar="ADDRESS",
         help="Hash on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] "
              "for N local worker processes. Workers must see the models at the same "
-             "paths (a shared file system). Needs tdedup[dask].")] = None,
+             "paths (a shared file system). Needs the dask extra (pip install tdedup\\[dask]).")] = None,
     index: Annotated[Optional[Path], typer.Option(
         "--index", metavar="PATH",
         help="Keep every file's tensor hashes in this SQLite index and hash only files "
              "that are new or changed since (created when missing).")] = None,
+    hf_cache: Annotated[bool, typer.Option(
+        "--hf-cache", help="Analyze every cached revision of every model repository of the "
+        "Hugging Face cache: the PATHS given, else the one huggingface_hub uses "
+        "(HF_HUB_CACHE, HF_HOME). One model per revision, named org/name@rev.")] = False,
+    include: Include = None,
+    exclude: Exclude = None,
+    quiet: Quiet = False,
 ) -> None:
     """Report the tensors a set of checkpoints shares, and what storing them once saves."""
     if as_json and markdown == "-":
@@ -177,6 +192,7 @@ def analyze(
         raise OutputError("cannot write the Markdown report: no such folder",
                           path=display_path(markdown))
     from ..analyzers.derivation import derivation_report
+    from ..ops.inputs import expand_inputs, scan_args, staged_bundles
     from .analyze_render import (
         derived_markdown,
         derived_table,
@@ -184,26 +200,37 @@ def analyze(
         markdown_report,
         print_report,
     )
-    scanned, report = analyze_paths(paths, dask=dask, index=index)
-    drift_report = None
-    if drift:
-        from ..analyzers.drift import compute_drift
-        drift_report = compute_drift(scanned)
-    derived = derivation_report(scanned)
+    if hf_cache:
+        from ..format.checkpoints.hub_cache import default_cache_dir
+        roots = paths or [str(default_cache_dir())]
+        args = [a for r in roots for a in scan_args(r)]
+        args = expand_inputs([], include=include or (), exclude=exclude or (), models=args)
+    elif not paths:
+        raise UsageError("no models given", hint="tdedup analyze PATH..., or --hf-cache")
+    else:
+        args = expand_inputs(paths, include=include or (), exclude=exclude or ())
+    # Bundles among the inputs are restored for as long as their tensors are read.
+    with staged_bundles(args) as staged:
+        scanned, report = analyze_paths(staged, dask=dask, index=index, quiet=quiet)
+        drift_report = None
+        if drift:
+            from ..analyzers.drift import compute_drift
+            drift_report = compute_drift(scanned)
+        derived = derivation_report(scanned)
     if as_json:
         sys.stdout.write(render_json(report, drift_report, scanned.models, derived))
     elif markdown != "-":
         console = stdout_console()
         print_report(report, console, top=top)
         if drift_report is not None:
-            console.print(drift_table(drift_report))
+            console.print(drift_table(drift_report, width=console.width))
         if derived:
             console.print(derived_table(derived))
     if markdown is not None:
         text = markdown_report(report, top=top, min_ratio=min_dedup_ratio)
         write_markdown(markdown, text + (drift_markdown(drift_report) if drift_report else "")
                        + (derived_markdown(derived) if derived else ""))
-    if not drift:
+    if not drift and not quiet:
         n = differing_slots(scanned)
         if n:
             hint(f"{n} tensor slots hold different bytes in different models; --drift "

@@ -89,6 +89,55 @@ def _matrix_cell(report: OverlapReport, a: str, b: str, size: int) -> tuple[int,
 
 # -- rich -----------------------------------------------------------------------------
 
+#: Above this many models the pair matrix is a ranked list of pairs (a matrix of n²
+#: cells stops being readable long before it stops fitting).
+MATRIX_MAX_MODELS = 6
+#: Model names up to this long keep their column wide enough at any terminal width.
+NAME_WIDTH = 24
+#: Below this width the drift table keeps its essential columns only.
+DRIFT_FULL_WIDTH = 120
+#: Pairs listed, largest sharing first.
+PAIRS_SHOWN = 20
+#: Layer names up to this long are shown whole; longer ones lose their start, never
+#: their end, where the layer number and the tensor's role are.
+LAYER_WIDTH = 40
+
+
+def matrix_fits(report: OverlapReport, width: int) -> bool:
+    """Whether the pair matrix is readable: few models, and every cell fits the width."""
+    n = len(report.models)
+    label = max(len(f"#{n} {m.name}") for m in report.models)
+    return n <= MATRIX_MAX_MODELS and label + 4 + n * 11 <= width
+
+
+def print_pairs(report: OverlapReport, console: Console) -> None:
+    """The pairs of models that share bytes, most first, as a list."""
+    sizes = {m.name: m.tensor_bytes for m in report.models}
+    pairs = sorted(((report.pair(a.name, b.name).shared_bytes, a.name, b.name)
+                    for i, a in enumerate(report.models) for b in report.models[i + 1:]),
+                   key=lambda p: -p[0])
+    pairs = [p for p in pairs if p[0]]
+    table = Table()
+    name_width = min(NAME_WIDTH, max(len(m.name) for m in report.models))
+    for col, just in (("model", "left"), ("model", "left"), ("shared bytes", "right"),
+                      ("of first (%)", "right"), ("of second (%)", "right")):
+        table.add_column(col, justify=just, no_wrap=just == "right",
+                         min_width=name_width if col == "model" else None)
+    for shared, a, b in pairs[:PAIRS_SHOWN]:
+        table.add_row(plain(a), plain(b), human_bytes(shared), _pct(shared, sizes[a]),
+                      _pct(shared, sizes[b]))
+    more = f"; {len(pairs) - PAIRS_SHOWN} more not shown" if len(pairs) > PAIRS_SHOWN else ""
+    _section(console, "Pairs of models that share bytes",
+             f"{len(pairs)} of {len(report.models) * (len(report.models) - 1) // 2} pairs, "
+             f"most shared first{more}")
+    console.print(table)
+
+
+def layer_label(name: str, width: int = LAYER_WIDTH) -> str:
+    """``name``, or its last ``width`` characters after an ellipsis: the end holds the layer
+    number and the tensor's role, the start only the model's prefix."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
 
 def _section(console: Console, title: str, note: str = "") -> None:
     # A heading line rather than a table title: rich wraps titles to the table's width.
@@ -103,11 +152,15 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     for label, value in totals_rows(report):
         totals.add_row(plain(label), plain(value))
 
-    models = Table()
+    models = Table(collapse_padding=True)
+    name_width = min(NAME_WIDTH, max(len(m.name) for m in report.models)) if report.models else 5
     for col, just in (("#", "right"), ("model", "left"), ("layout", "left"),
-                      ("tensors", "right"), ("tensor bytes", "right"),
-                      ("shared", "right"), ("unique", "right"), ("shared %", "right")):
-        models.add_column(col, justify=just, no_wrap=just == "right")
+                      ("tensors", "right"), ("tensor\nbytes", "right"),
+                      ("shared\nbytes", "right"), ("unique\nbytes", "right"),
+                      ("shared\n(%)", "right")):
+        models.add_column(col, justify=just, no_wrap=just == "right",
+                          min_width=name_width if col == "model" else None,
+                          overflow="ellipsis" if col == "layout" else "fold")
     for i, m in enumerate(report.models, 1):
         models.add_row(str(i), plain(m.name), plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
@@ -115,7 +168,9 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     _section(console, "Models")
     console.print(models)
 
-    if len(report.models) > 1:
+    if len(report.models) > 1 and not matrix_fits(report, console.width):
+        print_pairs(report, console)
+    elif len(report.models) > 1:
         matrix = Table()
         matrix.add_column("")
         for i in range(1, len(report.models) + 1):
@@ -136,8 +191,8 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     shown = _shown_groups(report, top)
     if shown:
         groups = Table()
-        for col, just in (("size", "right"), ("copies", "right"), ("saves", "right"),
-                          ("tensor (models)", "left")):
+        for col, just in (("bytes each", "right"), ("copies", "right"),
+                          ("bytes saved", "right"), ("tensor (models)", "left")):
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
@@ -149,7 +204,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     mismatches = report.view_mismatches
     if mismatches:
         table = Table()
-        for col, just in (("hash", "left"), ("size", "right"), ("views", "left")):
+        for col, just in (("hash", "left"), ("bytes", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
             table.add_row(g.hash[:12], human_bytes(g.bytes), plain(view_list(g)))
@@ -225,24 +280,36 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
     return "\n".join(out) + "\n"
 
 
-def drift_table(report: DriftReport, *, max_rows: int = 60) -> Table:
-    """A rich ``Table`` of the per-layer drift, with the size estimate as its caption."""
+def drift_table(report: DriftReport, *, max_rows: int = 60, width: int | None = None
+                ) -> Table:
+    """A rich ``Table`` of the per-layer drift, with the size estimate as its caption.
+    Below ``DRIFT_FULL_WIDTH`` columns (``width``) only the essential columns are kept,
+    so that names and numbers are never cut."""
+    full = width is None or width >= DRIFT_FULL_WIDTH
     table = Table(title="Drift of differing tensors, by layer", title_justify="left")
-    for col, kw in (("model", {}), ("vs", {}), ("layer", {}),
-                    ("tensors", {"justify": "right"}), ("bytes", {"justify": "right"}),
-                    ("bytes changed", {"justify": "right"}),
-                    ("elements changed", {"justify": "right"}),
-                    ("rel. L2", {"justify": "right"}),
-                    ("planes changed (high..low)", {})):
-        table.add_column(col, **kw)
-    for g in report.layers[:max_rows]:
+    rows = report.layers[:max_rows]
+    layer_width = min(LAYER_WIDTH, max((len(g.layer) for g in rows), default=5))
+    name_width = min(NAME_WIDTH, max((len(n) for g in rows for n in (g.model, g.reference)),
+                                     default=5))
+    columns = [("model", {"min_width": name_width}), ("vs", {"min_width": name_width}),
+               ("layer", {"no_wrap": True, "min_width": layer_width}),
+               ("tensors", {"justify": "right"}), ("bytes", {"justify": "right"}),
+               ("bytes changed (%)", {"justify": "right"}),
+               ("elements changed (%)", {"justify": "right"}),
+               ("rel. L2 (ratio)", {"justify": "right"}),
+               ("planes changed (%, high..low)", {})]
+    keep = [0, 1, 2, 5, 7] if not full else list(range(len(columns)))
+    for i in keep:
+        table.add_column(columns[i][0], **columns[i][1])
+    for g in rows:
         planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        table.add_row(plain(g.model), plain(g.reference), plain(g.layer), str(g.tensors),
-                      human_bytes(g.bytes),
-                      f"{g.bytes_changed:.1%}", f"{g.elements_changed:.1%}",
-                      "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes)
+        cells = [plain(g.model), plain(g.reference), plain(layer_label(g.layer)),
+                 str(g.tensors), human_bytes(g.bytes), f"{g.bytes_changed:.1%}",
+                 f"{g.elements_changed:.1%}",
+                 "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes]
+        table.add_row(*[cells[i] for i in keep])
     if len(report.layers) > max_rows:
-        table.add_row("...", "", f"{len(report.layers) - max_rows} more", *[""] * 6)
+        table.add_row("...", "", f"{len(report.layers) - max_rows} more", *[""] * (len(keep) - 3))
     e = report.estimate
     if e:
         table.caption = (f"estimated bundle tensors: {human_bytes(e['with_deltas_bytes'])} with "

@@ -11,13 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from .._version import __version__
-from . import analyze, bundle_commands, demo, index, load
+from . import analyze, bundle_commands, demo, edit_commands, index, load
 
 app = typer.Typer(
     name="tdedup",
     help="Find the tensors a family of model checkpoints shares, store them once, load them once.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -41,6 +41,8 @@ def _root(
 app.command()(analyze.analyze)
 app.command("index")(index.index_command)
 app.command()(bundle_commands.pack)
+app.command()(edit_commands.add)
+app.command()(edit_commands.remove)
 app.command()(bundle_commands.convert)
 app.command()(bundle_commands.unpack)
 app.command()(bundle_commands.verify)

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-import json
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ..errors import OutputError, UsageError
 from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
-from .common import guarded, human_bytes, phased_progress, plain, stdout_console, warn
+from .common import (
+    BundleArg,
+    Delta,
+    Exclude,
+    Force,
+    Include,
+    Json,
+    Level,
+    Quiet,
+    guarded,
+    human_bytes,
+    phased_progress,
+    plain,
+    print_json,
+    stdout_console,
+    warn,
+)
 
 if TYPE_CHECKING:
     from ..format.bundle.reader import Bundle
@@ -21,31 +38,48 @@ if TYPE_CHECKING:
 
 @guarded
 def pack(
-    paths: Annotated[list[str], typer.Argument(help="Models: files or folders, as PATH or NAME=PATH.")],
+    paths: Annotated[list[str], typer.Argument(help="Models: files, folders, hub cache folders, hf://org/name[@rev], bundles (merged); as PATH or NAME=PATH.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
-    level: Annotated[int, typer.Option("--level", min=-7, max=22, help="zstd level (1 is both smaller and faster than 3 on float planes).")] = DEFAULT_LEVEL,
-    delta: Annotated[str, typer.Option("--delta", help="auto: store near-identical tensors as base + delta; off: never.")] = "auto",
+    level: Level = DEFAULT_LEVEL,
+    delta: Delta = "auto",
     layout: Annotated[BundleLayout, typer.Option("--layout", help="compact: compress every blob; serving: keep self-contained blobs raw and aligned, for loads that map them (deltas stay compressed).")] = BundleLayout.COMPACT,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    force: Force = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planner's size estimate and what would be stored as what; write nothing.")] = False,
+    include: Include = None,
+    exclude: Exclude = None,
     derive: Annotated[str, typer.Option("--derive", help="auto: store tensors another model's tensor computes (a cast, a ggml quantization) as transform + residual, and repeated file layouts against each other; off: never.")] = "auto",
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
+    from ..ops.inputs import check_new_output, check_output_not_input, expand_inputs, is_bundle
     from ..ops.pack import pack as pack_models
+    args = expand_inputs(paths, include=include or (), exclude=exclude or ())
+    check_output_not_input(output, [a.path for a in args])
+    if dry_run:
+        from ..ops.estimate import estimate
+        from ..ops.inputs import staged_bundles
+        with staged_bundles(args) as staged:
+            _print_estimate(estimate(staged, delta=delta), as_json)
+        return
+    check_new_output(output, force)
+    if any(is_bundle(a.path) for a in args):
+        _merge(args, output, level=level, delta=delta, as_json=as_json, quiet=quiet)
+        return
     with phased_progress(quiet) as progress:
-        r = pack_models(paths, output, level=level, delta=delta, progress=progress,
+        r = pack_models(args, output, level=level, delta=delta, progress=progress,
                         layout=layout, derive=derive)
     for name, entries in r.skipped.items():
         shown = ", ".join(entries[:5])
         warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"
                                            if len(entries) > 5 else ""))
     if as_json:
-        print(json.dumps({"bundle": str(r.path), "layout": r.layout, "models": r.models,
-                          "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
-                          "distinct_tensor_bytes": r.distinct_tensor_bytes,
-                          "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
-                          "seconds": round(r.seconds, 3), "encodings": r.encodings,
-                          "skipped": r.skipped}, indent=2))
+        print_json({"bundle": str(r.path), "layout": r.layout, "models": r.models,
+                    "logical_bytes": r.logical_bytes, "tensor_bytes": r.tensor_bytes,
+                    "distinct_tensor_bytes": r.distinct_tensor_bytes,
+                    "bundle_bytes": r.bundle_bytes, "ratio": round(r.ratio, 4),
+                    "seconds": round(r.seconds, 3), "encodings": r.encodings,
+                    "skipped": r.skipped})
         return
     out = stdout_console()
     speed = r.logical_bytes / r.seconds if r.seconds else 0
@@ -54,6 +88,53 @@ def pack(
               f"  ({r.ratio:.2f}x smaller)")
     out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
+
+
+def _merge(args, output: Path, *, level: int, delta: str, as_json: bool, quiet: bool) -> None:
+    """Bundles among the inputs: the first is kept as it is (its blobs copied), the others'
+    models are restored into a temporary folder beside the output and added with the
+    rest."""
+    from ..ops.add import add as add_models
+    from ..ops.add import remove as remove_models
+    from ..ops.inputs import is_bundle, staged_bundles
+
+    first = next(a for a in args if is_bundle(a.path))
+    if first.name is not None:
+        raise UsageError(f"{first.name}={first.path}: a bundle holds named models already; "
+                         "give it without NAME=")
+    rest = [a for a in args if a is not first]
+    with staged_bundles(rest, output.resolve().parent) as staged, \
+            phased_progress(quiet) as progress:
+        if staged:
+            r = add_models(first.path, staged, output=output, level=level, delta=delta,
+                           progress=progress)
+        else:
+            r = remove_models(first.path, [], output=output, level=level, progress=progress)
+    if as_json:
+        print_json({"bundle": str(r.path), "models": r.models, "bundle_bytes": r.bundle_bytes,
+                    "copied_blobs": r.copied_blobs, "new_blobs": r.new_blobs,
+                    "seconds": round(r.seconds, 3)})
+        return
+    stdout_console().print(f"merged {len(r.models)} models into {r.path}: "
+                           f"{human_bytes(r.bundle_bytes)} ({r.copied_blobs} blobs copied, "
+                           f"{r.new_blobs} new) in {r.seconds:.2f} s",
+                           markup=False, highlight=False)
+
+
+def _print_estimate(e: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(e)
+        return
+    out = stdout_console()
+    out.print(f"estimate (the planner's, not a pack; nothing written) for {e['models']} "
+              "models:", markup=False, highlight=False)
+    out.print(f"  tensors {human_bytes(e['tensor_bytes'])}, distinct "
+              f"{human_bytes(e['distinct_tensor_bytes'])} in {e['distinct_tensors']} blobs")
+    out.print(f"  stored as: {e['self_blobs']} self-contained, {e['delta_blobs']} deltas")
+    for k, n in sorted(e["delta_encodings"].items()):
+        out.print(f"    {n} {k.lower()}")
+    out.print(f"  estimated tensor bytes stored: ~{human_bytes(e['estimated_bytes'])} "
+              f"(~{human_bytes(e['estimated_without_deltas_bytes'])} without deltas)")
 
 
 @guarded
@@ -71,10 +152,10 @@ def convert(
     with phased_progress(quiet) as progress:
         r = convert_bundle(bundle, output, layout, force=force, level=level, progress=progress)
     if as_json:
-        print(json.dumps({"bundle": str(r.path), "layout": r.layout,
-                          "source_bytes": r.source_bytes, "bundle_bytes": r.bundle_bytes,
-                          "decoded": r.decoded, "encoded": r.encoded, "copied": r.copied,
-                          "seconds": round(r.seconds, 3), "encodings": r.encodings}, indent=2))
+        print_json({"bundle": str(r.path), "layout": r.layout,
+                    "source_bytes": r.source_bytes, "bundle_bytes": r.bundle_bytes,
+                    "decoded": r.decoded, "encoded": r.encoded, "copied": r.copied,
+                    "seconds": round(r.seconds, 3), "encodings": r.encodings})
         return
     stdout_console().print(plain(
         f"wrote {r.path} ({r.layout} layout): {human_bytes(r.source_bytes)} -> "
@@ -84,16 +165,34 @@ def convert(
 
 @guarded
 def unpack(
-    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
-    dest: Annotated[Path, typer.Argument(help="Folder to restore into: DEST/NAME/<original paths>.")],
+    bundle: BundleArg,
+    dest: Annotated[Optional[Path], typer.Argument(help="Folder to restore into: DEST/NAME/<original paths> (a hub id's '/' becomes '--').", show_default=False)] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Restore only this model (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty DEST (only the bundle's own files are replaced).")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    hf_cache: Annotated[Optional[Path], typer.Option("--hf-cache", metavar="DIR", help="Restore models packed from the Hugging Face cache into the cache layout at DIR (blobs, snapshot symlinks, refs), instead of DEST.")] = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Restore every original file byte for byte (sha256 checked)."""
     from ..ops.unpack import unpack as unpack_bundle
+    from ..ops.hub_unpack import unpack_to_cache
+    if (dest is None) == (hf_cache is None):
+        raise UsageError("give either DEST or --hf-cache DIR")
+    target = dest if dest is not None else hf_cache
+    assert target is not None
+    if bundle.exists() and target.exists() and \
+            (bundle.resolve() == target.resolve() or target.resolve() in bundle.resolve().parents):
+        raise OutputError("the destination holds the input bundle (it would be read and written)", path=target)
+    model = [unicodedata.normalize("NFC", m) for m in model] if model else None
     with phased_progress(quiet) as progress:
-        r = unpack_bundle(bundle, dest, models=model, force=force, progress=progress)
+        if hf_cache is not None:
+            r = unpack_to_cache(bundle, hf_cache, models=model, progress=progress)
+        else:
+            r = unpack_bundle(bundle, target, models=model, force=force, progress=progress)
+    if as_json:
+        print_json({"dest": str(r.dest), "models": r.models, "files": r.files,
+                    "bytes": r.bytes, "seconds": round(r.seconds, 3)})
+        return
     speed = r.bytes / r.seconds if r.seconds else 0
     stdout_console().print(plain(f"restored {r.files} files of {len(r.models)} models "
                                  f"({human_bytes(r.bytes)}) into {r.dest} in {r.seconds:.2f} "
@@ -102,13 +201,19 @@ def unpack(
 
 @guarded
 def verify(
-    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    bundle: BundleArg,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Decode every blob, check every hash and every file's sha256."""
     from ..ops.verify import verify as verify_bundle
     with phased_progress(quiet) as progress:
         r = verify_bundle(bundle, progress=progress)
+    if as_json:
+        print_json({"bundle": str(bundle), "ok": True, "blobs": r.blobs,
+                    "stored_bytes": r.stored_bytes, "files": r.files,
+                    "logical_bytes": r.logical_bytes, "seconds": round(r.seconds, 3)})
+        return
     stdout_console().print(f"ok: {r.blobs} blobs ({human_bytes(r.stored_bytes)} stored), "
                            f"{r.files} files ({human_bytes(r.logical_bytes)}) verified in "
                            f"{r.seconds:.2f} s")
@@ -153,8 +258,9 @@ def inspect_dict(b: Bundle) -> dict:
 
 @guarded
 def inspect(
-    bundle: Annotated[Path, typer.Argument(help="The bundle (.tdd).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+    bundle: BundleArg,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Show what a bundle holds: models, files, sharing, encodings, sizes."""
     from rich.table import Table
@@ -168,14 +274,14 @@ def inspect(
             b.check_stored(rec)
         info = inspect_dict(b)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print_json(info)
         return
     out = stdout_console()
     out.print(plain(f"{info['bundle']}: format {'.'.join(map(str, info['format_version']))}, "
                     f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, layout "
                     f"{info['layout']}, written by tdedup {info['tool_version']}"))
     t = Table(title="models")
-    for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensors",
+    for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensor bytes",
                 "delta tensors"):
         t.add_column(col, justify="left" if col in ("model", "layout") else "right")
     for m in info["models"]:
@@ -184,7 +290,7 @@ def inspect(
                   str(m["delta_tensors"]))
     out.print(t)
     e = Table(title="encodings")
-    for col in ("encoding", "blobs", "decoded", "stored", "ratio"):
+    for col in ("encoding", "blobs", "decoded bytes", "stored bytes", "ratio (x)"):
         e.add_column(col, justify="left" if col == "encoding" else "right")
     for name, v in sorted(info["encodings"].items()):
         ratio = v["decoded_bytes"] / v["stored_bytes"] if v["stored_bytes"] else 1.0
@@ -193,7 +299,7 @@ def inspect(
     out.print(e)
     if info["deltas"]:
         d = Table(title=f"deltas ({len(info['deltas'])}, largest first)")
-        for col in ("blob", "base", "encoding", "decoded", "stored", "ratio"):
+        for col in ("blob", "base", "encoding", "decoded bytes", "stored bytes", "ratio (x)"):
             d.add_column(col)
         for x in sorted(info["deltas"], key=lambda x: -x["decoded_bytes"])[:15]:
             d.add_row(x["blob"][:12], x["base"][:12], x["encoding"],

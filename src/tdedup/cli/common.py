@@ -13,6 +13,7 @@ the plain ``error:``/``warning:``/``hint:`` lines.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -21,7 +22,8 @@ import threading
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Iterator, TypeVar
+from pathlib import Path
+from typing import Annotated, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -214,3 +216,27 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError
+
+
+# -- option types every command shares (one spelling, one help text) --------------------
+
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Include = Annotated[Optional[list[str]], typer.Option(
+    "--include", metavar="GLOB",
+    help="Only inputs whose model name or path matches (repeatable).")]
+Exclude = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", metavar="GLOB",
+    help="Skip inputs whose model name or path matches (repeatable).")]
+Level = Annotated[int, typer.Option(
+    "--level", min=-7, max=22,
+    help="zstd level (1 is both smaller and faster than 3 on float planes).")]
+Delta = Annotated[str, typer.Option(
+    "--delta", help="auto: store near-identical tensors as base + delta; off: never.")]
+BundleArg = Annotated[Path, typer.Argument(help="The bundle (.tdd).")]
+
+
+def print_json(doc: object) -> None:
+    """One JSON document on stdout (the ``--json`` of every command)."""
+    print(json.dumps(doc, indent=2, ensure_ascii=False))

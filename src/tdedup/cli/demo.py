@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +12,7 @@ import typer
 
 from .analyze import analyze
 from .bundle_commands import inspect, pack, unpack, verify
-from .common import guarded, hint, plain, stderr_console, stdout_console
+from .common import Json, Quiet, guarded, hint, plain, print_json, stderr_console, stdout_console
 
 
 def _step(title: str) -> None:
@@ -20,9 +22,26 @@ def _step(title: str) -> None:
 @guarded
 def demo(
     workdir: Annotated[Optional[Path], typer.Argument(help="Folder for the demo's files (default: a new temporary folder).")] = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Train a small model family (numpy, seconds), then analyze, pack, verify, unpack it."""
+    if as_json or quiet:
+        # The walkthrough is for reading; here only its outcome is printed.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            root = _run(workdir)
+        bundle = root / "family.tdd"
+        if as_json:
+            print_json({"workdir": str(root), "bundle": str(bundle),
+                        "bundle_bytes": bundle.stat().st_size,
+                        "restored": str(root / "restored")})
+        return
+    _run(workdir)
+
+
+def _run(workdir: Path | None) -> Path:
     from ..demo import build_demo_family  # numpy: not imported for --help
+
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tdedup-demo-"))
     _step("1. build a model family (real gradient steps, saved as safetensors and GGUF)")
     with stderr_console().status("training base, full and frozen fine-tunes..."):
@@ -55,3 +74,4 @@ def demo(
         _step("7. tdedup load --device cpu (each distinct tensor in memory once)")
         load_cmd(bundle=bundle, device="cpu")
     out.print(plain(f"\nall files are in {root}"))
+    return root

@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import guarded, human_bytes, stderr_console, stdout_console, warn
+from .common import Quiet, guarded, human_bytes, stderr_console, stdout_console, warn
 
 if TYPE_CHECKING:
     from ..analyzers.distributed import DaskRunner
@@ -65,6 +65,7 @@ def index_command(
         "--stats", help="Say what the index holds: files, tensors, distinct tensors, "
         "and recorded files that are now missing or changed.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON on stdout.")] = False,
+    quiet: Quiet = False,  # every command takes -q; this one draws no progress bar
 ) -> None:
     """Inspect an incremental tensor-hash index (docs/SCALE.md)."""
     from rich.table import Table

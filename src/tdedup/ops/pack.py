@@ -119,7 +119,7 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     return enc, stored, used_base
 
 
-def _layout_bytes(f: SourceFile, src: InputFile) -> bytes:
+def layout_bytes(f: SourceFile, src: InputFile) -> bytes:
     """A file's non-tensor bytes (header, metadata, padding; whole file if no tensors)."""
     parts, cursor = [], 0
     for t in f.tensors:
@@ -131,7 +131,7 @@ def _layout_bytes(f: SourceFile, src: InputFile) -> bytes:
     return b"".join(parts)
 
 
-def _sha256_file(src: InputFile, size: int) -> str:
+def sha256_file(src: InputFile, size: int) -> str:
     h = hashlib.sha256()
     for chunk in src.chunks(0, size, SHA_CHUNK):
         h.update(chunk)
@@ -238,7 +238,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
             if f.abs_path not in inputs:
                 inputs[f.abs_path] = inputs_open.enter_context(
                     InputFile(f.abs_path, expect_size=f.size))
-        sha_futures = {id(f): pool.submit(_sha256_file, inputs[f.abs_path], f.size)
+        sha_futures = {id(f): pool.submit(sha256_file, inputs[f.abs_path], f.size)
                        for f in all_files}
         scanned = hash_models(models, lambda n: report("hashing", n, total_tensor))
         firsts = scanned.first_occurrences()
@@ -313,7 +313,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                 entries = []
                 digests = {(h.record.file, h.record.name): h.digest for h in scanned.hashed[m.name]}
                 for f in m.files:
-                    nontensor = _layout_bytes(f, inputs[f.abs_path]) if f.size else b""
+                    nontensor = layout_bytes(f, inputs[f.abs_path]) if f.size else b""
                     digest = hash_bytes(nontensor)
                     layouts.add(digest, nontensor, f.kind.value)
                     tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
@@ -323,7 +323,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                     entries.append(FileEntry(f.rel_path, f.size,
                                              sha_futures[id(f)].result(), f.kind.value,
                                              digest, tensors, info))
-                manifest_models.append(ModelEntry(m.name, m.layout.value, entries))
+                manifest_models.append(ModelEntry(m.name, m.layout.value, entries, m.hub))
             logical = sum(f.size for f in all_files)
             summary = {"models": len(models), "logical_bytes": logical,
                        "tensor_bytes": total_tensor, "distinct_tensor_bytes": distinct,

@@ -28,6 +28,7 @@ from .._fs import open_dir_at, open_temp_at, remove_stale_temps
 from ..errors import IntegrityError, OutputError, OutputExistsError, UnsafePathError
 from ..format.bundle.manifest import FileEntry, ModelEntry
 from ..format.bundle.reader import Bundle
+from ..format.checkpoints.records import model_folder
 from . import ProgressFn, check_output_not_input
 
 
@@ -66,9 +67,9 @@ def _target_checks(dest: Path, models: list[ModelEntry], force: bool, bundle: Pa
     root = dest.resolve() if dest.exists() else None
     for m in models:
         for f in m.files:
-            target = dest / m.name / f.path
+            target = dest / model_folder(m.name) / f.path
             p = dest
-            for part in (m.name, *f.path.split("/")):
+            for part in (model_folder(m.name), *f.path.split("/")):
                 p = p / part
                 if p.is_symlink():
                     raise UnsafePathError(f"{m.name}/{f.path} would be written through the "
@@ -302,8 +303,8 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
         jobs = []
         for m in chosen:
             for f in m.files:
-                *folder, name = (m.name, *f.path.split("/"))
-                jobs.append(_Job(f, tuple(folder), name, dest / m.name / f.path))
+                *folder, name = (model_folder(m.name), *f.path.split("/"))
+                jobs.append(_Job(f, tuple(folder), name, dest / model_folder(m.name) / f.path))
         folders = _Folders(dest)
         fresh: list[_Job] = []
         renamed: set[int] = set()

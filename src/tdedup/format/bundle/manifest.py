@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ...errors import BundleFormatError, UnsafePathError, UnsupportedVersionError
-from ..checkpoints.records import FileKind, is_model_name
+from ..checkpoints.records import FileKind, is_model_name, model_folder
 from ..strict_json import loads_strict
 from .constants import (
     BLOB_ALIGNMENT,
@@ -29,6 +29,11 @@ from .constants import (
 )
 
 HASH_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline
+#: A hub repo id (``org/name`` or ``name``) and a git commit, as hub provenance holds them.
+HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+#: A cache blob's name (its etag: sha256 of an LFS file, git sha1 of another).
+HUB_BLOB_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 #: Most bytes one stored byte of a zstd-based blob can decode to. The densest zstd block is
 #: an RLE block (3-byte header + 1 byte) of at most 128 KiB, so no frame, and no blob made
 #: of frames (every encoding but RAW), decodes to more than 131072 / 4 times its size.
@@ -91,6 +96,9 @@ class ModelEntry:
     name: str
     layout: str
     files: list[FileEntry] = field(default_factory=list)
+    #: Where a model packed from the Hugging Face cache came from (spec §6.3): repo_id,
+    #: commit and the refs that pointed at it, so unpack can rebuild the cache layout.
+    hub: dict | None = None
 
     @property
     def tensor_bytes(self) -> int:
@@ -158,7 +166,8 @@ class Manifest:
             "format_version": list(self.format_version),
             "tool_version": self.tool_version,
             "alignment": self.alignment,
-            "models": [asdict(m) for m in self.models],
+            "models": [{k: v for k, v in asdict(m).items() if k != "hub" or v is not None}
+                       for m in self.models],
             "blobs": [b.to_json() for b in self.blobs.values()],
             "summary": self.summary,
         }
@@ -263,6 +272,9 @@ class _Parser:
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise _fail("a model name is used twice")
+        folders = [model_folder(n) for n in names]
+        if len(set(folders)) != len(folders):
+            raise _fail("two model names unpack into the same folder")
         summary = doc.get("summary", {})
         return Manifest(models, blobs, str(doc.get("tool_version", "")), tuple(version),
                         alignment, summary if isinstance(summary, dict) else {})
@@ -360,7 +372,22 @@ class _Parser:
                 if "/".join(parts[:k]) in pset:
                     raise UnsafePathError(f"manifest: model {name!r}: {p!r} lies below the file "
                                           f"{'/'.join(parts[:k])!r}")
-        return ModelEntry(name, str(m.get("layout", "")), files)
+        hub = self.hub(m["hub"], f"{what}.hub") if "hub" in m else None
+        return ModelEntry(name, str(m.get("layout", "")), files, hub)
+
+    def hub(self, h, what: str) -> dict:
+        """Hub provenance: every value later names a folder or file of a cache layout."""
+        h = self.obj(h, what)
+        repo = self.get(h, "repo_id", str, what)
+        commit = self.get(h, "commit", str, what)
+        refs = self.get(h, "refs", list, what)
+        if not HUB_REPO_RE.fullmatch(repo):
+            raise UnsafePathError(f"manifest: {what}: unsafe repo id {repo!r}")
+        if not COMMIT_RE.fullmatch(commit):
+            raise _fail(f"{what}.commit is not a 40-digit hex commit")
+        for ref in refs:
+            check_relative_path(ref, f"{what}.refs")
+        return {"repo_id": repo, "commit": commit, "refs": list(refs)}
 
     def file(self, f, what: str, blobs: dict[str, BlobRecord]) -> FileEntry:
         f = self.obj(f, what)

@@ -96,6 +96,33 @@ class BundleWriter:
         self.blobs[digest] = rec
         return rec
 
+    def copy_blob(self, rec: BlobRecord, src_fd: int) -> BlobRecord:
+        """Append a blob another bundle (open as ``src_fd``) holds, stored bytes unchanged:
+        a kernel copy (``copy_file_range``, a reflink where the file system shares extents),
+        never through Python buffers. Its checksum and decoded hash carry over; a known
+        digest is a no-op."""
+        if rec.hash in self.blobs:
+            return self.blobs[rec.hash]
+        self._pad_to(self.alignment if rec.encoding is BlobEncoding.RAW else BLOB_ALIGNMENT)
+        try:
+            self.f.flush()
+            dst, src_off, left = self.f.fileno(), rec.offset, rec.stored_length
+            while left:
+                n = os.copy_file_range(src_fd, dst, left, src_off, self.pos)
+                if n == 0:
+                    raise OSError(0, "the source bundle ended inside a blob")
+                src_off += n
+                self.pos += n
+                left -= n
+            self.f.seek(self.pos)
+        except OSError as e:
+            raise OutputError(f"copying a blob failed: {e.strerror or e}",
+                              path=self.target) from e
+        new = BlobRecord(rec.hash, rec.encoding, self.pos - rec.stored_length,
+                         rec.stored_length, rec.decoded_length, rec.checksum, rec.base)
+        self.blobs[rec.hash] = new
+        return new
+
     def finish(self, manifest: Manifest, *, level: int = 3, validate: bool = False) -> int:
         """Write manifest and footer, fsync, rename over the target. Returns the size.
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: What a model name may be (it names a folder on unpack, so nothing that could escape it).
-MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: One part of a model name: Unicode letters and digits (and '.', '_', '-' inside), so
+#: nothing that could name a parent folder, a hidden file or carry a control character.
+_PART = r"[^\W_][\w.-]*"
+#: A model name: a part, or a hub id ``org/name`` (one '/'), optionally ``@revision``
+#: (a short commit or a ref name). NFC-normalised, at most MAX_NAME_CHARS characters.
+MODEL_NAME_RE = re.compile(rf"{_PART}(?:/{_PART})?(?:@{_PART})?")
+MAX_NAME_CHARS = 200
 
 
 #: The most elements a tensor's shape may describe, counting every zero dimension as 1:
@@ -30,7 +36,15 @@ def shape_overflows(shape) -> bool:
 
 def is_model_name(name: object) -> bool:
     """Whether ``name`` is a valid model name (the whole string: a trailing newline is not)."""
-    return isinstance(name, str) and MODEL_NAME_RE.fullmatch(name) is not None
+    return (isinstance(name, str) and len(name) <= MAX_NAME_CHARS
+            and unicodedata.normalize("NFC", name) == name
+            and MODEL_NAME_RE.fullmatch(name) is not None)
+
+
+def model_folder(name: str) -> str:
+    """The folder a model unpacks into: its name with a hub id's '/' as '--' (the hub's
+    own convention, ``models--org--name``), so every model is one folder below DEST."""
+    return name.replace("/", "--")
 
 
 class FileKind(str, enum.Enum):
@@ -104,6 +118,7 @@ class ModelSource:
     #: What a folder scan left out, as ``"rel/path (why)"``: hidden folders, FIFOs and
     #: other non-regular files, dangling links. Reported, never dropped silently.
     skipped: list[str] = field(default_factory=list)
+    hub: dict | None = None  # provenance of a hub cache revision (repo_id, commit, refs)
 
     @property
     def tensors(self) -> list[TensorRecord]:

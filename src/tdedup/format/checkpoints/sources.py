@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ...errors import (
 )
 from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
+from .hub_cache import blob_name
 from .records import FileKind, ModelLayout, ModelSource, SourceFile, is_model_name
 from .safetensors import read_safetensors
 
@@ -40,15 +42,19 @@ class ModelArg:
 
     name: str | None
     path: Path
+    #: Hub provenance of a cached revision (``hub_cache.HubRevision.provenance``).
+    hub: dict | None = None
 
 
 def parse_model_arg(arg: str) -> ModelArg:
     """Parse ``NAME=PATH`` or ``PATH``. A path that exists as written wins over a split."""
     if "=" in arg and not os.path.exists(arg):
         name, _, path = arg.partition("=")
+        name = unicodedata.normalize("NFC", name)
         if not is_model_name(name):
-            raise UsageError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or "
-                             "'-', starting with a letter or digit")
+            raise UsageError(f"model name {name!r} must be letters, digits, '.', '_' or '-' "
+                             "(at most 200), starting with a letter or digit; or a hub id "
+                             "org/name[@revision]")
         return ModelArg(name, Path(path))
     return ModelArg(None, Path(arg))
 
@@ -155,7 +161,8 @@ def default_name(path: Path) -> list[str]:
         parts = [*p.parent.parts[1:], stem]
     else:
         parts = list(p.parts[1:])
-    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", s).lstrip("._-") or "model" for s in parts]
+    parts = [re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", s)).lstrip("._-")[:100]
+             or "model" for s in parts]
     return ["-".join(parts[-k:]) for k in range(1, len(parts) + 1)] or ["model"]
 
 
@@ -216,7 +223,12 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
     layout = (ModelLayout.DIFFUSERS if "model_index.json" in names
               else ModelLayout.SHARDED if any(n.endswith(".safetensors.index.json") for n in names)
               else ModelLayout.FOLDER)
-    return ModelSource(name, path, layout, files, skipped)
+    if arg.hub is not None:  # a hub snapshot: remember which cache blob each file is
+        for f in files:
+            etag = blob_name(f.abs_path)
+            if etag is not None:
+                f.info["hub_blob"] = etag
+    return ModelSource(name, path, layout, files, skipped, hub=arg.hub)
 
 
 def open_models(args: Sequence[str | ModelArg]) -> list[ModelSource]:

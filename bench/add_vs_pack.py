@@ -1,0 +1,78 @@
+"""Benchmark ``tdedup add`` against packing everything again.
+
+    python bench/add_vs_pack.py [--repeat 3] [--corpus DIR]
+
+A family grows by one fine-tune, ``minilm/ft-full`` of the corpus, added to a bundle of
+
+- "pair": the MiniLM base alone;
+- "family": base, dup-pkg, resaved, ft-freeze and ft-lora-merged.
+
+Compared, in one process, after one warm-up pass so every input is in the page cache,
+median of ``--repeat``:
+
+- add: ``tdedup.add(bundle, [ft-full])`` (the bundle's blobs kernel-copied, its tensors
+  decoded once as delta candidates, the fine-tune hashed, planned and encoded);
+- fresh pack: ``tdedup.pack`` of every model again from the original files;
+- unpack + pack: what one did before ``add`` without the original files at hand
+  (``tdedup.unpack`` of the bundle, then ``tdedup.pack`` of its models and the new one).
+
+Prints seconds, the time ratio, and the two bundles' sizes (add must be within 2%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tdedup
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--corpus", type=Path, default=Path(
+        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    a = ap.parse_args()
+    base, ft = a.corpus / "minilm" / "base", a.corpus / "minilm" / "ft-full"
+    if not (base.is_dir() and ft.is_dir()):
+        print(f"corpus not built at {a.corpus}", file=sys.stderr)
+        return 2
+    family = {n: a.corpus / "minilm" / n for n in
+              ("base", "dup-pkg", "resaved", "ft-freeze", "ft-lora-merged")}
+    for case, old in (("pair", {"base": base}), ("family", family)):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmpd = Path(tmp)
+            bundle = tmpd / "old.tdd"
+            old_args = [f"{n}={p}" for n, p in old.items()]
+            tdedup.pack(old_args, bundle)
+            tdedup.pack([*old_args, f"ft={ft}"], tmpd / "warm.tdd")  # warm-up
+            adds, packs, repacks = [], [], []
+            for i in range(a.repeat):
+                t0 = time.perf_counter()
+                fresh = tdedup.pack([*old_args, f"ft={ft}"], tmpd / f"fresh{i}.tdd")
+                packs.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                added = tdedup.add(bundle, [f"ft={ft}"], output=tmpd / f"added{i}.tdd")
+                adds.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                tdedup.unpack(bundle, tmpd / f"un{i}")
+                tdedup.pack([*(f"{n}={tmpd / f'un{i}' / n}" for n in old), f"ft={ft}"],
+                            tmpd / f"repack{i}.tdd")
+                repacks.append(time.perf_counter() - t0)
+                shutil.rmtree(tmpd / f"un{i}")
+            ta, tp, tr = (statistics.median(x) for x in (adds, packs, repacks))
+            print(f"{case}: add {ta:.3f} s; fresh pack of all {len(old) + 1} {tp:.3f} s "
+                  f"(add {ta / tp:.2f}x); unpack + pack {tr:.3f} s (add {ta / tr:.2f}x); "
+                  f"sizes: added {added.bundle_bytes:,} B, fresh {fresh.bundle_bytes:,} B "
+                  f"({added.bundle_bytes / fresh.bundle_bytes - 1:+.2%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

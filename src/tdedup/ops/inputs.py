@@ -1,0 +1,146 @@
+"""What the user names as inputs, turned into models: paths, ``NAME=PATH``, hub ids
+(``hf://org/name[@rev]``, a bare ``org/name`` when no such path exists), hub cache folders
+(every cached revision), bundles (their models); ``--include``/``--exclude`` globs; and
+the refusals that protect inputs: the same input twice, an output that is an input.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import InputError, OutputExistsError, UsageError
+from ..format.bundle.constants import MAGIC
+from ..format.bundle.reader import Bundle
+from ..format.checkpoints import hub_cache
+from ..format.checkpoints.records import model_folder
+from ..format.checkpoints.sources import ModelArg, parse_model_arg
+from . import check_output_file
+from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
+from .unpack import unpack
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` is a file that starts like a tdedup bundle."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _hub_args(name: str | None, revisions: list[hub_cache.HubRevision]) -> list[ModelArg]:
+    if name is not None and len(revisions) != 1:
+        raise UsageError(f"{name}=... names {len(revisions)} cached revisions; a NAME= "
+                         "needs exactly one")
+    return [ModelArg(name or r.name, r.snapshot, r.provenance) for r in revisions]
+
+
+def expand_one(arg: str) -> list[ModelArg]:
+    """The models one argument names (hub folders and ids resolved offline)."""
+    parsed = parse_model_arg(arg)
+    text = str(parsed.path) if not arg.startswith(hub_cache.HF_PREFIX) else \
+        arg.partition("=")[2] if parsed.name else arg
+    if text.startswith(hub_cache.HF_PREFIX):
+        ident = hub_cache.parse_hub_id(text)
+        if ident is None:
+            raise UsageError(f"{text!r} is not a hub id (hf://org/name[@revision])")
+        return _hub_args(parsed.name, [hub_cache.resolve(*ident)])
+    ident = hub_cache.parse_hub_id(text)
+    if ident is not None and "/" in ident[0] and not os.path.lexists(text):
+        # A bare org/name: a repo of the cache when no such path exists.
+        try:
+            return _hub_args(parsed.name, [hub_cache.resolve(*ident)])
+        except (InputError, UsageError):
+            raise InputError("no such file or folder (nor a model repo in the Hugging Face "
+                             "cache)", path=text) from None
+    path = parsed.path
+    if path.is_dir() and hub_cache.is_repo_folder(path):
+        return _hub_args(parsed.name, hub_cache.repo_revisions(path))
+    if path.is_dir() and hub_cache.is_cache_root(path):
+        return _hub_args(parsed.name, hub_cache.scan(path))
+    return [parsed]
+
+
+def scan_args(cache_dir: str | os.PathLike) -> list[ModelArg]:
+    """Every cached revision of a hub cache folder, one model each (``--hf-cache``)."""
+    return _hub_args(None, hub_cache.scan(cache_dir))
+
+
+def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
+                  exclude: Sequence[str] = (), models: Sequence[ModelArg] = ()
+                  ) -> list[ModelArg]:
+    """Every model the arguments (and ``models``, already resolved) name, filtered by the
+    globs (matched against the model's name, when known, and its path), each input at
+    most once."""
+    out: list[ModelArg] = []
+    given: dict[Path, str] = {}
+    pairs = [(arg, m) for arg in args for m in expand_one(arg)]
+    pairs += [(str(m.path), m) for m in models]
+    for arg, m in pairs:
+        key = m.path.resolve() if m.path.exists() else m.path
+        if key in given:
+            raise UsageError(f"the same input is given twice: {given[key]!r} and {arg!r}")
+        given[key] = arg
+        out.append(m)
+
+    def matches(m: ModelArg, globs: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(s, g) for g in globs
+                   for s in (m.name or "", str(m.path), m.path.name))
+
+    out = [m for m in out if (not include or matches(m, include))
+           and not matches(m, exclude)]
+    if not out:
+        raise UsageError("no models left to read"
+                         + (" after --include/--exclude" if include or exclude else ""))
+    return out
+
+
+def check_new_output(output: str | os.PathLike, force: bool) -> None:
+    """Refuse to replace an existing output unless ``force``."""
+    out = check_output_file(output)  # no file name at all ('', '.', a folder): one line
+    if out.exists() and not force:
+        raise OutputExistsError("the output exists", path=output,
+                                hint="pass --force to replace it")
+
+
+@contextmanager
+def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = None,
+                   *, keep_first: bool = False) -> Iterator[list[ModelArg]]:
+    """Bundle inputs replaced by their models, restored (sha256-checked) into a temporary
+    folder under ``workdir`` that is removed afterwards. ``keep_first``: the first bundle
+    stays as it is (``pack`` adds the rest to it without re-encoding it)."""
+    stage: Path | None = None
+    out: list[ModelArg] = []
+    kept_one = not keep_first
+    try:
+        for i, a in enumerate(args):
+            if not is_bundle(a.path):
+                out.append(a)
+                continue
+            if not kept_one:
+                kept_one = True
+                out.append(a)
+                continue
+            if a.name is not None:
+                raise UsageError(f"{a.name}={a.path}: a bundle holds named models already; "
+                                 "give it without NAME=")
+            if stage is None:
+                stage = Path(tempfile.mkdtemp(prefix=".tdedup-stage-", dir=workdir))
+            dest = stage / str(i)
+            unpack(a.path, dest)
+            with Bundle(a.path) as b:
+                for m in b.manifest.models:
+                    folder = dest / model_folder(m.name)
+                    single = len(m.files) == 1 and m.layout == m.files[0].kind
+                    out.append(ModelArg(m.name, folder / m.files[0].path if single else folder,
+                                        m.hub))
+        yield out
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""``add``, ``remove`` and bundles as inputs: a bundle changes without re-encoding what it
+holds, and the result matches a fresh pack (within 2%) and unpacks byte for byte.
+
+Time is measured by bench/add_vs_pack.py, not here; these tests show the work that makes
+``add`` cheap: every blob of the old bundle is carried over with its stored bytes (same
+checksum), and only the new models' contents are encoded.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tdedup
+from helpers.delta_helpers import shared_family
+from tdedup.cli.app import app
+from tdedup.format.bundle.reader import Bundle
+
+pytest.importorskip("torch")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict[str, Path]:
+    return shared_family(tmp_path_factory)
+
+
+def _restored_equal(bundle: Path, dest: Path, sources: dict[str, Path]) -> None:
+    tdedup.unpack(bundle, dest)
+    for name, src in sources.items():
+        assert filecmp.cmp(dest / name / src.name, src, shallow=False), name
+
+
+def test_add_fine_tunes_to_a_bundle_of_their_base(fam, tmp_path):
+    base = tmp_path / "base.tdd"
+    tdedup.pack([f"base={fam['base']}"], base)
+    with Bundle(base) as b:
+        old = {h: (r.checksum, r.stored_length) for h, r in b.manifest.blobs.items()}
+    fresh = tdedup.pack([f"base={fam['base']}", f"ft={fam['ft']}", f"lora={fam['lora']}"],
+                        tmp_path / "fresh.tdd")
+    r = tdedup.add(base, [f"ft={fam['ft']}", f"lora={fam['lora']}"])
+    assert r.models == ["base", "ft", "lora"]
+    assert r.copied_blobs == len(old)  # nothing the bundle held was re-encoded
+    with Bundle(base) as b:
+        for h, (checksum, stored) in old.items():
+            assert (b.blob(h).checksum, b.blob(h).stored_length) == (checksum, stored)
+        assert any(rec.base in old for rec in b.manifest.blobs.values())  # deltas vs base
+    assert r.bundle_bytes <= fresh.bundle_bytes * 1.02
+    tdedup.verify(base)
+    _restored_equal(base, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "lora")})
+
+
+def test_remove_then_add_round_trips(fam, tmp_path):
+    bundle = tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}", f"ft={fam['ft']}", f"lora={fam['lora']}"], bundle)
+    first = bundle.stat().st_size
+    r = tdedup.remove(bundle, ["ft"])
+    assert r.models == ["base", "lora"] and r.new_blobs == 0
+    assert bundle.stat().st_size < first
+    tdedup.add(bundle, [f"ft={fam['ft']}"])
+    assert abs(bundle.stat().st_size - first) <= first * 0.02
+    with Bundle(bundle) as b:
+        assert sorted(b.model_names) == ["base", "ft", "lora"]
+    _restored_equal(bundle, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "lora")})
+
+
+def test_merged_bundle_equals_a_fresh_pack(fam, tmp_path):
+    a, b = tmp_path / "a.tdd", tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}", f"copy={fam['copy']}"], a)
+    tdedup.pack([f"ft={fam['ft']}", f"lora={fam['lora']}"], b)
+    fresh = tdedup.pack([f"{n}={fam[n]}" for n in ("base", "copy", "ft", "lora")],
+                        tmp_path / "fresh.tdd")
+    merged = tmp_path / "merged.tdd"
+    res = runner.invoke(app, ["pack", str(a), str(b), "-o", str(merged), "-q"])
+    assert res.exit_code == 0, res.output
+    assert merged.stat().st_size <= fresh.bundle_bytes * 1.02
+    assert not list(tmp_path.glob(".tdedup-stage-*"))  # the staging folder is gone
+    _restored_equal(merged, tmp_path / "out", {n: fam[n] for n in ("base", "copy", "ft", "lora")})
+
+
+def test_analyze_reads_a_bundle_like_its_models(fam, tmp_path):
+    bundle = tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}", f"ft={fam['ft']}"], bundle)
+    from_bundle = runner.invoke(app, ["analyze", str(bundle), "--json", "-q"])
+    from_files = runner.invoke(app, ["analyze", f"base={fam['base']}", f"ft={fam['ft']}",
+                                     "--json", "-q"])
+    assert from_bundle.exit_code == 0, from_bundle.output
+    a, b = json.loads(from_bundle.stdout), json.loads(from_files.stdout)
+    for key in ("total_tensor_bytes", "distinct_tensor_bytes", "total_tensors", "pairs"):
+        assert a[key] == b[key], key
+
+
+def test_add_cli_refusals_change_nothing(fam, tmp_path):
+    bundle = tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}"], bundle)
+    before = bundle.read_bytes()
+    cases = [
+        ["add", str(bundle), f"base={fam['ft']}"],  # the name is taken
+        ["add", str(bundle), str(tmp_path / "missing.safetensors")],
+        ["add", str(bundle), str(fam["ft"]), str(fam["ft"])],  # the same input twice
+        ["add", str(bundle), str(fam["ft"]), "-o", str(fam["ft"])],  # output is an input
+        ["remove", str(bundle), "nope"],
+        ["remove", str(bundle), "base"],  # nothing would be left
+    ]
+    for args in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert len(res.stderr.strip().splitlines()) <= 2, res.stderr  # error (+ hint)
+        assert res.stderr.startswith("error: ")
+        assert bundle.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b.tdd"]
+
+
+def test_add_takes_a_bundle_of_models(fam, tmp_path):
+    a, b = tmp_path / "a.tdd", tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    tdedup.pack([f"ft={fam['ft']}", f"lora={fam['lora']}"], b)
+    res = runner.invoke(app, ["add", str(a), str(b), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["models"] == ["base", "ft", "lora"]
+    dry = runner.invoke(app, ["pack", str(b), "-o", str(tmp_path / "x.tdd"), "--dry-run",
+                              "--json"])
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["model_names"] == ["ft", "lora"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tdd", "b.tdd"]
+
+
+def test_add_keeps_a_serving_bundle_serving(fam, tmp_path):
+    from tdedup.format.bundle.constants import BlobEncoding
+
+    bundle = tmp_path / "s.tdd"
+    tdedup.pack([f"base={fam['base']}"], bundle, layout="serving")
+    tdedup.add(bundle, [f"ft={fam['ft']}", f"copy={fam['copy']}"])
+    with Bundle(bundle) as b:
+        assert b.manifest.summary["layout"] == "serving"
+        assert all(r.encoding is BlobEncoding.RAW
+                   for r in b.manifest.blobs.values() if r.base is None)
+    _restored_equal(bundle, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "copy")})
