@@ -28,18 +28,10 @@ from tdedup.cli import bundle_commands
 from tdedup.cli.app import app
 from tdedup.errors import InputError, TdedupError
 
+from helpers.cli_checks import one_line  # noqa: E402
+
 runner = CliRunner()
 
-
-def one_line(result, *needles: str) -> str:
-    """The CLI failed as it must: exit 2, one ``error:`` line holding ``needles``."""
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("hint: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def leftovers(folder: Path) -> list[str]:
