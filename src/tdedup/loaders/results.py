@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from ..format.bundle.manifest import FileEntry
 from ..format.bundle.reader import Bundle
@@ -177,7 +177,7 @@ class LoadedBundle(Mapping, ModelAccess):
         return (f"LoadedBundle({str(self.path)!r}, device={str(self.device)!r}, "
                 f"models={list(self._records)})")
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "LoadedBundle":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -97,7 +97,7 @@ def choose_encoding(data, width: int, level: int, *, base=None,
         stored = encode(delta.encoding, data, width=width, level=level, base=base,
                         shape=delta.shape or None)
         candidates.append((len(stored), delta.encoding, stored, True))
-    delta_clearly_wins = (candidates and delta.self_estimated_bytes
+    delta_clearly_wins = (candidates and delta is not None and delta.self_estimated_bytes
                           and delta.estimated_bytes < DELTA_CLEAR_WIN * delta.self_estimated_bytes
                           and candidates[0][0] < n * (1 - MIN_SAVING))
     if not delta_clearly_wins:
