@@ -73,5 +73,6 @@ def _run(workdir: Path | None) -> Path:
     else:
         _step("7. tdedup load --device cpu (each distinct tensor in memory once)")
         load_cmd(bundle=bundle, device="cpu")
-    out.print(plain(f"\nall files are in {root}"))
+    out.print()
+    out.print(plain(f"all files are in {root}"))
     return root
