@@ -23,6 +23,7 @@ from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 from tdedup.loaders import placement as pl  # noqa: E402
+from tdedup.loaders.stream import DELTA_OPS, PREDICTED, PlaneReader  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 
@@ -252,6 +253,12 @@ class _HostStager(pl.Stager):
         self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
+        self.planar: list = []  # encodings of the byte-plane readers uploaded plane-major
+
+    def upload(self, reader, dest) -> None:
+        if isinstance(reader, PlaneReader):
+            self.planar.append(type(reader).__name__)
+        super().upload(reader, dest)
 
     def finish(self) -> None:
         pass
@@ -261,15 +268,21 @@ class _HostStager(pl.Stager):
                                       "DECAY_SUB_BYTEPLANE_ZSTD",
                                       "LOWRANK_SUB_BYTEPLANE_ZSTD"])
 def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding):
-    """``place_cuda`` (chunked staging, deltas finished after the upload, verification)
-    run with host buffers, so that it is exercised where there is no GPU."""
-    if encoding is None:
-        bundle = pack(tmp_path, bert_family)
+    """``place_cuda`` (chunked staging, byte planes interleaved and rotated back after the
+    upload, deltas finished after it, verification) run with host buffers, so that it is
+    exercised where there is no GPU; every blob bit for bit against the numpy decoder."""
+    if encoding is None:  # the family is F32 (rotated planes): F16 makes plain ones
+        from safetensors.torch import save_file
+
+        (tmp_path / "half").mkdir()
+        g = torch.Generator().manual_seed(3)
+        save_file({"h": (torch.randn(96, 64, generator=g) * 0.02).half()},
+                  str(tmp_path / "half" / "model.safetensors"))
+        bundle = pack(tmp_path, {**bert_family, "half": tmp_path / "half"})
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
     monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
@@ -278,10 +291,24 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
         placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        stager = _HostStager(torch.device("cpu"))
+        monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
                 np.asarray(b.read_blob(rec.hash)).tobytes()
+    # Every byte-plane blob and residual went plane-major, interleaved "on the device";
+    # chunks of 4096 bytes split each blob across many steps and both buffers.
+    planes = (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+    planar = [r for r in order
+              if r.encoding in planes or r.encoding in DELTA_OPS or r.encoding in PREDICTED]
+    assert len(stager.planar) == len(planar)
+    encodings = {r.encoding for r in planar}
+    if encoding is None:
+        assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD} <= encodings
+        assert "RotatedPlaneReader" in stager.planar
+    else:
+        assert BlobEncoding[encoding] in encodings
 
 
 @pytest.mark.parametrize("op,width", [("xor", 4), ("add", 1), ("add", 2), ("add", 4),

@@ -165,6 +165,17 @@ class PlaneReader(BlobReader):
                                     release=release), plane, f"{what} (plane {j})", dctx)
             for j, (f, dctx) in enumerate(zip(frames, _decompressors(self.width)))]
 
+    #: Whether the joined elements are still to be rotated back (``RotatedPlaneReader``).
+    rotated = False
+
+    def read_planes(self, out: np.ndarray) -> None:
+        """Fill ``out`` (a multiple of ``width`` bytes) *plane-major*: the next
+        ``len(out) // width`` bytes of plane ``j`` at ``out[j * n:(j + 1) * n]``, zstd's
+        output written there directly, for a device to interleave (and rotate back)."""
+        n = len(out) // self.width
+        for j, plane in enumerate(self.planes):
+            plane.readinto(out[j * n:(j + 1) * n])
+
     def readinto(self, out: np.ndarray) -> None:
         w = self.width
         rows = out.reshape(-1, w)
@@ -183,6 +194,8 @@ class PlaneReader(BlobReader):
 class RotatedPlaneReader(PlaneReader):
     """``ROTATED_BYTEPLANE_ZSTD``: a byte-plane blob whose elements are rotated back by
     one bit, chunk by chunk, as they are read."""
+
+    rotated = True
 
     def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
                  expected: int, what: str, *, release: bool = True) -> None:
