@@ -254,11 +254,13 @@ class _HostStager(pl.Stager):
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
         self.planar: list = []  # encodings of the byte-plane readers uploaded plane-major
+        self.pools: list = []  # the pool each one's planes were decompressed on
 
-    def upload(self, reader, dest) -> None:
+    def upload(self, reader, dest, pool=None) -> None:
         if isinstance(reader, PlaneReader):
             self.planar.append(type(reader).__name__)
-        super().upload(reader, dest)
+            self.pools.append(pool)
+        super().upload(reader, dest, pool)
 
     def finish(self) -> None:
         pass
@@ -290,7 +292,8 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                                           for f in m.files for t in f.tensors if t.length])
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
-        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        # Two workers: each chunk's planes are decompressed on a pool (test_derived: one).
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=2)
         stager = _HostStager(torch.device("cpu"))
         monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
         placer.place_cuda(order)
@@ -302,7 +305,7 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     planes = (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
     planar = [r for r in order
               if r.encoding in planes or r.encoding in DELTA_OPS or r.encoding in PREDICTED]
-    assert len(stager.planar) == len(planar)
+    assert len(stager.planar) == len(planar) and None not in stager.pools
     encodings = {r.encoding for r in planar}
     if encoding is None:
         assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD} <= encodings
@@ -381,6 +384,36 @@ def test_truncated_frame_is_an_integrity_error(tmp_path, bert_bundle):
     flip(damaged, rec.offset + 4 + 8 * 4 + 40, 0xFF)  # inside the first plane's frame
     with pytest.raises(IntegrityError):
         tdedup.load(damaged, device="cpu", verify=True)
+
+
+def test_a_broken_plane_on_the_cuda_path_is_an_integrity_error(tmp_path, bert_bundle,
+                                                              monkeypatch):
+    """Planes decompressed side by side on the CUDA path: a plane zstd refuses (on a
+    thread of the pool) is one IntegrityError naming the blob, on the loading thread."""
+    from tdedup.loaders import stream
+
+    with tdedup.open_bundle(bert_bundle) as b:
+        rec = max(b.manifest.blobs.values(), key=lambda r: r.decoded_length)
+    readinto = stream.ZstdReader.readinto
+
+    def broken(self, out) -> None:
+        if self.what.endswith("(plane 1)"):
+            raise IntegrityError(f"{self.what}: zstd data is corrupted (test)")
+        readinto(self, out)
+
+    monkeypatch.setattr(stream.ZstdReader, "readinto", broken)
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    stager = _HostStager(torch.device("cpu"))
+    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _NoStream)
+    with tdedup.open_bundle(bert_bundle) as b:
+        order, depth = pl.blob_order(b, [rec.hash])
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=False, workers=4)
+        with pytest.raises(IntegrityError) as err:
+            placer.place_cuda(order)
+    assert err.value.blob == rec.hash and "plane 1" in str(err.value)
+    assert stager.pools[0] is not None
 
 
 # -- modules --------------------------------------------------------------------------

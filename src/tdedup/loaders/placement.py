@@ -197,13 +197,12 @@ class Stager:
             cls._cache[key] = cls(device)
         return cls._cache[key]
 
-    def upload(self, reader: BlobReader, dest) -> None:
+    def upload(self, reader: BlobReader, dest, pool: ThreadPoolExecutor | None = None
+               ) -> None:
         """Decode the reader's bytes chunk by chunk into ``dest`` (a device uint8 tensor).
-
-        A byte-plane reader (a delta's residual too) has zstd write each plane's chunk
-        straight into the pinned buffer, plane after plane; the chunk crosses the bus
-        into a device scratch buffer (two, reused like the pinned ones) and is
-        interleaved (and rotated back) into ``dest`` there: the host runs zstd alone."""
+        A byte-plane reader's (a residual's too) planes are zstd's output, one per thread
+        of ``pool``, plane-major in the pinned buffer, joined (rotated back) on the device
+        from a reused scratch pair: the host runs zstd alone."""
         from . import device_decode as dd
 
         planar = isinstance(reader, PlaneReader)
@@ -221,7 +220,7 @@ class Stager:
             if ev is not None:
                 ev.synchronize()  # that buffer's last copy is done: it can be refilled
             host = self.buffers[self.turn][:k]
-            (reader.read_planes if planar else reader.readinto)(host.numpy())
+            reader.read_planes(host.numpy(), pool) if planar else reader.readinto(host.numpy())
             with torch.cuda.stream(self.stream):  # the scratch is reused in stream order
                 staged = self.scratch[self.turn][:k] if planar else dest[pos:pos + k]
                 staged.copy_(host, non_blocking=True)
@@ -438,16 +437,19 @@ class Placer:
         stager = Stager.get(self.device)
         checks: list[Future] = []
         pool = ThreadPoolExecutor(self.workers) if self.verify else None
+        # A chunk's planes are decompressed side by side (zstd releases the GIL).
+        planes = ThreadPoolExecutor(min(self.workers, 16)) if self.workers > 1 else None
         try:
             if pool is not None:
                 checks = [pool.submit(self.check_stored, rec) for rec in recs]
             with stager.lock:
-                self._upload_all(stager, recs)
+                self._upload_all(stager, recs, planes)
             for fut in checks:
                 fut.result()
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            for p in (pool, planes):
+                if p is not None:
+                    p.shutdown(cancel_futures=True)
 
     def _device_bytes(self, stager: Stager, digest: str | None):
         """``(start, stop) -> host copy of that range of a device blob``, ordered after
@@ -461,7 +463,7 @@ class Placer:
 
         return fetch
 
-    def _upload_all(self, stager: Stager, recs: list[BlobRecord]) -> None:
+    def _upload_all(self, stager: Stager, recs: list[BlobRecord], planes=None) -> None:
         try:
             for rec in recs:  # already ordered: bases first
                 dest = torch.empty(rec.decoded_length, dtype=torch.uint8, device=self.device)
@@ -471,7 +473,7 @@ class Placer:
                 try:
                     residual = (reader.residual if isinstance(reader, DeltaReader)
                                 and rec.encoding in PREDICTED else reader)
-                    stager.upload(residual, dest)
+                    stager.upload(residual, dest, planes)
                     reader.finish()
                 except IntegrityError as e:
                     raise self.corrupt(rec, e.problem, e.part) from e
