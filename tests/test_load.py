@@ -23,6 +23,7 @@ from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 from tdedup.loaders import placement as pl  # noqa: E402
+from tdedup.loaders.stream import DELTA_OPS, PREDICTED, PlaneReader  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 
@@ -252,6 +253,14 @@ class _HostStager(pl.Stager):
         self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
+        self.planar: list = []  # encodings of the byte-plane readers uploaded plane-major
+        self.pools: list = []  # the pool each one's planes were decompressed on
+
+    def upload(self, reader, dest, pool=None) -> None:
+        if isinstance(reader, PlaneReader):
+            self.planar.append(type(reader).__name__)
+            self.pools.append(pool)
+        super().upload(reader, dest, pool)
 
     def finish(self) -> None:
         pass
@@ -261,15 +270,21 @@ class _HostStager(pl.Stager):
                                       "DECAY_SUB_BYTEPLANE_ZSTD",
                                       "LOWRANK_SUB_BYTEPLANE_ZSTD"])
 def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding):
-    """``place_cuda`` (chunked staging, deltas finished after the upload, verification)
-    run with host buffers, so that it is exercised where there is no GPU."""
-    if encoding is None:
-        bundle = pack(tmp_path, bert_family)
+    """``place_cuda`` (chunked staging, byte planes interleaved and rotated back after the
+    upload, deltas finished after it, verification) run with host buffers, so that it is
+    exercised where there is no GPU; every blob bit for bit against the numpy decoder."""
+    if encoding is None:  # the family is F32 (rotated planes): F16 makes plain ones
+        from safetensors.torch import save_file
+
+        (tmp_path / "half").mkdir()
+        g = torch.Generator().manual_seed(3)
+        save_file({"h": (torch.randn(96, 64, generator=g) * 0.02).half()},
+                  str(tmp_path / "half" / "model.safetensors"))
+        bundle = pack(tmp_path, {**bert_family, "half": tmp_path / "half"})
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
     monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: _HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
@@ -277,11 +292,26 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                                           for f in m.files for t in f.tensors if t.length])
         if encoding is not None:
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
-        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=1)
+        # Two workers: each chunk's planes are decompressed on a pool (test_derived: one).
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=2)
+        stager = _HostStager(torch.device("cpu"))
+        monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
                 np.asarray(b.read_blob(rec.hash)).tobytes()
+    # Every byte-plane blob and residual went plane-major, interleaved "on the device";
+    # chunks of 4096 bytes split each blob across many steps and both buffers.
+    planes = (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+    planar = [r for r in order
+              if r.encoding in planes or r.encoding in DELTA_OPS or r.encoding in PREDICTED]
+    assert len(stager.planar) == len(planar) and None not in stager.pools
+    encodings = {r.encoding for r in planar}
+    if encoding is None:
+        assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD} <= encodings
+        assert "RotatedPlaneReader" in stager.planar
+    else:
+        assert BlobEncoding[encoding] in encodings
 
 
 @pytest.mark.parametrize("op,width", [("xor", 4), ("add", 1), ("add", 2), ("add", 4),
@@ -354,6 +384,36 @@ def test_truncated_frame_is_an_integrity_error(tmp_path, bert_bundle):
     flip(damaged, rec.offset + 4 + 8 * 4 + 40, 0xFF)  # inside the first plane's frame
     with pytest.raises(IntegrityError):
         tdedup.load(damaged, device="cpu", verify=True)
+
+
+def test_a_broken_plane_on_the_cuda_path_is_an_integrity_error(tmp_path, bert_bundle,
+                                                              monkeypatch):
+    """Planes decompressed side by side on the CUDA path: a plane zstd refuses (on a
+    thread of the pool) is one IntegrityError naming the blob, on the loading thread."""
+    from tdedup.loaders import stream
+
+    with tdedup.open_bundle(bert_bundle) as b:
+        rec = max(b.manifest.blobs.values(), key=lambda r: r.decoded_length)
+    readinto = stream.ZstdReader.readinto
+
+    def broken(self, out) -> None:
+        if self.what.endswith("(plane 1)"):
+            raise IntegrityError(f"{self.what}: zstd data is corrupted (test)")
+        readinto(self, out)
+
+    monkeypatch.setattr(stream.ZstdReader, "readinto", broken)
+    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    stager = _HostStager(torch.device("cpu"))
+    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _NoStream)
+    with tdedup.open_bundle(bert_bundle) as b:
+        order, depth = pl.blob_order(b, [rec.hash])
+        placer = pl.Placer(b, torch.device("cpu"), depth, verify=False, workers=4)
+        with pytest.raises(IntegrityError) as err:
+            placer.place_cuda(order)
+    assert err.value.blob == rec.hash and "plane 1" in str(err.value)
+    assert stager.pools[0] is not None
 
 
 # -- modules --------------------------------------------------------------------------

@@ -12,11 +12,12 @@ keyed by hash) are neither read nor decoded again: deltas use them as their base
   besides the decoded bytes.
 - **CUDA**: a reused pair of pinned staging buffers feeds chunked ``non_blocking`` copies
   on a side stream, so that reading and decoding the next chunk overlaps the transfer of
-  the last; delta blobs are finished on the device with :mod:`.device_decode` (XOR, or
-  integer addition, of the residual with the base, which is resident by then, or with the
-  weight-decay or low-rank prediction made from it there), so only residuals cross the
-  bus and no base ever comes back to the host. Stored checksums are checked on the thread
-  pool meanwhile.
+  the last. Byte planes cross as zstd wrote them and are interleaved (rotated back) on the
+  device; delta blobs are finished there with :mod:`.device_decode` (XOR, or integer
+  addition, of the residual with the base, resident by then, or with the weight-decay or
+  low-rank prediction made from it there), so only residuals cross the bus, no base
+  comes back and the host runs zstd alone. Checksums are checked on the thread pool
+  meanwhile.
 - ``verify``: each blob's stored bytes are checked against their stored BLAKE3 checksum
   before any tensor is handed out (a raw blob's checksum is its hash).
 """
@@ -48,6 +49,7 @@ from .stream import (
     BlobReader,
     DeltaReader,
     MappedSource,
+    PlaneReader,
     open_reader,
 )
 
@@ -177,6 +179,7 @@ class Stager:
     """Pinned host buffers, reused across loads, feeding one CUDA device on a side stream."""
 
     _cache: ClassVar[dict] = {}
+    scratch: list | None = None  # two device buffers of planes to interleave, once needed
 
     def __init__(self, device) -> None:
         self.device = device
@@ -194,8 +197,18 @@ class Stager:
             cls._cache[key] = cls(device)
         return cls._cache[key]
 
-    def upload(self, reader: BlobReader, dest) -> None:
-        """Decode the reader's bytes chunk by chunk into ``dest`` (a device uint8 tensor)."""
+    def upload(self, reader: BlobReader, dest, pool: ThreadPoolExecutor | None = None
+               ) -> None:
+        """Decode the reader's bytes chunk by chunk into ``dest`` (a device uint8 tensor).
+        A byte-plane reader's (a residual's too) planes are zstd's output, one per thread
+        of ``pool``, plane-major in the pinned buffer, joined (rotated back) on the device
+        from a reused scratch pair: the host runs zstd alone."""
+        from . import device_decode as dd
+
+        planar = isinstance(reader, PlaneReader)
+        if planar and self.scratch is None:
+            self.scratch = [torch.empty(STAGING_BYTES, dtype=torch.uint8, device=self.device)
+                            for _ in range(2)]
         n = len(dest)
         pos = 0
         step = STAGING_BYTES // reader.unit * reader.unit
@@ -207,11 +220,16 @@ class Stager:
             if ev is not None:
                 ev.synchronize()  # that buffer's last copy is done: it can be refilled
             host = self.buffers[self.turn][:k]
-            reader.readinto(host.numpy())
-            with torch.cuda.stream(self.stream):
-                dest[pos:pos + k].copy_(host, non_blocking=True)
+            reader.read_planes(host.numpy(), pool) if planar else reader.readinto(host.numpy())
+            with torch.cuda.stream(self.stream):  # the scratch is reused in stream order
+                staged = self.scratch[self.turn][:k] if planar else dest[pos:pos + k]
+                staged.copy_(host, non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
+                if planar:
+                    out = dd.join_planes(staged.view(reader.width, -1), out=dest[pos:pos + k])
+                    if reader.rotated:
+                        dd.unrotate_(out, reader.width)
             self.events[self.turn] = ev
             self.turn ^= 1
             pos += k
@@ -419,16 +437,19 @@ class Placer:
         stager = Stager.get(self.device)
         checks: list[Future] = []
         pool = ThreadPoolExecutor(self.workers) if self.verify else None
+        # A chunk's planes are decompressed side by side (zstd releases the GIL).
+        planes = ThreadPoolExecutor(min(self.workers, 16)) if self.workers > 1 else None
         try:
             if pool is not None:
                 checks = [pool.submit(self.check_stored, rec) for rec in recs]
             with stager.lock:
-                self._upload_all(stager, recs)
+                self._upload_all(stager, recs, planes)
             for fut in checks:
                 fut.result()
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            for p in (pool, planes):
+                if p is not None:
+                    p.shutdown(cancel_futures=True)
 
     def _device_bytes(self, stager: Stager, digest: str | None):
         """``(start, stop) -> host copy of that range of a device blob``, ordered after
@@ -442,7 +463,7 @@ class Placer:
 
         return fetch
 
-    def _upload_all(self, stager: Stager, recs: list[BlobRecord]) -> None:
+    def _upload_all(self, stager: Stager, recs: list[BlobRecord], planes=None) -> None:
         try:
             for rec in recs:  # already ordered: bases first
                 dest = torch.empty(rec.decoded_length, dtype=torch.uint8, device=self.device)
@@ -452,7 +473,7 @@ class Placer:
                 try:
                     residual = (reader.residual if isinstance(reader, DeltaReader)
                                 and rec.encoding in PREDICTED else reader)
-                    stager.upload(residual, dest)
+                    stager.upload(residual, dest, planes)
                     reader.finish()
                 except IntegrityError as e:
                     raise self.corrupt(rec, e.problem, e.part) from e

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+from concurrent.futures import Executor
 
 import numpy as np
 import zstandard
@@ -165,6 +166,26 @@ class PlaneReader(BlobReader):
                                     release=release), plane, f"{what} (plane {j})", dctx)
             for j, (f, dctx) in enumerate(zip(frames, _decompressors(self.width)))]
 
+    #: Whether the joined elements are still to be rotated back (``RotatedPlaneReader``).
+    rotated = False
+
+    def read_planes(self, out: np.ndarray, pool: Executor | None = None) -> None:
+        """Fill ``out`` (a multiple of ``width`` bytes) *plane-major*: the next
+        ``len(out) // width`` bytes of plane ``j`` at ``out[j * n:(j + 1) * n]``, zstd's
+        output written there directly, for a device to interleave (and rotate back).
+        With ``pool``, each plane on a thread of its own (every plane has its own zstd
+        context); all are done, or failed, on return."""
+        n = len(out) // self.width
+        jobs = [(plane, out[j * n:(j + 1) * n]) for j, plane in enumerate(self.planes)]
+        if pool is None or len(jobs) < 2:
+            for plane, part in jobs:
+                plane.readinto(part)
+            return
+        futures = [pool.submit(plane.readinto, part) for plane, part in jobs]
+        for err in [f.exception() for f in futures]:  # wait for every plane first
+            if err is not None:
+                raise err
+
     def readinto(self, out: np.ndarray) -> None:
         w = self.width
         rows = out.reshape(-1, w)
@@ -183,6 +204,8 @@ class PlaneReader(BlobReader):
 class RotatedPlaneReader(PlaneReader):
     """``ROTATED_BYTEPLANE_ZSTD``: a byte-plane blob whose elements are rotated back by
     one bit, chunk by chunk, as they are read."""
+
+    rotated = True
 
     def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
                  expected: int, what: str, *, release: bool = True) -> None:
