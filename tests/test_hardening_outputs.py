@@ -35,20 +35,14 @@ from helpers.cli_checks import one_line  # noqa: E402
 runner = CliRunner()
 
 
-
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory) -> dict[str, Path]:
-    f = hh.make_tiny_family(tmp_path_factory.mktemp("fam"))
-    (f["base"] / "sub").mkdir()
-    (f["base"] / "sub" / "extra.json").write_text('{"extra": true}\n')
-    return f
+    return hh.make_nested_family(tmp_path_factory.mktemp("fam"))
 
 
 @pytest.fixture(scope="module")
 def bundle(fam, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("b") / "fam.tdd"
-    tdedup.pack([f"base={fam['base']}", f"tuned={fam['tuned']}"], path)
-    return path
+    return hh.pack_base_tuned(fam, tmp_path_factory.mktemp("b") / "fam.tdd")
 
 
 def everything(folder: Path) -> list[str]:

@@ -27,18 +27,12 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
-    """The tiny family, its base model with a nested folder (sub/extra.json)."""
-    fam = hh.make_tiny_family(tmp_path_factory.mktemp("fam"))
-    (fam["base"] / "sub").mkdir()
-    (fam["base"] / "sub" / "extra.json").write_text('{"extra": true}\n')
-    return fam
+    return hh.make_nested_family(tmp_path_factory.mktemp("fam"))
 
 
 @pytest.fixture(scope="module")
 def bundle(family, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bundle") / "fam.tdd"
-    tdedup.pack([f"base={family['base']}", f"tuned={family['tuned']}"], path)
-    return path
+    return hh.pack_base_tuned(family, tmp_path_factory.mktemp("bundle") / "fam.tdd")
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,23 @@ def make_tiny_family(root: Path, *, seed: int = 0, empty: bool = False) -> dict[
     return {"base": base, "tuned": tuned, "gguf": gpath}
 
 
+def make_nested_family(root: Path) -> dict[str, Path]:
+    """The tiny family, its base model with a nested folder (``sub/extra.json``): what
+    unpack's output checks need (a folder to make, a file below it)."""
+    fam = make_tiny_family(root)
+    (fam["base"] / "sub").mkdir()
+    (fam["base"] / "sub" / "extra.json").write_text('{"extra": true}\n')
+    return fam
+
+
+def pack_base_tuned(fam: dict[str, Path], path: Path) -> Path:
+    """A bundle of the family's ``base`` and ``tuned`` models at ``path``."""
+    import tdedup
+
+    tdedup.pack([f"base={fam['base']}", f"tuned={fam['tuned']}"], path)
+    return path
+
+
 def pack_tiny_family(root: Path, bundle: Path | None = None, *, empty: bool = False) -> Path:
     import tdedup
 
