@@ -226,7 +226,17 @@ def _quantize_chunk(x: np.ndarray, etype: str, block: int, size: int) -> np.ndar
     if finite.any():
         with np.errstate(all="ignore"):
             out[finite] = gq.quantize(blocks[finite], GGMLQuantizationType[etype]).reshape(-1, size)
+    if etype in _NEG_ZERO_SCALE:
+        # ggml's ``d = max / -8`` (-16 for Q5_0) keeps its initial ``max = 0.0f`` on a block
+        # of zeros, so d is -0.0 (F16 0x8000); gguf-py takes max from the block (-0.0 or
+        # 0.0) and may store +0.0. Only the sign of the zero scale differs.
+        zeros = finite & ~np.any(blocks, axis=1)
+        out[zeros, 0:2] = (0x00, 0x80)
     return out.reshape(-1)
+
+
+#: Simple quantizers whose scale is ``max / -k``: -0.0 on an all-zero block (see above).
+_NEG_ZERO_SCALE = frozenset({"Q4_0", "Q5_0"})
 
 
 def dequantize(t: TypedTensor) -> np.ndarray:
