@@ -136,32 +136,35 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     return scale.astype(F32), (-np.where(flat, mn0, mn)).astype(F32), L
 
 
+def _signed_sums(x: np.ndarray, iscale, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's first pass of make_qx_quants / make_q3_quants for G groups: each element
+    rounded to ``[-nmax, nmax-1]`` at ``iscale``, with the x²-weighted sums
+    ``sum(w x l)`` and ``sum(w l²)`` accumulated in F32 in element order."""
+    sumlx = np.zeros(x.shape[1], F32)
+    suml2 = np.zeros(x.shape[1], F32)
+    ls = np.empty(x.shape, np.int32)
+    for i in range(x.shape[0]):
+        ls[i] = np.clip(nearest_int(iscale * x[i]), -nmax, nmax - 1)
+        lf = ls[i].astype(F32)
+        wi = x[i] * x[i]
+        sumlx = sumlx + wi * x[i] * lf
+        suml2 = suml2 + wi * lf * lf
+    return sumlx, suml2, ls
+
+
 def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` for G groups: (scale, L (n, G))."""
-    n = x.shape[0]
     amax, vmax = _seq_absmax(x)
     zero = amax < _EPS
     with np.errstate(all="ignore"):
-        def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            sumlx = np.zeros(x.shape[1], F32)
-            suml2 = np.zeros(x.shape[1], F32)
-            ls = np.empty(x.shape, np.int32)
-            for i in range(n):
-                ls[i] = np.clip(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-                lf = ls[i].astype(F32)
-                wi = x[i] * x[i]
-                sumlx = sumlx + wi * x[i] * lf
-                suml2 = suml2 + wi * lf * lf
-            return sumlx, suml2, ls
-
-        sumlx, suml2, L = sums(F32(-nmax) / vmax)
+        sumlx, suml2, L = _signed_sums(x, F32(-nmax) / vmax, nmax)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
-            sumlx, suml2, ls = sums(iscale)
+            sumlx, suml2, ls = _signed_sums(x, iscale, nmax)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             L = np.where(better, ls, L)
             scale = np.where(better, sumlx / suml2, scale)
@@ -177,15 +180,7 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     zero = amax < _EPS
     with np.errstate(all="ignore"):
         iscale = F32(-nmax) / vmax
-        L = np.empty(x.shape, np.int32)
-        sumlx = np.zeros(x.shape[1], F32)
-        suml2 = np.zeros(x.shape[1], F32)
-        for i in range(n):
-            L[i] = np.clip(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-            lf = L[i].astype(F32)
-            wi = x[i] * x[i]
-            sumlx = sumlx + wi * x[i] * lf
-            suml2 = suml2 + wi * lf * lf
+        sumlx, suml2, L = _signed_sums(x, iscale, nmax)
         active = ~zero
         for _ in range(5):
             changed = np.zeros(x.shape[1], bool)
