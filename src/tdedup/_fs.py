@@ -86,11 +86,33 @@ def temp_name_matches(temp: str, target: str) -> bool:
             and target.startswith(head))
 
 
+#: Temporary files this process created through :func:`open_temp` and has not yet renamed
+#: or removed; :func:`remove_own_temps` clears them when a run is interrupted.
+_OWN_TEMPS: set[Path] = set()
+
+
+def forget_temp(tmp: Path) -> None:
+    """``tmp`` was renamed into place or removed: it is no longer ours to clean up."""
+    _OWN_TEMPS.discard(tmp)
+
+
+def remove_own_temps() -> None:
+    """Remove every temporary file of this process still lying around (after Ctrl-C or
+    SIGTERM, whatever bytecode the interrupt landed on)."""
+    for tmp in list(_OWN_TEMPS):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        _OWN_TEMPS.discard(tmp)
+
+
 def open_temp(target: Path):
     """Create ``target``'s temporary file (exclusively) and hold a lock on it while it is
     open, so that :func:`remove_stale_temps` never takes a live writer's file for stale.
     Returns ``(path, binary file)``."""
     tmp = temp_path_for(target)
+    _OWN_TEMPS.add(tmp)  # before it exists: an interrupt at any point can find it
     f = open(tmp, "xb")
     try:
         if fcntl is not None:

@@ -39,6 +39,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from .._fs import remove_own_temps
 from ..errors import TdedupError
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
@@ -166,11 +167,13 @@ def guarded(fn: F) -> F:
             report_error(TdedupError("not enough memory for this operation"))
             raise typer.Exit(EXIT_ERROR) from None
         except Terminated as e:
+            remove_own_temps()
             if os.environ.get("TDEDUP_DEBUG"):
                 traceback.print_exception(e, file=sys.stderr)
             print("error: terminated", file=sys.stderr)
             raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
+            remove_own_temps()
             print("error: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
 

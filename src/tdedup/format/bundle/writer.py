@@ -14,7 +14,7 @@ from pathlib import Path
 
 import blake3
 
-from ..._fs import fsync_dir, open_temp, remove_stale_temps
+from ..._fs import forget_temp, fsync_dir, open_temp, remove_stale_temps
 from ...errors import BundleError, OutputError
 from ..codecs.zstd import zstd_compress
 from .constants import (
@@ -150,6 +150,7 @@ class BundleWriter:
             os.fsync(self.f.fileno())
             self.f.close()
             os.replace(self.tmp, self.target)
+            forget_temp(self.tmp)
         except OSError as e:
             self.abort()
             raise OutputError(f"finishing the bundle failed: {e.strerror or e}",
@@ -168,4 +169,5 @@ class BundleWriter:
             self.tmp.unlink()
         except FileNotFoundError:
             pass
+        forget_temp(self.tmp)
         self.finished = True
