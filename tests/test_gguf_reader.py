@@ -180,3 +180,15 @@ def test_agrees_with_gguf_py_on_the_corpus(corpus, corpus_facts, entry):
     assert f.tensor_bytes == facts["tensor_bytes"]
     assert f.info["data_offset"] == facts["data_offset"]
     assert f.info["kv_count"] == facts["kv_count"]
+
+
+@pytest.mark.corpus
+def test_head_counts_agree_with_gguf_py(corpus):
+    """The derivation analyzer undoes llama's Q/K row permutation with these two values."""
+    path = corpus / "smollm/q4_1.gguf"
+    fields = gguf.GGUFReader(path).fields
+    info = read_gguf(path).info
+    arch = info["general.architecture"]
+    for key in (f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"):
+        fld = fields[key]
+        assert info[key] == int(fld.parts[fld.data[0]][0]) > 0

@@ -48,6 +48,9 @@ _U32, _U64 = _SCALAR[GGUFValueType.UINT32], _SCALAR[GGUFValueType.UINT64]
 # Metadata we keep (cheap, small) for reports; everything else is skipped.
 _KEPT_KEYS = {"general.architecture", "general.name", "general.alignment",
               "general.file_type", "split.count", "split.no"}
+# Per-architecture keys kept too ("<arch>.attention.head_count[_kv]"): the converter permutes
+# attn_q/attn_k rows by these, and the derivation analyzer needs them to undo it.
+_KEPT_SUFFIXES = (".attention.head_count", ".attention.head_count_kv")
 # Refuse absurd strings long before memory is at risk.
 _MAX_STRING = 1 << 30
 _MAX_NESTING = 8
@@ -266,7 +269,7 @@ def _parse(cur: _Cursor, model: str, rel: str) -> SourceFile:
     for i in range(n_kv):
         key = cur.string(f"key #{i}")
         vtype = cur.value_type(f"value type of {key!r}")
-        val = cur.value(vtype, f"value of {key!r}", keep=key in _KEPT_KEYS)
+        val = cur.value(vtype, f"value of {key!r}", keep=key in _KEPT_KEYS or key.endswith(_KEPT_SUFFIXES))
         if val is not None:
             info[key] = val
     alignment = info.get("general.alignment", DEFAULT_ALIGNMENT)
