@@ -288,3 +288,12 @@ def test_llama_quantize_outputs_reproduce_from_f32(corpus, tmp_path, ftype):
         assert pred.tobytes() == actual, t.name
         changed += 1
     assert changed >= 36
+
+
+def test_q8_0_fast_path_rounds_ties_away_from_zero():
+    """A block whose amax is 127 has scale 1: every .5 value is a tie roundf sends away
+    from zero (numpy's round would send half of them to even)."""
+    x = np.arange(-127, 127, 0.5, dtype=np.float32)[: 32 * 15].reshape(-1, 32).copy()
+    x[:, 0] = 127
+    ref = gq.quantize(x, GGMLQuantizationType.Q8_0).reshape(-1)
+    assert quantize(x.reshape(-1), "Q8_0", 32).tobytes() == ref.tobytes()

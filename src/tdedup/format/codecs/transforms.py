@@ -221,6 +221,10 @@ def _quantize_chunk(x: np.ndarray, etype: str, block: int, size: int) -> np.ndar
     if etype in kquants.QUANTIZERS:
         return np.frombuffer(kquants.QUANTIZERS[etype](x), np.uint8)
     blocks = x.reshape(-1, block)
+    if etype == "Q8_0":
+        fast = _q8_0(blocks)
+        if fast is not None:
+            return fast
     finite = np.isfinite(blocks).all(axis=1)
     out = np.zeros((blocks.shape[0], size), np.uint8)
     if finite.any():
@@ -232,6 +236,31 @@ def _quantize_chunk(x: np.ndarray, etype: str, block: int, size: int) -> np.ndar
         # 0.0) and may store +0.0. Only the sign of the zero scale differs.
         zeros = finite & ~np.any(blocks, axis=1)
         out[zeros, 0:2] = (0x00, 0x80)
+    return out.reshape(-1)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray | None:
+    """Q8_0 as ``quantize_row_q8_0_ref``, bit for bit, ~8x faster than gguf-py's numpy code
+    (which rounds with six full-size passes and dominated pack, unpack and verify of a
+    family holding a Q8_0 GGUF). None when a block is not finite or its scale's reciprocal
+    overflows: those take gguf-py's path and the rules above.
+
+    ``roundf`` (half away from zero) of a float32 ``v`` with ``|v| <= 127``: ``v + 0.5`` with
+    v's sign is exact in float64 and the cast to int8 truncates toward zero."""
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = amax / np.float32(127)
+    inv = np.zeros_like(d)
+    with np.errstate(all="ignore"):
+        np.divide(np.float32(1), d, out=inv, where=d != 0)
+    # amax is NaN or inf when the block holds one; inv overflows on a subnormal scale.
+    if not (np.isfinite(d).all() and np.isfinite(inv).all()):
+        return None
+    v = blocks * inv
+    out = np.empty((blocks.shape[0], 34), np.uint8)
+    with np.errstate(over="ignore"):  # a scale over 65504 is F16 inf, as in ggml
+        out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = (v.astype(np.float64) + np.copysign(0.5, v, dtype=np.float64)
+                  ).astype(np.int8).view(np.uint8)
     return out.reshape(-1)
 
 
