@@ -67,6 +67,9 @@ def main() -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env["NO_COLOR"] = "1"
+    # What a user's machine does: bytecode cached after the warm-up run (some sandboxes set
+    # PYTHONDONTWRITEBYTECODE, which makes every run compile tdedup's sources again).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(BARE_TYPER)
         bare = f.name

@@ -18,7 +18,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,7 +61,7 @@ def temp_name_for(name: str, name_max: int = 255) -> str:
         keep = max(1, name_max - _TEMP_EXTRA - len(tag) - 1)
         head = os.fsencode(name)[:keep].decode("utf-8", "ignore") or "x"
         name = f"{head}~{tag}"
-    return f".{name}.tdedup-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return f".{name}.tdedup-{os.getpid()}-{os.urandom(4).hex()}.tmp"
 
 
 def temp_path_for(target: Path) -> Path:
