@@ -248,9 +248,10 @@ class DeltaReader(BlobReader):
         base = self.base(self.pos, self.pos + len(out))
         if self.head.op == "xor":
             np.bitwise_xor(out, base, out=out)
+        elif self.head.decay is not None or self.head.lowrank is not None:
+            self.head.add_prediction_(out, base, self.pos)
         else:
-            pred = self.head.predict(base, self.pos)
-            add_residual_(out, pred, self.width, zigzag=self.head.op == "zigzag-add")
+            add_residual_(out, base, self.width, zigzag=self.head.op == "zigzag-add")
         self.pos += len(out)
 
     def finish(self) -> None:

@@ -130,13 +130,18 @@ def predictable(bits: np.ndarray) -> np.ndarray:
 
 def decay_chunks(base, c: float, k: int):
     """Yield ``(start, bits)``: the prediction of the F32 base, ``CHUNK`` elements at a time:
-    each element multiplied ``k`` times by float32 ``c``, rounding each step."""
+    each element multiplied ``k`` times by float32 ``c``, rounding each step.
+
+    ``bits`` is one buffer reused for every chunk (it stays in L2 for the ``k`` passes and
+    nothing is allocated per chunk): consume each before taking the next."""
     bits = np.frombuffer(base, dtype=np.uint32)
     cf = np.float32(c)
+    buf = np.empty(min(CHUNK, len(bits)), dtype=np.uint32)
     with np.errstate(all="ignore"):
         for i in range(0, len(bits), CHUNK):
             b = bits[i:i + CHUNK]
-            out = np.array(b)
+            out = buf[:len(b)]
+            np.copyto(out, b)
             x = out.view(np.float32)
             for _ in range(k):
                 np.multiply(x, cf, out=x)
@@ -232,14 +237,29 @@ class DeltaHeader:
     def predict(self, base, start: int = 0):
         """The prediction for ``base``, the base's bytes from byte ``start`` on (bytes-like,
         F32 bit patterns for predicted encodings; the base itself otherwise)."""
+        if self.decay is None and self.lowrank is None:
+            return base
+        return _gather(self.predict_chunks(base, start), memoryview(base).nbytes // 4)
+
+    def predict_chunks(self, base, start: int = 0):
+        """The prediction (decay or low rank) for the base's bytes from byte ``start`` on,
+        as :func:`decay_chunks` / :func:`lowrank_chunks` yield it: ``(element, bits)``
+        relative to ``start``, in buffers that may be reused."""
         if self.decay is not None:
-            return decay_predict(base, *self.decay)
-        if self.lowrank is not None:
-            u, v = self.lowrank
-            row = v.shape[1] * 4
-            return lowrank_predict(base, u[start // row:(start + memoryview(base).nbytes) // row],
-                                   v)
-        return base
+            return decay_chunks(base, *self.decay)
+        if self.lowrank is None:
+            raise ValueError("not a predicted delta")
+        u, v = self.lowrank
+        row = v.shape[1] * 4
+        return lowrank_chunks(base, u[start // row:(start + memoryview(base).nbytes) // row], v)
+
+    def add_prediction_(self, residual: np.ndarray, base, start: int = 0) -> np.ndarray:
+        """In place: ``residual <- prediction + unzigzag(residual)`` (F32 elements), one
+        prediction chunk at a time, so no prediction is ever held whole."""
+        z = residual.view(np.uint32)
+        for s, part in self.predict_chunks(base, start):
+            add_residual_(z[s:s + len(part)], part, 4)
+        return residual
 
 
 _OPS = {BlobEncoding.XOR_BYTEPLANE_ZSTD: "xor", BlobEncoding.SUB_BYTEPLANE_ZSTD: "add"}
@@ -308,17 +328,9 @@ def decode_delta(encoding: BlobEncoding, stored, expected: int, base, *,
         return out
     width = residual_width(residual, head.need_width, what)
     out = byteplane_decompress(residual, expected, what)
-    zigzag = head.op == "zigzag-add"
-    if head.decay is not None:
-        chunks = decay_chunks(base, *head.decay)
-    elif head.lowrank is not None:
-        chunks = lowrank_chunks(base, *head.lowrank)
-    else:
-        return add_residual_(out, base, width, zigzag)
-    z = out.view(np.uint32)
-    for start, part in chunks:
-        add_residual_(z[start:start + len(part)], part, 4)
-    return out
+    if head.decay is None and head.lowrank is None:
+        return add_residual_(out, base, width, head.op == "zigzag-add")
+    return head.add_prediction_(out, base)
 
 
 def residual_width(residual, need_width: int = 0, what: str | None = None) -> int:
