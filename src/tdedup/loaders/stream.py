@@ -24,7 +24,7 @@ import zstandard
 from ..errors import IntegrityError
 from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
 from ..format.bundle.manifest import BlobRecord
-from ..format.codecs.byteplane import ROTATED_TYPES, byteplane_frames, unrotate_
+from ..format.codecs.byteplane import ROTATED_TYPES, byteplane_frames, interleave_into, unrotate_
 from ..format.codecs.delta import add_residual_, parse_delta_header, residual_width
 from ..format.codecs.zstd import check_frame_size
 
@@ -188,13 +188,12 @@ class PlaneReader(BlobReader):
 
     def readinto(self, out: np.ndarray) -> None:
         w = self.width
-        rows = out.reshape(-1, w)
         scratch = _scratch()
-        for i in range(0, len(rows), PLANE_CHUNK):
-            k = min(PLANE_CHUNK, len(rows) - i)
+        for i in range(0, len(out) // w, PLANE_CHUNK):
+            k = min(PLANE_CHUNK, len(out) // w - i)
             for j, plane in enumerate(self.planes):
                 plane.readinto(scratch[j, :k])
-                rows[i:i + k, j] = scratch[j, :k]
+            interleave_into(out[i * w:(i + k) * w], [scratch[j, :k] for j in range(w)])
 
     def finish(self) -> None:
         for plane in self.planes:
