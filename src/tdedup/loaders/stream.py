@@ -29,8 +29,12 @@ from ..format.codecs.delta import add_residual_, parse_delta_header, residual_wi
 from ..format.codecs.zstd import check_frame_size
 
 PAGE = mmap.PAGESIZE
-#: Compressed bytes handed to zstd at a time (and the granularity pages are dropped at).
+#: Compressed bytes handed to zstd at a time.
 READ_SIZE = 1 << 16
+#: Consumed pages are dropped once this many have gathered: each ``madvise`` of a
+#: threaded process interrupts every other core to flush its TLB, and dropping every
+#: 64 KiB cost a two-thread load ~8 % of its time (bench/RESULTS.md, "## load").
+RELEASE_BATCH = 1 << 21
 #: Elements decoded per plane before they are interleaved into the output.
 PLANE_CHUNK = 1 << 17
 
@@ -80,16 +84,17 @@ class MappedSource:
         self.pos += n
         return out
 
-    def drop_until(self, upto: int) -> None:
+    def drop_until(self, upto: int, batch: int = RELEASE_BATCH) -> None:
+        """Drop the pages before ``upto`` once at least ``batch`` bytes of them gathered."""
         if not self.release:
             return
         stop = min(upto, self.end) // PAGE * PAGE
-        if stop > self.dropped:
+        if stop - self.dropped >= batch or (stop > self.dropped and upto >= self.end):
             self.mm.madvise(mmap.MADV_DONTNEED, self.dropped, stop - self.dropped)
             self.dropped = stop
 
     def close(self) -> None:
-        self.drop_until(self.end)
+        self.drop_until(self.end, batch=0)
 
 
 class BlobReader:
