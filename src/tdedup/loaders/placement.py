@@ -59,8 +59,8 @@ STAGING_BYTES = 32 << 20
 HOST_CHUNK = 1 << 20
 #: Stored bytes hashed per step while verifying.
 VERIFY_STEP = 1 << 18
-#: Host blobs at least this large get their own map with every page mapped up front.
-POPULATE_MIN = 1 << 20
+#: Host blobs at least this large get an anonymous map of their own (see host_buffer).
+ANON_MAP_MIN = 1 << 20
 _local = threading.local()
 
 
@@ -150,17 +150,19 @@ def predict_add(out, base, head: DeltaHeader, width: int) -> None:
 
 def host_buffer(nbytes: int) -> Any:
     """A uint8 tensor of ``nbytes`` of fresh host memory in a storage of its own, which
-    goes back to the system when the last tensor viewing it is freed.
+    goes back to the system when the last tensor viewing it is freed (large ones are an
+    anonymous map: malloc would keep freed memory in the process).
 
-    Large ones are an anonymous map with every page mapped in one ``MAP_POPULATE`` call,
-    about half the cost of faulting them in one by one while decoding (bench/RESULTS.md,
-    "## load").
+    Pages are faulted in by the decoder's first writes, inside numpy calls that release
+    the GIL. ``MAP_POPULATE`` maps them in one call but holds the GIL for it (Python's
+    ``mmap`` does not release it): ~13 ms per load of the MiniLM family during which no
+    other decoding thread could take a step; without it a two-thread load is ~10 %
+    faster (bench/RESULTS.md, "## load").
     """
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    if nbytes < POPULATE_MIN or not flags or not hasattr(mmap, "MAP_POPULATE"):
+    if nbytes < ANON_MAP_MIN or not flags:
         return torch.empty(nbytes, dtype=torch.uint8)
-    mm = mmap.mmap(-1, nbytes, flags=flags | mmap.MAP_POPULATE)
-    return torch.frombuffer(mm, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
 
 
 class ArrayReader(BlobReader):
