@@ -251,26 +251,49 @@ def main() -> None:
           f"({'met' if logical / med['pack'] / 1e9 >= 0.5 else 'NOT met'}), unpack >= 0.8 GB/s "
           f"({'met' if logical / med['unpack'] / 1e9 >= 0.8 else 'NOT met'})")
     if zipnn and singles:
-        print("\none model at a time (tensors + the file's other bytes):")
-        print(f"{'model':<28}{'dtype':>6}{'tdedup bundle':>15}{'ZipNN':>13}{'tdedup/ZipNN':>14}")
-        for name, dtype, ours, theirs in singles:
-            print(f"{name:<28}{dtype:>6}{ours:>15,}{theirs:>13,}{ours / theirs:>14.4f}")
+        print_singles(singles)
     sys.stdout.flush()
 
 
-def single_models(root: Path, tmp: Path, cores: int) -> list[tuple[str, str, int, int]]:
-    """Each dense model alone: tdedup's bundle (nothing to deduplicate) vs ZipNN."""
+#: The level whose planes take zstd's entropy effort (``btultra2``) in the one-model table.
+EFFORT_LEVEL = 19
+
+
+def single_models(root: Path, tmp: Path, cores: int) -> list[tuple]:
+    """Each dense model alone (nothing to deduplicate), tdedup at the default level and at
+    EFFORT_LEVEL vs ZipNN: whole bundles, and tensor blobs alone against ZipNN's tensors
+    (its figure has no container: names, shapes and hashes are not counted)."""
+    from tdedup.format.bundle.reader import Bundle
+
     out = []
     for rel in SINGLES:
         path = root / rel
         if not path.exists():
             continue
-        r = tdedup.pack([str(path)], tmp / "single.tdd", workers=cores)
+        sizes = []
+        for level in (DEFAULT_LEVEL, EFFORT_LEVEL):
+            r = tdedup.pack([str(path)], tmp / "single.tdd", workers=cores, level=level)
+            with Bundle(tmp / "single.tdd") as b:
+                layouts = {f.layout for m in b.manifest.models for f in m.files}
+                tensors = sum(x.stored_length for h, x in b.manifest.blobs.items()
+                              if h not in layouts)
+            sizes.append((r.bundle_bytes, tensors))
         dtypes = {t.dtype for m in index_models([str(path)]) for f in m.weight_files
                   for t in f.tensors}
-        out.append((rel, "/".join(sorted(dtypes & set(_ZIPNN_DTYPES))), r.bundle_bytes,
-                    zipnn_dedup([path], cores)))
+        zipnn = zipnn_dedup([path], cores)
+        out.append((rel, "/".join(sorted(dtypes & set(_ZIPNN_DTYPES))), *sizes, zipnn,
+                    zipnn - other_bytes([path])))
     return out
+
+
+def print_singles(singles: list[tuple]) -> None:
+    print("\none model at a time (bundle: tensors + the file's other bytes + manifest):")
+    print(f"{'model':<26}{'dtype':>6}{'bundle L' + str(DEFAULT_LEVEL):>13}"
+          f"{'bundle L' + str(EFFORT_LEVEL):>13}{'ZipNN':>13}{'/ZipNN':>8}{'/ZipNN':>8}"
+          f"{'tensors L' + str(EFFORT_LEVEL):>14}{'ZipNN':>13}{'/ZipNN':>8}")
+    for name, dtype, (b1, _), (b19, t19), z, zt in singles:
+        print(f"{name:<26}{dtype:>6}{b1:>13,}{b19:>13,}{z:>13,}{b1 / z:>8.4f}{b19 / z:>8.4f}"
+              f"{t19:>14,}{zt:>13,}{t19 / zt:>8.4f}")
 
 
 if __name__ == "__main__":

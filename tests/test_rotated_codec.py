@@ -96,3 +96,17 @@ def test_load_streams_it_bit_for_bit(tmp_path):
         got = tdedup.load(tmp_path / "b.tdd", device="cpu", verify=verify)["m"]
         for k, v in tensors.items():
             assert torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_high_levels_never_store_a_plane_larger_than_the_default(dtype):
+    """Above level 3 a plane may take zstd's btultra2 entropy effort, kept only when
+    smaller; either way the blob decodes to the same bytes."""
+    from tdedup.format.codecs.byteplane import byteplane_compress, byteplane_decompress
+
+    rng = np.random.default_rng(7)
+    data = (rng.standard_normal(1 << 16) * 0.02).astype(dtype).tobytes()
+    width = np.dtype(dtype).itemsize
+    fast, effort = byteplane_compress(data, width, 1), byteplane_compress(data, width, 19)
+    assert len(effort) <= len(fast)
+    assert byteplane_decompress(effort, len(data)).tobytes() == data

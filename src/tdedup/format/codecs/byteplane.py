@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import IntegrityError
 from ..bundle.constants import MAX_PLANE_WIDTH
-from .zstd import DEFAULT_LEVEL, compressor, zstd_decompress
+from .zstd import DEFAULT_LEVEL, compress_plane, zstd_decompress
 
 #: The stored form's table: the width, then one frame length per plane.
 PLANE_COUNT = struct.Struct("<I")
@@ -69,8 +69,7 @@ def interleave_into(out: np.ndarray, planes: list[np.ndarray]) -> np.ndarray:
 
 def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
     """Stored form: u32 width, width x u64 frame lengths, then one zstd frame per plane."""
-    comp = compressor(level, planes=True)
-    frames = [comp.compress(p) for p in split_planes(data, width)]
+    frames = [compress_plane(p, level) for p in split_planes(data, width)]
     head = PLANE_COUNT.pack(width) + b"".join(PLANE_LEN.pack(len(f)) for f in frames)
     return head + b"".join(frames)
 

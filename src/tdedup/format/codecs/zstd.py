@@ -29,18 +29,48 @@ def compressor(level: int, *, planes: bool = False) -> zstandard.ZstdCompressor:
     min_match 7 and tiny tables. The byte planes of trained weights are near-random bytes
     with few long matches; there these settings beat levels 1-3 both in size (exponent
     plane 0.342 vs 0.370 of level 1 on a MiniLM fine-tune) and in speed (1.09 vs 0.70 GB/s
-    encode, 1.37 vs 1.15 GB/s decode). Higher levels are the user asking for effort."""
+    encode, 1.37 vs 1.15 GB/s decode).
+
+    Higher levels are the user asking for effort. On planes zstd's own levels 4-22 are
+    *larger* than the fast settings (their match finding splits the literal runs that
+    carry all of a plane's entropy: +1.8 % on MiniLM F32 at level 5), so there a higher
+    level keeps the tiny tables and takes the ``btultra2`` strategy instead, the only one
+    for which zstd searches the Huffman table's optimal depth and Huffman-codes literals
+    that gain under 1.6 % (:func:`compress_plane`)."""
     cache = _local.__dict__.setdefault("c", {})
-    key = (level, planes and level <= PLANE_FAST_MAX_LEVEL)
+    plane_mode = None
+    if planes:
+        plane_mode = "fast" if level <= PLANE_FAST_MAX_LEVEL else "entropy"
+    key = (level if plane_mode is None else 0, plane_mode)
     if key not in cache:
-        if key[1]:
+        if plane_mode is not None:
+            strategy = (zstandard.STRATEGY_FAST if plane_mode == "fast"
+                        else zstandard.STRATEGY_BTULTRA2)
             params = zstandard.ZstdCompressionParameters(
-                strategy=zstandard.STRATEGY_FAST, min_match=7, window_log=20, hash_log=6,
-                chain_log=6, search_log=1, write_content_size=True)
+                strategy=strategy, min_match=7, window_log=20, hash_log=6, chain_log=6,
+                search_log=1, target_length=0 if plane_mode == "fast" else 7,
+                write_content_size=True)
             cache[key] = zstandard.ZstdCompressor(compression_params=params)
         else:
             cache[key] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return cache[key]
+
+
+#: Above this fraction of its size after the fast settings a plane is near-random and the
+#: entropy effort of a high level gains nothing on it (it is not tried).
+PLANE_EFFORT_MAX_RATIO = 0.999
+
+
+def compress_plane(plane, level: int) -> bytes:
+    """One byte plane as a zstd frame. Up to :data:`PLANE_FAST_MAX_LEVEL`: the fast
+    settings. Above: the fast frame, or the ``btultra2`` one when the plane is not
+    near-random and that is smaller (never larger than the fast frame; ~0.1 % smaller on
+    trained F32 weights at ~50 MB/s of the planes it is tried on, bench/RESULTS.md)."""
+    fast = compressor(PLANE_FAST_MAX_LEVEL, planes=True).compress(plane)
+    if level <= PLANE_FAST_MAX_LEVEL or len(fast) >= PLANE_EFFORT_MAX_RATIO * len(plane):
+        return fast
+    effort = compressor(level, planes=True).compress(plane)
+    return effort if len(effort) < len(fast) else fast
 
 
 def decompressor() -> zstandard.ZstdDecompressor:
