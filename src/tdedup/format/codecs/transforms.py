@@ -229,7 +229,9 @@ def _quantize_chunk(x: np.ndarray, etype: str, block: int, size: int) -> np.ndar
     out = np.zeros((blocks.shape[0], size), np.uint8)
     if finite.any():
         with np.errstate(all="ignore"):
-            out[finite] = gq.quantize(blocks[finite], GGMLQuantizationType[etype]).reshape(-1, size)
+            # One row: gguf-py groups 16 rows per call (see dequantize).
+            out[finite] = gq.quantize(blocks[finite].reshape(1, -1),
+                                      GGMLQuantizationType[etype]).reshape(-1, size)
     if etype in _NEG_ZERO_SCALE:
         # ggml's ``d = max / -8`` (-16 for Q5_0) keeps its initial ``max = 0.0f`` on a block
         # of zeros, so d is -0.0 (F16 0x8000); gguf-py takes max from the block (-0.0 or
@@ -274,12 +276,18 @@ def dequantize(t: TypedTensor) -> np.ndarray:
         return to_f32(t)
     qtype = GGMLQuantizationType[t.etype]
     size = GGML_QUANT_SIZES[qtype][1]
+    blocks = t.data.reshape(-1, size)
+    step = max(1, QUANT_CHUNK // GGML_QUANT_SIZES[qtype][0])
     try:
         with np.errstate(all="ignore"):
-            out = gq.dequantize(t.data.reshape(-1, size), qtype)
+            # One row per call: gguf-py works over groups of 16 rows, and a block per row
+            # made that a Python call (and an array_split) per 16 blocks.
+            parts = [gq.dequantize(blocks[i:i + step].reshape(1, -1), qtype).reshape(-1)
+                     for i in range(0, len(blocks), step)]
     except NotImplementedError:
         raise TransformMismatch(f"gguf-py cannot dequantize {t.etype}") from None
-    return np.asarray(out, np.float32).reshape(-1)
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else \
+        np.zeros(0, np.float32)
 
 
 # -- layout --------------------------------------------------------------------------
