@@ -336,19 +336,30 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                         originals.append(job)
                 fds = folders.fds
                 pool = ThreadPoolExecutor(max_workers=max(1, workers))
+                # Each staged file is flushed on a thread of its own while later files
+                # decode: a flush waits on the disk, not the CPU (the flushes after the
+                # last file took ~0.2 s of 1.0 on the MiniLM family).
+                syncer = ThreadPoolExecutor(max_workers=2)
+                flushes: list = []
+
+                def staged(fn, j: _Job, *args) -> str:
+                    tmp = fn(*args)
+                    flushes.append(syncer.submit(_fsync_at, fds[j.folder], tmp))
+                    return tmp
+
                 failed = True
                 try:
-                    tmps = _run_all(pool, [(_restore_file, folders, bundle, j, fds[j.folder],
-                                            advance) for j in originals])
+                    tmps = _run_all(pool, [(staged, _restore_file, j, folders, bundle, j,
+                                            fds[j.folder], advance) for j in originals])
                     tmp_of = {id(j): t for j, t in zip(originals, tmps)}
                     # Copies read the staged originals, so they start once those are done.
-                    tmps += _run_all(pool, [(_copy_file, folders, fds[src.folder],
+                    tmps += _run_all(pool, [(staged, _copy_file, j, folders, fds[src.folder],
                                              tmp_of[id(src)], j, fds[j.folder], advance)
                                             for src, j in copies])
                     order = originals + [j for _, j in copies]
                     try:
-                        _run_all(pool, [(_fsync_at, fds[j.folder], t)
-                                        for j, t in zip(order, tmps)])
+                        for fut in flushes:
+                            fut.result()
                     except OSError as e:
                         raise OutputError("flushing the restored files failed: "
                                           f"{e.strerror or e}", path=dest) from e
@@ -356,6 +367,7 @@ def unpack(bundle_path: str | os.PathLike, dest: str | os.PathLike, *,
                 finally:
                     # Running jobs end (their files are registered); queued ones never start.
                     pool.shutdown(wait=True, cancel_futures=failed)
+                    syncer.shutdown(wait=True, cancel_futures=failed)
                 for j, tmp in zip(order, tmps):
                     at = fds[j.folder]
                     try:
