@@ -10,6 +10,7 @@ for every reader whatever its stack (Python's own parser stops near 1000 levels)
 from __future__ import annotations
 
 import json
+import re
 
 from .bundle.constants import MAX_JSON_DEPTH
 
@@ -17,11 +18,18 @@ from .bundle.constants import MAX_JSON_DEPTH
 #: needs 8; spec/FORMAT.md §2, §12).
 MAX_DEPTH = MAX_JSON_DEPTH
 
-def check_document(doc: object) -> None:
+#: The only way a parsed string can hold a lone surrogate: a ``\\uD800``-``\\uDFFF`` escape
+#: (decoding the text as UTF-8 refuses encoded surrogates).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_document(doc: object, *, strings: bool = True) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` and strings that are not Unicode text
     (a ``\\ud800`` escape decodes to a lone surrogate, which no file system path, UTF-8
-    writer or terminal accepts: RFC 8259 §8.2, I-JSON). Iterative: no recursion."""
+    writer or terminal accepts: RFC 8259 §8.2, I-JSON). Iterative: no recursion.
+    ``strings=False`` checks the nesting only (the text had no surrogate escape)."""
     stack = [(doc, 1)]
+    kinds = (dict, list, str) if strings else (dict, list)
     while stack:
         node, level = stack.pop()
         if isinstance(node, str):
@@ -39,7 +47,7 @@ def check_document(doc: object) -> None:
             continue
         if level > MAX_DEPTH:
             raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
-        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list, str)))
+        stack.extend((c, level + 1) for c in children if isinstance(c, kinds))
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -66,5 +74,7 @@ def loads_strict(raw: bytes | str) -> object:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 ({e.reason})") from None
-    check_document(doc)
+    # Visiting every string of a manifest cost a load ~2 ms; only an escape can make one bad.
+    check_document(doc, strings=not isinstance(raw, (bytes, bytearray, memoryview))
+                   or _SURROGATE_ESCAPE.search(text) is not None)
     return doc
