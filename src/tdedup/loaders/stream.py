@@ -25,7 +25,13 @@ from ..errors import IntegrityError
 from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
 from ..format.bundle.manifest import BlobRecord
 from ..format.codecs.byteplane import ROTATED_TYPES, byteplane_frames, interleave_into, unrotate_
-from ..format.codecs.delta import add_residual_, parse_delta_header, residual_width
+from ..format.codecs.delta import (
+    add_residual_,
+    combine_at_,
+    gather_words,
+    parse_delta_header,
+    residual_width,
+)
 from ..format.codecs.zstd import check_frame_size
 
 PAGE = mmap.PAGESIZE
@@ -191,14 +197,19 @@ class PlaneReader(BlobReader):
             if err is not None:
                 raise err
 
+    def read_chunk(self, k: int) -> list[np.ndarray]:
+        """The next ``k`` (at most ``PLANE_CHUNK``) elements' bytes, plane by plane: views
+        of this thread's scratch, valid until its next read."""
+        scratch = _scratch()
+        for j, plane in enumerate(self.planes):
+            plane.readinto(scratch[j, :k])
+        return [scratch[j, :k] for j in range(self.width)]
+
     def readinto(self, out: np.ndarray) -> None:
         w = self.width
-        scratch = _scratch()
         for i in range(0, len(out) // w, PLANE_CHUNK):
             k = min(PLANE_CHUNK, len(out) // w - i)
-            for j, plane in enumerate(self.planes):
-                plane.readinto(scratch[j, :k])
-            interleave_into(out[i * w:(i + k) * w], [scratch[j, :k] for j in range(w)])
+            interleave_into(out[i * w:(i + k) * w], self.read_chunk(k))
 
     def finish(self) -> None:
         for plane in self.planes:
@@ -220,6 +231,31 @@ class RotatedPlaneReader(PlaneReader):
     def readinto(self, out: np.ndarray) -> None:
         super().readinto(out)
         unrotate_(out, self.width)
+
+
+#: A residual piece is applied sparsely when at most 1/SPARSE_FRACTION of it is non-zero.
+SPARSE_FRACTION = 16
+
+
+def _sparse_elements(planes: list[np.ndarray], most: int) -> np.ndarray | None:
+    """Indices of the non-zero elements of a byte-plane residual piece, or None when there
+    are more than ``most`` (the lowest plane is counted first: dense pieces cost one pass
+    over it)."""
+    if np.count_nonzero(planes[0]) > most:
+        return None
+    mask = _mask_scratch()[:len(planes[0])]
+    np.copyto(mask, planes[0])
+    for p in planes[1:]:
+        np.bitwise_or(mask, p, out=mask)
+    idx = np.flatnonzero(mask)
+    return idx if len(idx) <= most else None
+
+
+def _mask_scratch() -> np.ndarray:
+    buf = getattr(_local, "mask", None)
+    if buf is None:
+        buf = _local.mask = np.empty(PLANE_CHUNK, np.uint8)
+    return buf
 
 
 class DeltaReader(BlobReader):
@@ -248,15 +284,36 @@ class DeltaReader(BlobReader):
         self.unit = self.head.unit or self.width
 
     def readinto(self, out: np.ndarray) -> None:
-        self.residual.readinto(out)
+        w = self.width
         base = self.base(self.pos, self.pos + len(out))
+        # Pieces of whole units (a low-rank prediction is made a row at a time).
+        ue = max(1, self.unit // w)
+        step = max(ue, PLANE_CHUNK // ue * ue)
+        for i in range(0, len(out) // w, step):
+            k = min(step, len(out) // w - i)
+            self._combine(out[i * w:(i + k) * w], self.residual.read_chunk(k),
+                          base[i * w:(i + k) * w], self.pos + i * w)
+        self.pos += len(out)
+
+    def _combine(self, out: np.ndarray, planes: list[np.ndarray], base, start: int) -> None:
+        """``out`` <- the prediction combined with the residual whose planes these are.
+        A residual that is mostly zero (a weight-decay delta: tokens a fine-tune never
+        saw) is applied only where it is not: the element-wise passes over every element
+        are skipped."""
+        k = len(planes[0])
+        idx = _sparse_elements(planes, k // SPARSE_FRACTION)
+        if idx is not None:
+            self.head.prediction_into(out, base, start)
+            if len(idx):
+                combine_at_(out, idx, gather_words(planes, idx), self.head.op)
+            return
+        interleave_into(out, planes)
         if self.head.op == "xor":
             np.bitwise_xor(out, base, out=out)
         elif self.head.decay is not None or self.head.lowrank is not None:
-            self.head.add_prediction_(out, base, self.pos)
+            self.head.add_prediction_(out, base, start)
         else:
             add_residual_(out, base, self.width, zigzag=self.head.op == "zigzag-add")
-        self.pos += len(out)
 
     def finish(self) -> None:
         self.residual.finish()

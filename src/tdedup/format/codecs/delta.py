@@ -127,6 +127,31 @@ def add_residual_(residual: np.ndarray, base, width: int, zigzag: bool = True) -
     return residual
 
 
+def gather_words(planes: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """Elements ``idx`` of a byte-plane residual (``planes[j][i]``: element ``i``'s byte
+    ``j``), assembled as unsigned integers of the planes' count in bytes."""
+    words = planes[-1][idx].astype(SUB_WIDTHS[len(planes)])
+    for p in planes[-2::-1]:
+        words <<= words.dtype.type(8)
+        words |= p[idx]
+    return words
+
+
+def combine_at_(out: np.ndarray, idx: np.ndarray, words: np.ndarray, op: str) -> None:
+    """In place, at elements ``idx`` of ``out`` (uint8, ``words``' width per element),
+    which holds the prediction: apply the residual ``words`` by ``op`` (``xor``, ``add``,
+    ``zigzag-add``). Where the residual is zero the prediction is already the data, so a
+    sparse residual is applied where it is not zero only (bench/RESULTS.md, "## load")."""
+    o = out.view(words.dtype)
+    if op == "xor":
+        o[idx] ^= words
+        return
+    if op == "zigzag-add":
+        one = words.dtype.type(1)
+        words = (words >> one) ^ (-(words & one))
+    o[idx] += words
+
+
 def predictable(bits: np.ndarray) -> np.ndarray:
     """Mask of F32 bit patterns whose exponent lies in the predicted range."""
     e = (bits >> np.uint32(23)) & np.uint32(0xFF)
@@ -257,6 +282,17 @@ class DeltaHeader:
         u, v = self.lowrank
         row = v.shape[1] * 4
         return lowrank_chunks(base, u[start // row:(start + memoryview(base).nbytes) // row], v)
+
+    def prediction_into(self, out: np.ndarray, base, start: int = 0) -> np.ndarray:
+        """``out`` (uint8) <- the prediction for the base's bytes from byte ``start`` on:
+        the base itself, or its decay or low-rank prediction; returns ``out``."""
+        if self.decay is None and self.lowrank is None:
+            np.copyto(out, np.frombuffer(base, np.uint8))
+            return out
+        o = out.view(np.uint32)
+        for s, part in self.predict_chunks(base, start):
+            o[s:s + len(part)] = part
+        return out
 
     def add_prediction_(self, residual: np.ndarray, base, start: int = 0) -> np.ndarray:
         """In place: ``residual <- prediction + unzigzag(residual)`` (F32 elements), one
