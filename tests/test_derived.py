@@ -300,6 +300,7 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
 
     torch = pytest.importorskip("torch")
     from tdedup.loaders import placement as pl
+    from tdedup.loaders import staging as sg
 
     class NoStream:
         def synchronize(self) -> None:
@@ -308,10 +309,10 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
         def record(self, stream=None) -> None:
             pass
 
-    class HostStager(pl.Stager):
+    class HostStager(sg.Stager):
         def __init__(self, device) -> None:
             self.device = device
-            self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+            self.buffers = [torch.empty(sg.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
             self.events, self.stream, self.turn = [None, None], NoStream(), 0
             self.lock = threading.Lock()
 
@@ -320,8 +321,8 @@ def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monk
 
     bundle = tmp_path / "b.tdd"
     tdedup.pack(ladder, bundle)
-    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: HostStager(device)))
+    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: HostStager(device)))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", NoStream)
     with tdedup.open_bundle(bundle) as b:

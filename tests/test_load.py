@@ -23,6 +23,7 @@ from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
 from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 from tdedup.loaders import placement as pl  # noqa: E402
+from tdedup.loaders import staging as sg  # noqa: E402
 from tdedup.loaders.stream import DELTA_OPS, PREDICTED, PlaneReader  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
@@ -245,12 +246,12 @@ class _NoStream:
         pass
 
 
-class _HostStager(pl.Stager):
+class _HostStager(sg.Stager):
     """The CUDA staging logic with host buffers and no streams: runs without a GPU."""
 
     def __init__(self, device) -> None:
         self.device = device
-        self.buffers = [torch.empty(pl.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
+        self.buffers = [torch.empty(sg.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
         self.events, self.stream, self.turn = [None, None], _NoStream(), 0
         self.lock = threading.Lock()
         self.planar: list = []  # encodings of the byte-plane readers uploaded plane-major
@@ -284,7 +285,7 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
-    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bundle) as b:
@@ -295,7 +296,7 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
         # Two workers: each chunk's planes are decompressed on a pool (test_derived: one).
         placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=2)
         stager = _HostStager(torch.device("cpu"))
-        monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
+        monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: stager))
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
@@ -330,7 +331,7 @@ def test_combine_matches_numpy(op, width, monkeypatch):
             r = (r >> ut(1)) ^ (-(r & ut(1))).astype(ut)
         want = (b + r).view(np.uint8)
     out = torch.from_numpy(res.copy())
-    pl.combine(out, torch.from_numpy(base), op, width)
+    sg.combine(out, torch.from_numpy(base), op, width)
     assert out.numpy().tobytes() == want.tobytes()
 
 
@@ -402,9 +403,9 @@ def test_a_broken_plane_on_the_cuda_path_is_an_integrity_error(tmp_path, bert_bu
         readinto(self, out)
 
     monkeypatch.setattr(stream.ZstdReader, "readinto", broken)
-    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
     stager = _HostStager(torch.device("cpu"))
-    monkeypatch.setattr(pl.Stager, "get", classmethod(lambda cls, device: stager))
+    monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: stager))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     with tdedup.open_bundle(bert_bundle) as b:

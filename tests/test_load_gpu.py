@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 import tdedup  # noqa: E402
 from tdedup.errors import IntegrityError  # noqa: E402
 from tdedup.format.bundle.constants import BlobEncoding  # noqa: E402
-from tdedup.loaders import placement as pl  # noqa: E402
+from tdedup.loaders import staging as sg  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
 from test_load import (as_bytes, assert_matches_safetensors, pack,  # noqa: E402
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture
 def small_staging(monkeypatch):
     """Staging buffers of 4 KiB: every blob crosses several chunks and both buffers."""
-    monkeypatch.setattr(pl, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(pl.Stager, "_cache", {})
+    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(sg.Stager, "_cache", {})
 
 
 def test_cuda_bit_for_bit_and_shared(tmp_path, bert_family, gguf_family, small_staging):
