@@ -295,36 +295,13 @@ def test_corpus_smollm_requantized_family_round_trips(corpus, tmp_path):
 def test_cuda_code_path_on_the_host_decodes_derived_blobs(ladder, tmp_path, monkeypatch):
     """``place_cuda`` with host buffers (as test_load does): derived blobs are decoded on
     the host from their base's device copy, then uploaded, and come out bit-exact."""
-    import contextlib
-    import threading
-
     torch = pytest.importorskip("torch")
+    from helpers.host_staging import host_staging
     from tdedup.loaders import placement as pl
-    from tdedup.loaders import staging as sg
-
-    class NoStream:
-        def synchronize(self) -> None:
-            pass
-
-        def record(self, stream=None) -> None:
-            pass
-
-    class HostStager(sg.Stager):
-        def __init__(self, device) -> None:
-            self.device = device
-            self.buffers = [torch.empty(sg.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
-            self.events, self.stream, self.turn = [None, None], NoStream(), 0
-            self.lock = threading.Lock()
-
-        def finish(self) -> None:
-            pass
 
     bundle = tmp_path / "b.tdd"
     tdedup.pack(ladder, bundle)
-    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: HostStager(device)))
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Event", NoStream)
+    host_staging(monkeypatch)
     with tdedup.open_bundle(bundle) as b:
         order, depth = pl.blob_order(b, [t.hash for m in b.manifest.models
                                           for f in m.files for t in f.tensors if t.length])

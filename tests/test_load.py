@@ -7,9 +7,7 @@ CUDA path in tests/test_load_gpu.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +22,10 @@ from tdedup.loaders import modules as tm  # noqa: E402
 from tdedup.loaders import torch as tl  # noqa: E402
 from tdedup.loaders import placement as pl  # noqa: E402
 from tdedup.loaders import staging as sg  # noqa: E402
-from tdedup.loaders.stream import DELTA_OPS, PREDICTED, PlaneReader  # noqa: E402
+from tdedup.loaders.stream import DELTA_OPS, PREDICTED  # noqa: E402
 
 from helpers.bundle_helpers import flip  # noqa: E402
+from helpers.host_staging import host_staging  # noqa: E402
 
 
 def as_bytes(t) -> bytes:
@@ -238,35 +237,6 @@ def test_delta_blobs(tmp_path, bert_family, monkeypatch, encoding):
         assert_matches_safetensors(loaded["base"], bert_family["base"] / "model.safetensors")
 
 
-class _NoStream:
-    def synchronize(self) -> None:
-        pass
-
-    def record(self, stream=None) -> None:
-        pass
-
-
-class _HostStager(sg.Stager):
-    """The CUDA staging logic with host buffers and no streams: runs without a GPU."""
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self.buffers = [torch.empty(sg.STAGING_BYTES, dtype=torch.uint8) for _ in range(2)]
-        self.events, self.stream, self.turn = [None, None], _NoStream(), 0
-        self.lock = threading.Lock()
-        self.planar: list = []  # encodings of the byte-plane readers uploaded plane-major
-        self.pools: list = []  # the pool each one's planes were decompressed on
-
-    def upload(self, reader, dest, pool=None) -> None:
-        if isinstance(reader, PlaneReader):
-            self.planar.append(type(reader).__name__)
-            self.pools.append(pool)
-        super().upload(reader, dest, pool)
-
-    def finish(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("encoding", [None, "XOR_BYTEPLANE_ZSTD", "ZIGZAG_SUB_BYTEPLANE_ZSTD",
                                       "DECAY_SUB_BYTEPLANE_ZSTD",
                                       "LOWRANK_SUB_BYTEPLANE_ZSTD"])
@@ -285,9 +255,7 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     else:
         bundle = pack_with_deltas(tmp_path, bert_family, monkeypatch,
                                   BlobEncoding[encoding])
-    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Event", _NoStream)
+    stager = host_staging(monkeypatch)
     with tdedup.open_bundle(bundle) as b:
         order, depth = pl.blob_order(b, [t.hash for m in b.manifest.models
                                           for f in m.files for t in f.tensors if t.length])
@@ -295,8 +263,6 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
             assert any(r.encoding is BlobEncoding[encoding] for r in order)
         # Two workers: each chunk's planes are decompressed on a pool (test_derived: one).
         placer = pl.Placer(b, torch.device("cpu"), depth, verify=True, workers=2)
-        stager = _HostStager(torch.device("cpu"))
-        monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: stager))
         placer.place_cuda(order)
         for rec in order:
             assert placer.blobs[rec.hash].numpy().tobytes() == \
@@ -403,11 +369,7 @@ def test_a_broken_plane_on_the_cuda_path_is_an_integrity_error(tmp_path, bert_bu
         readinto(self, out)
 
     monkeypatch.setattr(stream.ZstdReader, "readinto", broken)
-    monkeypatch.setattr(sg, "STAGING_BYTES", 4096)
-    stager = _HostStager(torch.device("cpu"))
-    monkeypatch.setattr(sg.Stager, "get", classmethod(lambda cls, device: stager))
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Event", _NoStream)
+    stager = host_staging(monkeypatch)
     with tdedup.open_bundle(bert_bundle) as b:
         order, depth = pl.blob_order(b, [rec.hash])
         placer = pl.Placer(b, torch.device("cpu"), depth, verify=False, workers=4)
