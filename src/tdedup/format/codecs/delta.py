@@ -248,7 +248,7 @@ class DeltaHeader:
     ``add`` (data = P + r on unsigned integers of the residual's width) or ``zigzag-add``
     (data = P + unzigzag(r)). The prediction ``P`` is the base itself, unless ``decay``
     ``(c, k)`` or ``lowrank`` ``(U, V)`` say otherwise; then the residual must have
-    ``need_width`` 4 and :meth:`predict` makes ``P`` for a slice of the base.
+    ``need_width`` 4 and :meth:`predict_chunks` makes ``P`` for a slice of the base.
     ``residual_offset``: where the residual's byte-plane blob starts in the stored bytes.
     """
 
@@ -263,13 +263,6 @@ class DeltaHeader:
     def unit(self) -> int:
         """Bytes a prediction must be made in whole multiples of (a row, for low rank)."""
         return self.lowrank[1].shape[1] * 4 if self.lowrank is not None else 0
-
-    def predict(self, base, start: int = 0):
-        """The prediction for ``base``, the base's bytes from byte ``start`` on (bytes-like,
-        F32 bit patterns for predicted encodings; the base itself otherwise)."""
-        if self.decay is None and self.lowrank is None:
-            return base
-        return _gather(self.predict_chunks(base, start), memoryview(base).nbytes // 4)
 
     def predict_chunks(self, base, start: int = 0):
         """The prediction (decay or low rank) for the base's bytes from byte ``start`` on,
