@@ -205,22 +205,20 @@ class Placer:
         """
         if not self.verify:
             return
+        hasher = blake3.blake3()
+        pos, end = rec.offset, rec.offset + rec.stored_length
         if rec.encoding is BlobEncoding.RAW and self.device.type == "cpu":
             # Its pages are the tensor's own on a CPU load: hashing them through the map
             # maps nothing extra and saves a copy of every byte.
-            got = blake3.blake3(self.view[rec.offset:rec.offset + rec.stored_length])
-            if got.hexdigest() != rec.checksum:
-                raise self.corrupt(rec, "stored bytes fail their checksum (corrupted)")
-            return
-        hasher = blake3.blake3()
-        buf = _verify_buffer()
-        pos, end = rec.offset, rec.offset + rec.stored_length
-        while pos < end:
-            n = os.preadv(self.fd, [buf[:min(VERIFY_STEP, end - pos)]], pos)
-            if n <= 0:
-                raise self.corrupt(rec, "the bundle ends inside the blob (truncated)")
-            hasher.update(buf[:n])
-            pos += n
+            hasher.update(self.view[pos:end])
+        else:
+            buf = _verify_buffer()
+            while pos < end:
+                n = os.preadv(self.fd, [buf[:min(VERIFY_STEP, end - pos)]], pos)
+                if n <= 0:
+                    raise self.corrupt(rec, "the bundle ends inside the blob (truncated)")
+                hasher.update(buf[:n])
+                pos += n
         if hasher.hexdigest() != rec.checksum:
             raise self.corrupt(rec, "stored bytes fail their checksum (corrupted)")
 
