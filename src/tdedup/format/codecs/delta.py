@@ -47,7 +47,7 @@ import numpy as np
 
 from ...errors import BundleFormatError, IntegrityError
 from ..bundle.constants import BlobEncoding
-from .byteplane import PLANE_COUNT, byteplane_compress, byteplane_decompress
+from .byteplane import PLANE_COUNT, byteplane_compress, byteplane_decompress, interleave_into
 
 #: The widths a SUB residual may have (unsigned integer views).
 SUB_WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -129,11 +129,10 @@ def add_residual_(residual: np.ndarray, base, width: int, zigzag: bool = True) -
 
 def gather_words(planes: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
     """Elements ``idx`` of a byte-plane residual (``planes[j][i]``: element ``i``'s byte
-    ``j``), assembled as unsigned integers of the planes' count in bytes."""
-    words = planes[-1][idx].astype(SUB_WIDTHS[len(planes)])
-    for p in planes[-2::-1]:
-        words <<= words.dtype.type(8)
-        words |= p[idx]
+    ``j``), as unsigned integers of the planes' count in bytes (joined as
+    :func:`~.byteplane.interleave_into` joins a whole blob)."""
+    words = np.empty(len(idx), SUB_WIDTHS[len(planes)])
+    interleave_into(words.view(np.uint8), [p[idx] for p in planes])
     return words
 
 
