@@ -95,7 +95,7 @@ class MappedSource:
         if not self.release:
             return
         stop = min(upto, self.end) // PAGE * PAGE
-        if stop - self.dropped >= batch or (stop > self.dropped and upto >= self.end):
+        if stop > self.dropped and stop - self.dropped >= batch:
             self.mm.madvise(mmap.MADV_DONTNEED, self.dropped, stop - self.dropped)
             self.dropped = stop
 
