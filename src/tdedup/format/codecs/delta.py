@@ -153,8 +153,34 @@ def combine_at_(out: np.ndarray, idx: np.ndarray, words: np.ndarray, op: str) ->
 
 def predictable(bits: np.ndarray) -> np.ndarray:
     """Mask of F32 bit patterns whose exponent lies in the predicted range."""
-    e = (bits >> np.uint32(23)) & np.uint32(0xFF)
-    return (e - np.uint32(PREDICT_EXP_MIN)) <= np.uint32(PREDICT_EXP_MAX - PREDICT_EXP_MIN)
+    return ~unpredictable_into(bits, np.empty_like(bits), np.empty(bits.shape, bool))
+
+
+#: The exponent field of an F32, where its predicted range starts, and the range's span.
+_EXP_FIELD = np.uint32(0x7F800000)
+_EXP_LOW = np.uint32(PREDICT_EXP_MIN << 23)
+_EXP_SPAN = np.uint32((PREDICT_EXP_MAX - PREDICT_EXP_MIN) << 23)
+
+
+def unpredictable_into(bits: np.ndarray, scratch: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``mask`` (bool) <- whether each F32 bit pattern's exponent lies *outside* the
+    predicted range, computed in ``scratch`` (uint32, the shape of ``bits``); returns
+    ``mask``. Decoders call it once per chunk with buffers of their own: the three 512 KB
+    temporaries of ``(bits >> 23) & 0xFF ...`` were freed at the top of the heap and
+    faulted in again for every chunk, 10x the cost of the arithmetic."""
+    np.bitwise_and(bits, _EXP_FIELD, out=scratch)
+    np.subtract(scratch, _EXP_LOW, out=scratch)  # wraps below the range
+    return np.greater(scratch, _EXP_SPAN, out=mask)
+
+
+def aligned_empty(n: int, dtype) -> np.ndarray:
+    """An uninitialized array of ``n`` elements starting on a 64-byte boundary: numpy's
+    large arrays start 16 bytes into a line, and AVX-512 passes over such a buffer ran
+    1.4x slower (the decay prediction's multiplies, bench/RESULTS.md "## load")."""
+    dt = np.dtype(dtype)
+    raw = np.empty(n * dt.itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n * dt.itemsize].view(dt)
 
 
 def decay_chunks(base, c: float, k: int):
@@ -165,7 +191,8 @@ def decay_chunks(base, c: float, k: int):
     nothing is allocated per chunk): consume each before taking the next."""
     bits = np.frombuffer(base, dtype=np.uint32)
     cf = np.float32(c)
-    buf = np.empty(min(DECAY_CHUNK, len(bits)), dtype=np.uint32)
+    n = min(DECAY_CHUNK, len(bits))
+    buf, scratch, mask = aligned_empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, bool)
     with np.errstate(all="ignore"):
         for i in range(0, len(bits), DECAY_CHUNK):
             b = bits[i:i + DECAY_CHUNK]
@@ -174,7 +201,9 @@ def decay_chunks(base, c: float, k: int):
             x = out.view(np.float32)
             for _ in range(k):
                 np.multiply(x, cf, out=x)
-            np.copyto(out, b, where=~predictable(b))
+            keep = unpredictable_into(b, scratch[:len(b)], mask[:len(b)])
+            if keep.any():
+                np.copyto(out, b, where=keep)
             yield i, out
 
 
