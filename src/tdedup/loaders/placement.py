@@ -56,8 +56,6 @@ from .stream import (
 HOST_CHUNK = 1 << 20
 #: Stored bytes hashed per step while verifying.
 VERIFY_STEP = 1 << 18
-#: Bytes of the map dropped on each side of a decoded blob (see Placer._drop_around).
-DROP_MARGIN = 256 << 10
 #: Host blobs at least this large get an anonymous map of their own (see host_buffer).
 ANON_MAP_MIN = 1 << 20
 _local = threading.local()
@@ -277,13 +275,22 @@ class Placer:
 
     def place_host(self, recs: list[BlobRecord]) -> None:
         """CPU: raw blobs as zero-copy views of the map, the others decoded into fresh
-        memory; one depth at a time (bases before deltas), each on the thread pool."""
+        memory; one depth at a time (bases before deltas), each on the thread pool.
+
+        Between depths, with no decoder running, the map's pages that no tensor views are
+        dropped: reading a blob's headers faults in whole folios (~170 KB here), reaching
+        into its neighbours, which would otherwise stay resident while the next depth's
+        decoded bytes pile up. One pass per depth rather than one ``madvise`` per blob:
+        each interrupts the other core to flush its TLB, and dropping around every blob
+        cost the serving load of the MiniLM family ~3 % (bench/RESULTS.md, "## load")."""
         by_depth: dict[int, list[BlobRecord]] = {}
         for rec in recs:
             by_depth.setdefault(self.depth[rec.hash], []).append(rec)
         pool = ThreadPoolExecutor(self.workers) if self.workers > 1 and len(recs) > 1 else None
         try:
-            for level in sorted(by_depth):
+            for i, level in enumerate(sorted(by_depth)):
+                if i:
+                    self.drop_pages()
                 group = by_depth[level]
                 if pool is None:
                     for rec in group:
@@ -318,21 +325,7 @@ class Placer:
         except IntegrityError as e:
             raise self.corrupt(rec, e.problem, e.part) from e
         self.blobs[rec.hash] = out
-        self._drop_around(rec)
         self.advance(rec)
-
-    def _drop_around(self, rec: BlobRecord) -> None:
-        """Drop the map's pages around a decoded blob: reading its headers faulted in
-        whole folios (~170 KB here), reaching into neighbours already decoded, which would
-        otherwise stay resident until :meth:`drop_pages` (~1 % of peak RSS on the MiniLM
-        family). Nothing has written to the map, so a page dropped from a neighbour still
-        in use reads back the same."""
-        if not (hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")):
-            return
-        lo = max(0, (rec.offset - DROP_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE)
-        hi = min(len(self.mm), rec.offset + rec.stored_length + DROP_MARGIN)
-        if hi > lo:
-            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def drop_pages(self) -> None:
         """Drop from the process every page of the map that no tensor views (headers and
