@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,21 +191,40 @@ def decay_chunks(base, c: float, k: int):
     ``bits`` is one buffer reused for every chunk (it stays in L2 for the ``k`` passes and
     nothing is allocated per chunk): consume each before taking the next."""
     bits = np.frombuffer(base, dtype=np.uint32)
+    buf = aligned_empty(min(DECAY_CHUNK, len(bits)), np.uint32)
+    for i in range(0, len(bits), DECAY_CHUNK):
+        b = bits[i:i + DECAY_CHUNK]
+        yield i, decay_into(buf[:len(b)], b, c, k)
+
+
+def decay_into(out: np.ndarray, bits: np.ndarray, c: float, k: int) -> np.ndarray:
+    """``out`` (uint32) <- the decay prediction of ``bits`` (F32 bit patterns, as many),
+    computed in ``out`` itself ``DECAY_CHUNK`` elements at a time; returns ``out``."""
     cf = np.float32(c)
-    n = min(DECAY_CHUNK, len(bits))
-    buf, scratch, mask = aligned_empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, bool)
+    scratch, mask = _decay_scratch()
     with np.errstate(all="ignore"):
         for i in range(0, len(bits), DECAY_CHUNK):
             b = bits[i:i + DECAY_CHUNK]
-            out = buf[:len(b)]
-            np.copyto(out, b)
-            x = out.view(np.float32)
+            o = out[i:i + len(b)]
+            np.copyto(o, b)
+            x = o.view(np.float32)
             for _ in range(k):
                 np.multiply(x, cf, out=x)
             keep = unpredictable_into(b, scratch[:len(b)], mask[:len(b)])
             if keep.any():
-                np.copyto(out, b, where=keep)
-            yield i, out
+                np.copyto(o, b, where=keep)
+    return out
+
+
+_local = threading.local()
+
+
+def _decay_scratch() -> tuple[np.ndarray, np.ndarray]:
+    """This thread's buffers for :func:`unpredictable_into` over a decay chunk."""
+    bufs = getattr(_local, "decay", None)
+    if bufs is None:
+        bufs = _local.decay = (np.empty(DECAY_CHUNK, np.uint32), np.empty(DECAY_CHUNK, bool))
+    return bufs
 
 
 def lowrank_chunks(base, u: np.ndarray, v: np.ndarray):
@@ -311,6 +331,9 @@ class DeltaHeader:
             np.copyto(out, np.frombuffer(base, np.uint8))
             return out
         o = out.view(np.uint32)
+        if self.decay is not None:  # computed in place: no buffer of its own
+            decay_into(o, np.frombuffer(base, np.uint32), *self.decay)
+            return out
         for s, part in self.predict_chunks(base, start):
             o[s:s + len(part)] = part
         return out
