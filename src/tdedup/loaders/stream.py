@@ -153,14 +153,17 @@ class ZstdReader(BlobReader):
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{self.what}: zstd data is corrupted ({e})") from None
 
-    def finish(self) -> None:
+    def finish(self, drop: bool = True) -> None:
+        """Check the frame ends here; then drop its pages, unless the caller drops the
+        span they lie in itself (``drop=False``)."""
         try:
             extra = self.reader.read(1)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{self.what}: zstd data is corrupted ({e})") from None
         if extra:
             raise IntegrityError(f"{self.what}: zstd frame holds more than its declared size")
-        self.source.close()
+        if drop:
+            self.source.close()
 
 
 class PlaneReader(BlobReader):
@@ -171,6 +174,7 @@ class PlaneReader(BlobReader):
                  expected: int, what: str | None, *, release: bool = True) -> None:
         self.width, frames = byteplane_frames(view[start:start + length], expected, what)
         self.unit = self.width
+        self.span = MappedSource(mm, view, start, length, release=release)
         plane = expected // self.width
         self.planes = [
             ZstdReader(MappedSource(mm, view, start + f.start, f.stop - f.start,
@@ -212,8 +216,11 @@ class PlaneReader(BlobReader):
             interleave_into(out[i * w:(i + k) * w], self.read_chunk(k))
 
     def finish(self) -> None:
+        # One drop over the whole blob rather than one per plane: each drop interrupts
+        # the other cores to flush their TLBs (and holds the GIL).
         for plane in self.planes:
-            plane.finish()
+            plane.finish(drop=False)
+        self.span.close()
 
 
 class RotatedPlaneReader(PlaneReader):
