@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from typer.testing import CliRunner
 
 from helpers.factory import FROZEN_PREFIXES, make_safetensors, random_tensors
@@ -198,3 +200,44 @@ def test_error_in_a_real_process_and_debug_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and "cut.safetensors" in proc.stderr
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TDEDUP_DEBUG": "1"})
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_units_hashed_side_by_side_give_the_digests_of_one_at_a_time(tmp_path, monkeypatch):
+    """``hash_here`` runs units on threads, largest first: each tensor's digest is the
+    blake3 of its bytes, whatever the thread count and however a tensor straddles the
+    read steps; a missing file stops the run with one error naming it."""
+    import functools
+
+    import blake3
+
+    from tdedup.analyzers import scan as scan_module
+    from tdedup.analyzers import work_units as wu
+    from tdedup.analyzers.scan import hash_models, index_models
+    from tdedup.errors import InputError
+
+    monkeypatch.setattr(wu, "HASH_STEP", 4096 + 12)  # steps that split tensors unevenly
+    monkeypatch.setattr(scan_module, "plan_units",
+                        functools.partial(wu.plan_units, unit_bytes=64 << 10))
+    sources = {}
+    for i in range(3):
+        sources[f"m{i}"] = make_safetensors(tmp_path / f"m{i}.safetensors", random_tensors(
+            i, {"big": (300, 97), "a": (33,), "empty": (0,), "b": (128, 128)}))
+    args = [f"{n}={p}" for n, p in sources.items()]
+
+    def digests(workers: int) -> dict:
+        scanned = hash_models(index_models(args), runner=lambda units, progress=None:
+                              wu.hash_here(units, progress, workers=workers))
+        return {(m, h.record.name): h.digest for m, hs in scanned.hashed.items() for h in hs}
+
+    one = digests(1)
+    assert digests(3) == one
+    from safetensors.numpy import load_file
+    for m, path in sources.items():
+        for name, arr in load_file(str(path)).items():
+            assert one[(m, name)] == blake3.blake3(arr.tobytes()).hexdigest()
+    gone = tmp_path / "gone.safetensors"
+    units = [wu.HashUnit(str(p), wu.FileStamp.of(p), 0, ((8, 64),)) for p in sources.values()]
+    units.insert(1, wu.HashUnit(str(gone), wu.FileStamp(64, 0, 1), 0, ((8, 64),)))
+    with pytest.raises(InputError) as e:
+        list(wu.hash_here(units, workers=2))
+    assert e.value.path is not None and "gone.safetensors" in str(e.value.path)

@@ -372,6 +372,14 @@ class InputFile:
         self.close()
 
 
+# -- cores ----------------------------------------------------------------------------
+
+def worker_threads(limit: int = 8) -> int:
+    """Threads for work whose steps release the GIL (reads, zstd, blake3, numpy): every
+    core, up to ``limit`` (past 8, reading the files limits)."""
+    return max(1, min(limit, os.cpu_count() or 1))
+
+
 # -- memory ---------------------------------------------------------------------------
 
 #: Below this many bytes :func:`check_allocation` does not look (see there).

@@ -34,7 +34,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from .._fs import HUGE_PAGE, check_allocation, free_huge_bytes
+from .._fs import HUGE_PAGE, check_allocation, free_huge_bytes, worker_threads
 from ..errors import IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import BlobRecord
@@ -89,7 +89,7 @@ def resolve_device(device: Any) -> Any:
 
 def default_workers() -> int:
     """Decoding threads: every core, up to 8 (past that, reading the file limits)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    return worker_threads()
 
 
 def blob_order(bundle: Bundle, digests: Sequence[str], resident: Mapping[str, Any] = {}

@@ -19,10 +19,11 @@ def hash_bytes(data) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def hash_chunks(chunks) -> str:
+def hash_chunks(chunks, max_threads: int = blake3.blake3.AUTO) -> str:
     """blake3 hex digest of the concatenation of ``chunks`` (bytes-like), so that a large
-    range is hashed without being held whole."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    range is hashed without being held whole; on every core unless ``max_threads`` says
+    otherwise (callers that hash several ranges side by side pass 1)."""
+    h = blake3.blake3(max_threads=max_threads)
     for c in chunks:
         h.update(c)
     return h.hexdigest()
