@@ -136,7 +136,10 @@ def host_buffer(nbytes: int, huge: bool = False) -> Any:
         return torch.empty(nbytes, dtype=torch.uint8)
     m = mmap.mmap(-1, nbytes, flags=flags)
     if huge and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        m.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: 4 KiB pages it is
+            pass
     return torch.frombuffer(m, dtype=torch.uint8)
 
 
