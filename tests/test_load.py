@@ -82,36 +82,6 @@ def test_every_tensor_bit_for_bit_and_shared_once(bert_bundle, bert_family):
     assert s.saved_bytes == s.logical_bytes - s.device_bytes > 2 * s.models["base"]
 
 
-def test_huge_pages_only_when_the_kernel_has_them_free(tmp_path, bert_bundle, bert_family,
-                                                       monkeypatch):
-    from tdedup._fs import free_huge_bytes
-
-    info = tmp_path / "buddyinfo"  # counts of free blocks of order 0..10, per zone
-    info.write_text("Node 0, zone      DMA      0 0 0 0 0 0 0 0 1 1 3\n"
-                    "Node 0, zone   Normal  41193 26609 14805 7214 2831 892 806 826 158 5 7\n")
-    assert free_huge_bytes(info) == (1 * 2 + 3 * 4 + 5 * 2 + 7 * 4) << 20
-    assert free_huge_bytes(tmp_path / "missing") == 0
-    # Every decoded blob is "large" here, so the choice shows on all of them.
-    monkeypatch.setattr(pl, "ANON_MAP_MIN", 1)
-    monkeypatch.setattr(pl, "HUGE_PAGE", 1)
-    asked: list[bool] = []
-    real = pl.host_buffer
-
-    def spy(nbytes: int, huge: bool = False):
-        asked.append(huge)
-        return real(nbytes, huge)
-
-    monkeypatch.setattr(pl, "host_buffer", spy)
-    for free, want in ((1 << 50, True), (0, False)):
-        monkeypatch.setattr(pl, "free_huge_bytes", lambda: free)
-        asked.clear()
-        loaded = tdedup.load(bert_bundle, device="cpu")
-        assert asked and set(asked) == {want}
-        for name, folder in bert_family.items():
-            for f in sorted(folder.glob("*.safetensors")):
-                assert_matches_safetensors(loaded[name], f)
-
-
 def _keys(path: Path) -> list[str]:
     from safetensors import safe_open
 

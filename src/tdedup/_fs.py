@@ -414,27 +414,6 @@ def _available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-#: Size of a transparent huge page (x86-64, arm64 with 4 KiB pages): an order-9 block.
-HUGE_PAGE = 2 << 20
-_HUGE_ORDER = 9
-
-
-def free_huge_bytes(path: str | os.PathLike = "/proc/buddyinfo") -> int:
-    """Bytes the kernel holds free in blocks of a huge page or more (``/proc/buddyinfo``),
-    i.e. what huge-page faults can take without compacting memory; 0 where unknown."""
-    total = 0
-    try:
-        with open(path) as f:
-            for line in f:
-                counts = line.split()[4:]  # "Node 0, zone Normal" then one count per order
-                for order, count in enumerate(counts):
-                    if order >= _HUGE_ORDER:
-                        total += int(count) << order
-    except (OSError, ValueError):
-        return 0
-    return total * (HUGE_PAGE >> _HUGE_ORDER)
-
-
 def check_allocation(nbytes: int, what: str, *, path: str | os.PathLike | None = None,
                      cls: type[TdedupError] = OutputError) -> None:
     """Refuse to allocate ``nbytes`` for ``what`` when this process cannot have them, so

@@ -34,7 +34,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from .._fs import HUGE_PAGE, check_allocation, free_huge_bytes, worker_threads
+from .._fs import check_allocation, worker_threads
 from ..errors import IntegrityError, LoadError, TdedupError, UsageError
 from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import BlobRecord
@@ -115,7 +115,7 @@ def blob_order(bundle: Bundle, digests: Sequence[str], resident: Mapping[str, An
     return recs, depth
 
 
-def host_buffer(nbytes: int, huge: bool = False) -> Any:
+def host_buffer(nbytes: int) -> Any:
     """A uint8 tensor of ``nbytes`` of fresh host memory in a storage of its own, which
     goes back to the system when the last tensor viewing it is freed (large ones are an
     anonymous map: malloc would keep freed memory in the process).
@@ -124,29 +124,16 @@ def host_buffer(nbytes: int, huge: bool = False) -> Any:
     the GIL. ``MAP_POPULATE`` maps them in one call but holds the GIL for it (Python's
     ``mmap`` does not release it): ~13 ms per load of the MiniLM family during which no
     other decoding thread could take a step; without it a two-thread load is ~10 %
-    faster (bench/RESULTS.md, "## load").
-
-    ``huge``: ask for transparent huge pages (``MADV_HUGEPAGE``), one fault per 2 MiB
-    instead of 512 (on this VM a 4 KiB fault costs ~2 us: a quarter of a serving load's
-    CPU went to faulting in its decoded bytes). Only ask when :func:`huge_pages_at_hand`:
-    a huge-page fault with none free may stall on compaction (248 ms, measured).
+    faster (bench/RESULTS.md, "## load"). Transparent huge pages (``MADV_HUGEPAGE``)
+    halve the faults of repeated loads in one process but made a fresh process's load
+    slower here (median 166 vs 140 ms): this VM's balloon reports free blocks of 2 MiB
+    and more to its host (free page reporting), so a huge page is a block the host took
+    back, and its first touch pays to get it again.
     """
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     if nbytes < ANON_MAP_MIN or not flags:
         return torch.empty(nbytes, dtype=torch.uint8)
-    m = mmap.mmap(-1, nbytes, flags=flags)
-    if huge and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages: 4 KiB pages it is
-            pass
-    return torch.frombuffer(m, dtype=torch.uint8)
-
-
-def huge_pages_at_hand(nbytes: int) -> bool:
-    """Whether the kernel holds free huge pages for twice ``nbytes`` (so that faulting
-    them in will not make it compact memory, even if others take some meanwhile)."""
-    return nbytes >= HUGE_PAGE and free_huge_bytes() >= 2 * nbytes
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=torch.uint8)
 
 
 class ArrayReader(BlobReader):
@@ -172,7 +159,6 @@ class Placer:
         self.verify, self.workers, self.resident = verify, max(1, workers), resident
         self.progress = progress  # (stored bytes done, total): called as blobs finish
         self.total = sum(bundle.blob(h).stored_length for h in depth)
-        self.huge = False  # whether host buffers ask for huge pages (see place_host)
         self.done = 0
         self._done_lock = threading.Lock()
         self.blobs: dict[str, Any] = {}  # hash -> uint8 tensor of its decoded bytes
@@ -305,9 +291,6 @@ class Placer:
         decoded bytes pile up. One pass per depth rather than one ``madvise`` per blob:
         each interrupts the other core to flush its TLB, and dropping around every blob
         cost the serving load of the MiniLM family ~3 % (bench/RESULTS.md, "## load")."""
-        self.huge = huge_pages_at_hand(sum(r.decoded_length for r in recs
-                                           if r.encoding is not BlobEncoding.RAW
-                                           and r.decoded_length >= HUGE_PAGE))
         by_depth: dict[int, list[BlobRecord]] = {}
         for rec in recs:
             by_depth.setdefault(self.depth[rec.hash], []).append(rec)
@@ -339,7 +322,7 @@ class Placer:
         # A crafted size must be one line before the allocation, not ENOMEM after it.
         check_allocation(rec.decoded_length, f"blob {rec.hash[:16]}", path=self.bundle.path,
                          cls=LoadError)
-        out = host_buffer(rec.decoded_length, self.huge)
+        out = host_buffer(rec.decoded_length)
         reader = self.reader(rec)
         array = out.numpy()
         step = max(reader.unit, HOST_CHUNK // reader.unit * reader.unit)
