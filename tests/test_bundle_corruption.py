@@ -167,6 +167,22 @@ def test_every_flipped_byte_is_found(good, tmp_path):
             tdedup.verify(path)
 
 
+def test_verify_names_the_first_damaged_blob_whatever_the_threads(good, tmp_path):
+    """Blobs are checked side by side; with two damaged, the error is the one a single
+    thread meets first (the manifest's order), every time."""
+    bad = tmp_path / "two.tdd"
+    shutil.copyfile(good, bad)
+    with tdedup.open_bundle(good) as b:
+        order = [r for r in b.manifest.blobs.values() if r.stored_length]
+    first, second = order[0], order[-1]
+    for rec in (first, second):
+        flip(bad, rec.offset + rec.stored_length // 2)
+    for workers in (1, 2, 4, 4, 4):
+        with pytest.raises(IntegrityError) as e:
+            tdedup.verify(bad, workers=workers)
+        assert e.value.blob == first.hash, workers
+
+
 # -- hostile bundles (spec/FORMAT.md, Security considerations) --------------------------
 
 def craft(path: Path, blobs: list[tuple], files: list[tuple], name: str = "m") -> Path:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .._fs import worker_threads
 from ..errors import IntegrityError
+from ..format.bundle.manifest import FileEntry, ModelEntry
 from ..format.bundle.reader import Bundle
 from . import ProgressFn
 
@@ -22,31 +25,47 @@ class VerifyResult:
 
 
 def verify(bundle_path: str | os.PathLike, *, files: bool = True,
-           progress: ProgressFn | None = None) -> VerifyResult:
+           progress: ProgressFn | None = None, workers: int | None = None) -> VerifyResult:
     """Check a bundle completely: structure, padding, every blob's checksum and hash, and
-    (``files``) every original file's sha256 as it would be restored."""
+    (``files``) every original file's sha256 as it would be restored.
+
+    Blobs, then files, are checked side by side on ``workers`` threads (every core by
+    default: zstd, numpy, blake3 and sha256 release the GIL); when several fail, the
+    error is the first in the manifest's order, as one thread would have found it."""
     t0 = time.perf_counter()
     report = progress or (lambda phase, n, total: None)
-    with Bundle(bundle_path, mapped=False) as bundle:
+    with Bundle(bundle_path, mapped=False) as bundle, \
+            ThreadPoolExecutor(max(1, workers or worker_threads())) as pool:
         bundle.check_padding()
         blobs = bundle.manifest.blobs
         stored = sum(b.stored_length for b in blobs.values())
-        for digest, rec in blobs.items():
+
+        def check_blob(digest: str) -> None:
             bundle.verify_blob(digest)
-            report("blobs", rec.stored_length, stored)
-        logical = 0
-        if files:
-            total = sum(m.file_bytes for m in bundle.manifest.models)
-            for m in bundle.manifest.models:
-                for f in m.files:
-                    h = hashlib.sha256()
-                    for chunk in bundle.iter_file_chunks(f):
-                        h.update(chunk)
-                    if h.hexdigest() != f.sha256:
-                        raise IntegrityError(f"model {m.name!r} file {f.path!r} would not "
-                                             "restore to its sha256", path=bundle.path)
-                    logical += f.size
-                    report("files", f.size, total)
+            report("blobs", blobs[digest].stored_length, stored)
+
+        try:
+            list(pool.map(check_blob, blobs))  # raises the first failure in order
+            logical = 0
+            if files:
+                total = sum(m.file_bytes for m in bundle.manifest.models)
+                pairs = [(m, f) for m in bundle.manifest.models for f in m.files]
+                for size in pool.map(lambda mf: _check_file(bundle, mf[0], mf[1], report, total),
+                                     pairs):
+                    logical += size
+        finally:
+            pool.shutdown(cancel_futures=True)
     return VerifyResult(len(blobs), sum(len(m.files) for m in bundle.manifest.models), stored,
                         logical, time.perf_counter() - t0)
 
+
+def _check_file(bundle: Bundle, m: ModelEntry, f: FileEntry, report, total: int) -> int:
+    """The sha256 of one original file as it would be restored, against the manifest's."""
+    h = hashlib.sha256()
+    for chunk in bundle.iter_file_chunks(f):
+        h.update(chunk)
+    if h.hexdigest() != f.sha256:
+        raise IntegrityError(f"model {m.name!r} file {f.path!r} would not "
+                             "restore to its sha256", path=bundle.path)
+    report("files", f.size, total)
+    return f.size
