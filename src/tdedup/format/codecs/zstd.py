@@ -36,7 +36,14 @@ def compressor(level: int, *, planes: bool = False) -> zstandard.ZstdCompressor:
     carry all of a plane's entropy: +1.8 % on MiniLM F32 at level 5), so there a higher
     level keeps the tiny tables and takes the ``btultra2`` strategy instead, the only one
     for which zstd searches the Huffman table's optimal depth and Huffman-codes literals
-    that gain under 1.6 % (:func:`compress_plane`)."""
+    that gain under 1.6 % (:func:`compress_plane`).
+
+    Plane frames use a 128 KiB window (``window_log=17``): matches are rare and short, so
+    sizes are the same within bytes (MiniLM family: 132,311,425 vs 132,315,556 bytes
+    serving, 115,549,460 vs 115,549,431 compact), while a streaming decoder buffers its
+    window for each plane it reads: 1.5 MB per plane with 1 MiB windows, four planes per
+    decoding thread, more than L2. Loads of bundles written so: -6 % (serving) to -10 %
+    (compact) wall and CPU, A/B on the same code (bench/RESULTS.md, "## load")."""
     cache = _local.__dict__.setdefault("c", {})
     plane_mode = None
     if planes:
@@ -47,7 +54,7 @@ def compressor(level: int, *, planes: bool = False) -> zstandard.ZstdCompressor:
             strategy = (zstandard.STRATEGY_FAST if plane_mode == "fast"
                         else zstandard.STRATEGY_BTULTRA2)
             params = zstandard.ZstdCompressionParameters(
-                strategy=strategy, min_match=7, window_log=20, hash_log=6, chain_log=6,
+                strategy=strategy, min_match=7, window_log=17, hash_log=6, chain_log=6,
                 search_log=1, target_length=0 if plane_mode == "fast" else 7,
                 write_content_size=True)
             cache[key] = zstandard.ZstdCompressor(compression_params=params)
