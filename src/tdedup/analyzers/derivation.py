@@ -334,16 +334,12 @@ def plan_derived(scanned: ScannedModels, deltas: dict | None = None,
 
 
 def _acyclic(key: ContentKey, base: ContentKey, edges: dict, choices: dict,
-             max_depth: int, users: Mapping[ContentKey, list] | None = None) -> bool:
+             max_depth: int, users: Mapping[ContentKey, list]) -> bool:
     """Whether adding ``key -> base`` keeps the union of delta and derived edges acyclic
     with every chain at most ``max_depth`` long (pack may pick either edge of a content).
     ``users``: for each content, the contents whose delta or derived edge points at it
     (kept by the caller as edges are added: scanning every edge per call made planning
     quadratic, 12 % of analyze's derivation report on the corpus)."""
-    if users is None:
-        users = defaultdict(list)
-        for k, b in [*((k, c.base) for k, c in choices.items()), *edges.items()]:
-            users[b].append(k)
     def forward(node):
         out = []
         if node in choices:

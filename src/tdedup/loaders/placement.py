@@ -262,8 +262,10 @@ class Placer:
     @staticmethod
     def _host_bytes(base: Any) -> Callable[[int, int], np.ndarray]:
         """``(start, stop) -> that range of a placed blob, as a host uint8 array``."""
-        if base.device.type == "cpu":  # a view of it, made once: slicing a tensor per
-            host = base.numpy()         # chunk held the GIL ~2 ms per load
+        if base.device.type == "cpu":
+            # One view, made once: slicing the tensor for every chunk held the GIL ~2 ms
+            # per load of the MiniLM family.
+            host = base.numpy()
             return lambda start, stop: host[start:stop]
 
         def fetch(start: int, stop: int) -> np.ndarray:

@@ -15,7 +15,6 @@ the checks, between two files) makes the run fail, it can never redirect a write
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import threading
 import time
@@ -206,14 +205,9 @@ def _restore_file(folders: _Folders, bundle: Bundle, job: _Job, dir_fd: int, adv
     f = job.entry
 
     def fill(out) -> None:
-        h = hashlib.sha256()
-        for chunk in bundle.iter_file_chunks(f):
-            h.update(chunk)
+        for chunk in bundle.iter_file_checked(f, f"restored {f.path}"):
             out.write(chunk)
             advance(memoryview(chunk).nbytes)
-        if h.hexdigest() != f.sha256:
-            raise IntegrityError(f"restored {f.path} fails its sha256 (corrupted bundle)",
-                                 path=bundle.path)
 
     return _stage(folders, dir_fd, job, fill)
 

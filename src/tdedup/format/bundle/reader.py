@@ -15,6 +15,7 @@ other allocation a manifest asks for is checked against the memory there is firs
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import threading
@@ -361,6 +362,17 @@ class Bundle:
             cursor = t.end
         if lpos < len(layout):
             yield layout[lpos:]
+
+    def iter_file_checked(self, f: FileEntry, what: str) -> Iterator:
+        """:meth:`iter_file_chunks`, then :class:`IntegrityError` ("``what`` fails its
+        sha256") if the bytes given out were not the original file's: a caller keeps
+        nothing it made of them until the iteration has ended."""
+        h = hashlib.sha256()
+        for chunk in self.iter_file_chunks(f):
+            h.update(chunk)
+            yield chunk
+        if h.hexdigest() != f.sha256:
+            raise IntegrityError(f"{what} fails its sha256 (corrupted bundle)", path=self.path)
 
     def read_file(self, model: str, path: str) -> bytes:
         """The whole original file (small files: configs, tokenizers)."""
