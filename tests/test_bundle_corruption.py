@@ -34,8 +34,9 @@ def good(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     model = tmp / "model"
     factory.make_safetensors(model / "model.safetensors", {
-        "w": rng.standard_normal((40, 40)).astype(np.float32),       # rotated byte planes
-        "h": rng.standard_normal((40, 40)).astype(np.float16),       # byte planes
+        "w": (rng.standard_normal((128, 128)) * 0.02).astype(np.float32),  # rotated by 3
+        "h": rng.standard_normal((40, 40)).astype(np.float16),       # rotated by 1
+        "d": rng.standard_normal((20, 20)),                          # byte planes (F64)
         "ids": np.arange(200, dtype=np.int64) % 7,                    # zstd
         "noise": rng.integers(0, 256, 3000, dtype=np.uint8),          # raw
         "empty": np.zeros(0, np.float32)})
@@ -67,7 +68,7 @@ def regions(bundle: Path) -> dict[str, int]:
             out["padding_before_manifest"] = b.manifest_offset - 1
         m_off, size = b.manifest_offset, b.size
     assert {"blob_byteplane_zstd", "blob_rotated_byteplane_zstd", "blob_zstd",
-            "blob_raw"} <= set(out)
+            "blob_rotatedn_byteplane_zstd", "blob_raw"} <= set(out)
     foot = size - FOOTER_SIZE
     out |= {
         "header_magic": 3, "header_major": 8, "header_minor": 10, "header_alignment": 13,

@@ -176,7 +176,7 @@ def test_cli_mixed_set(tmp_path, bert_family, diffusers_pipeline, gguf_family):
     info = json.loads(res.stdout)
     assert [m["name"] for m in info["models"]] == list(sources)
     assert info["bundle_bytes"] == bundle.stat().st_size
-    assert info["format_version"] == [1, 1]
+    assert info["format_version"] == [1, 2]
     by_name = {m["name"]: m for m in info["models"]}
     assert by_name["sharded"]["layout"] == "sharded"
     assert by_name["ddpm"]["layout"] == "diffusers"

@@ -85,30 +85,36 @@ def test_join_planes_refuses_bad_shapes():
        device=devices)
 def test_unrotate_matches_numpy(width, n, data, chunk, device):
     raw = data.draw(st.binary(min_size=n * width, max_size=n * width))
+    rotation = data.draw(st.integers(1, 8 * width - 1))
     want = np.frombuffer(raw, np.uint8).copy()
-    byteplane.unrotate_(want, width)
+    byteplane.unrotate_(want, width, rotation)
     got = t(raw, device)
-    assert dd.unrotate_(got, width, chunk=chunk) is got and b(got) == want.tobytes()
+    assert dd.unrotate_(got, width, rotation, chunk=chunk) is got and b(got) == want.tobytes()
 
 
 @FAST
 @given(width=st.sampled_from([2, 4]), n=st.integers(0, 200), data=st.data(), device=devices)
 def test_rotated_blob_decoded_the_device_way(width, n, data, device):
-    """A ``ROTATED_BYTEPLANE_ZSTD`` blob: zstd per plane on the host, then the planes
-    joined and rotated back in torch, equals the original and the numpy decoder."""
+    """A rotated byte-plane blob (any rotation): zstd per plane on the host, then the
+    planes joined and rotated back in torch, equals the original and the numpy decoder."""
     raw = data.draw(st.binary(min_size=n * width, max_size=n * width))
-    stored = byteplane.rotated_compress(raw, width)
+    rotation = data.draw(st.integers(1, 8 * width - 1))
+    stored = byteplane.rotated_compress(raw, width, rotation=rotation)
     _, frames = byteplane.byteplane_frames(stored, len(raw))
     planes = np.concatenate([np.frombuffer(zstd.zstd_decompress(stored[f], n), np.uint8)
                              for f in frames] or [np.empty(0, np.uint8)])
-    got = dd.unrotate_(dd.join_planes(t(planes, device).view(width, n)), width)
-    assert b(got) == raw == byteplane.rotated_decompress(stored, len(raw)).tobytes()
+    got = dd.unrotate_(dd.join_planes(t(planes, device).view(width, n)), width, rotation)
+    assert b(got) == raw == byteplane.rotated_decompress(
+        stored, len(raw), rotation=rotation).tobytes()
 
 
-def test_unrotate_refuses_bad_widths():
+def test_unrotate_refuses_bad_widths_and_rotations():
     for width in (1, 8):
         with pytest.raises(ValueError):
             dd.unrotate_(torch.zeros(8, dtype=torch.uint8), width)
+    for width, rotation in ((2, 0), (2, 16), (4, 32)):
+        with pytest.raises(ValueError, match="rotation"):
+            dd.unrotate_(torch.zeros(8, dtype=torch.uint8), width, rotation)
 
 
 # -- residuals --------------------------------------------------------------------------

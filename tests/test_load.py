@@ -244,12 +244,13 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
     """``place_cuda`` (chunked staging, byte planes interleaved and rotated back after the
     upload, deltas finished after it, verification) run with host buffers, so that it is
     exercised where there is no GPU; every blob bit for bit against the numpy decoder."""
-    if encoding is None:  # the family is F32 (rotated planes): F16 makes plain ones
+    if encoding is None:  # the family is F32 (rotated by 3): F16 by 1, F64 plain planes
         from safetensors.torch import save_file
 
         (tmp_path / "half").mkdir()
         g = torch.Generator().manual_seed(3)
-        save_file({"h": (torch.randn(96, 64, generator=g) * 0.02).half()},
+        save_file({"h": (torch.randn(96, 64, generator=g) * 0.02).half(),
+                   "d": torch.randn(32, 64, generator=g, dtype=torch.float64)},
                   str(tmp_path / "half" / "model.safetensors"))
         bundle = pack(tmp_path, {**bert_family, "half": tmp_path / "half"})
     else:
@@ -269,13 +270,14 @@ def test_cuda_code_path_on_the_host(tmp_path, bert_family, monkeypatch, encoding
                 np.asarray(b.read_blob(rec.hash)).tobytes()
     # Every byte-plane blob and residual went plane-major, interleaved "on the device";
     # chunks of 4096 bytes split each blob across many steps and both buffers.
-    planes = (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+    planes = (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD,
+              BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD)
     planar = [r for r in order
               if r.encoding in planes or r.encoding in DELTA_OPS or r.encoding in PREDICTED]
     assert len(stager.planar) == len(planar) and None not in stager.pools
     encodings = {r.encoding for r in planar}
     if encoding is None:
-        assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD} <= encodings
+        assert set(planes) <= encodings
         assert "RotatedPlaneReader" in stager.planar
     else:
         assert BlobEncoding[encoding] in encodings
@@ -318,7 +320,8 @@ def test_verify_finds_corruption_before_handing_out(tmp_path, bert_family):
             for t in f.tensors:
                 by_enc[b.blob(t.hash).encoding] = b.blob(t.hash)
     assert BlobEncoding.RAW in by_enc
-    assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD} & set(by_enc)
+    assert {BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD,
+            BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD} & set(by_enc)
     for enc, rec in by_enc.items():
         damaged = tmp_path / f"damaged-{enc.name}.tdd"
         damaged.write_bytes(bundle.read_bytes())
@@ -345,7 +348,8 @@ def test_a_flipped_byte_in_a_delta_is_refused_by_default(tmp_path, bert_family, 
 def test_truncated_frame_is_an_integrity_error(tmp_path, bert_bundle):
     with tdedup.open_bundle(bert_bundle) as b:
         rec = max(b.manifest.blobs.values(), key=lambda r: r.decoded_length)
-    assert rec.encoding in (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
+    assert rec.encoding in (BlobEncoding.BYTEPLANE_ZSTD, BlobEncoding.ROTATED_BYTEPLANE_ZSTD,
+                            BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD)
     damaged = tmp_path / "d.tdd"
     damaged.write_bytes(bert_bundle.read_bytes())
     flip(damaged, rec.offset + 4 + 8 * 4 + 40, 0xFF)  # inside the first plane's frame

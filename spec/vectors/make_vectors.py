@@ -1,11 +1,14 @@
-"""Regenerate the format 1.1 test vectors: one tiny bundle per transform (§4.6-4.8).
+"""Regenerate the format test vectors: one tiny bundle per transform (§4.6-4.8, 1.1) and
+one of rotated byte planes (§4.3.2, 1.2).
 
-    python spec/vectors/make_vectors.py      (repo root, tdedup importable)
+    python spec/vectors/make_vectors.py [NAME ...]   (repo root, tdedup importable;
+                                                    NAMEs: only those, the rest kept)
 
 Each ``<name>.tdd`` packs two or three tiny models whose later tensors are the named
 transform of the first model's; ``expected.json`` records, per vector, the SHA-256 of every
 original file (what unpack must give back), the transform chains its derived blobs name,
-and the BLAKE3 hash of each derived blob's decoded bytes. A second implementation checks
+and the BLAKE3 hash of each derived blob's decoded bytes; for ``rotated_n``, the rotation
+of each ``ROTATEDN_BYTEPLANE_ZSTD`` blob by its hash. A second implementation checks
 itself by unpacking each bundle and comparing. Inputs are seeded, so a rerun rewrites the
 same bytes (the bundles too, while the writer does not change).
 """
@@ -24,6 +27,7 @@ from safetensors.numpy import save_file
 
 import tdedup
 from tdedup.format.bundle.constants import BlobEncoding
+from tdedup.format.codecs.byteplane import rotation_prefix
 from tdedup.format.codecs.derived import parse_derived
 from tdedup.format.codecs.transforms import quantize
 
@@ -95,6 +99,14 @@ def build(d: Path) -> dict[str, list[Path]]:
     _gguf(d / "llama.gguf", {"blk.0.attn_q.weight": (np.ascontiguousarray(perm), None)},
           arch="llama", heads=4)
     out["permute_qk"] = [d / "llama-hf.safetensors", d / "llama.gguf"]
+    # Trained-like F32 / BF16 (|w| < 2: rotated by 3) and F16 (by 1), and positive
+    # log-normal F32 (by 4).
+    g = _x((64, 512), seed=3)
+    pos = np.exp(_x((64, 512), seed=3, scale=0.5))
+    save_torch({"f32": torch.from_numpy(g), "bf16": torch.from_numpy(g).bfloat16(),
+                "f16": torch.from_numpy(g).half(), "pos": torch.from_numpy(pos)},
+               d / "rotated.safetensors")
+    out["rotated_n"] = [d / "rotated.safetensors"]
     return out
 
 
@@ -103,22 +115,34 @@ def _sha(p: Path) -> str:
 
 
 def main() -> None:
-    expected = {}
+    only = set(sys.argv[1:])
+    path = HERE / "expected.json"
+    expected = json.loads(path.read_text()) if only and path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, files in build(Path(tmp)).items():
+            if only and name not in only:
+                continue
             bundle = HERE / f"{name}.tdd"
             args = [f"m{i}={p}" for i, p in enumerate(files)]
             tdedup.pack(args, bundle)
-            derived = {}
+            derived, rotations = {}, {}
             with tdedup.open_bundle(bundle) as b:
                 for rec in b.manifest.blobs.values():
                     if rec.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
                         chain = parse_derived(b.stored_bytes(rec))[0]
                         derived[rec.hash] = [t.to_json() for t in chain]
-            if not derived:
+                    if rec.encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
+                        rotations[rec.hash] = rotation_prefix(b.stored_bytes(rec))
+            entry = {"files": {f"m{i}/{p.name}": _sha(p) for i, p in enumerate(files)}}
+            if name == "rotated_n":
+                if len(set(rotations.values())) < 2:
+                    sys.exit(f"{name}: wanted two rotations or more, got {rotations}")
+                entry["rotations"] = rotations
+            elif not derived:
                 sys.exit(f"{name}: no derived blob was planned")
-            expected[name] = {"files": {f"m{i}/{p.name}": _sha(p) for i, p in enumerate(files)},
-                              "derived": derived}
+            else:
+                entry["derived"] = derived
+            expected[name] = entry
     (HERE / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(expected)} vectors to {HERE}")
 

@@ -770,12 +770,15 @@ def structural_edits(doc: dict):
             yield (f"every tensor shape {str(shape)[:30]}", bad_shape)
 
 
-def _stored_at_appended(i: int, stored: bytes):
-    """An edit that points blob ``i`` at ``stored`` (appended first) with its checksum."""
+def _stored_at_appended(i: int, stored: bytes, encoding: int | None = None):
+    """An edit that points blob ``i`` at ``stored`` (appended first) with its checksum
+    (and, given one, another encoding)."""
     def edit(d, o):
         rec = d["blobs"][i]
         rec["offset"], rec["stored_length"] = o[0], len(stored)
         rec["checksum"] = digest(stored)
+        if encoding is not None:
+            rec["encoding"] = encoding
     return edit
 
 
@@ -802,7 +805,9 @@ def bomb_edits(doc: dict):
                               ("no content size", frame(b"\0" * (n * 4096), size=False)),
                               ("trailing byte", exact + b"x"), ("two frames", exact + exact)):
             yield f"blob {zstd}: {label}", [stored], _stored_at_appended(zstd, stored)
-    planes = next((i for i, b in enumerate(doc["blobs"]) if b["encoding"] == 2), None)
+    # Any byte-plane blob (F32/F16 tensors are rotated ones), made a plain one.
+    planes = next((i for i, b in enumerate(doc["blobs"]) if b["encoding"] in (2, 32, 33)),
+                  None)
     if planes is not None:
         n = doc["blobs"][planes]["decoded_length"]
         big = frame(b"\0" * (n + 4096))
@@ -812,7 +817,7 @@ def bomb_edits(doc: dict):
                          ("byte-plane width 2**32-1", struct.pack("<I", 2**32 - 1) + stored[4:]),
                          ("byte-plane frame length huge",
                           stored[:4] + struct.pack("<Q", 2**64 - 1) + stored[12:])):
-            yield f"blob {planes}: {label}", [s], _stored_at_appended(planes, s)
+            yield f"blob {planes}: {label}", [s], _stored_at_appended(planes, s, 2)
 
 
 def frame_content_size_field(frame: bytes) -> tuple[int, int]:

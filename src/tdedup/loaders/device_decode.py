@@ -105,20 +105,25 @@ def join_planes(planes: torch.Tensor | Sequence[torch.Tensor], *,
 ROTATED_WIDTHS = frozenset({2, 4})
 
 
-def unrotate_(t: torch.Tensor, width: int, *, chunk: int = CHUNK) -> torch.Tensor:
-    """In place: rotate each ``width``-byte element of the uint8 tensor ``t`` right by one
-    bit (``ROTATED_BYTEPLANE_ZSTD``, spec §4.3.1), as ``codecs.byteplane.unrotate_`` does.
-    On signed views: the low bit moved to the sign bit by a mask, never by a shift that
-    overflows, and the shift right made logical by a mask."""
+def unrotate_(t: torch.Tensor, width: int, rotation: int = 1, *,
+              chunk: int = CHUNK) -> torch.Tensor:
+    """In place: rotate each ``width``-byte element of the uint8 tensor ``t`` right by
+    ``rotation`` bits (``ROTATED_BYTEPLANE_ZSTD``, ``ROTATEDN_BYTEPLANE_ZSTD``, spec
+    §4.3.1-4.3.2), as ``codecs.byteplane.unrotate_`` does: one bit at a time, each on
+    signed views with the low bit moved to the sign bit by a mask, never by a shift that
+    overflows, and the shift right made logical by a mask (writers rotate by 1-4 bits)."""
     if width not in ROTATED_WIDTHS:
         raise ValueError(f"rotated element width {width} is not one of {sorted(ROTATED_WIDTHS)}")
-    v = _view(_bytes(t, "t"), width)
     bits = 8 * width
+    if not 1 <= rotation < bits:
+        raise ValueError(f"rotation {rotation} is not in 1..{bits - 1}")
+    v = _view(_bytes(t, "t"), width)
     top, sign = (1 << (bits - 1)) - 1, -(1 << (bits - 1))
     for i in range(0, len(v), chunk):
         part = v[i:i + chunk]
-        low = part.bitwise_and(1).neg_().bitwise_and_(sign)
-        part.bitwise_right_shift_(1).bitwise_and_(top).bitwise_or_(low)
+        for _ in range(rotation):
+            low = part.bitwise_and(1).neg_().bitwise_and_(sign)
+            part.bitwise_right_shift_(1).bitwise_and_(top).bitwise_or_(low)
     return t
 
 

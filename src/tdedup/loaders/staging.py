@@ -106,8 +106,8 @@ class Stager:
                 ev.record(self.stream)
                 if planar:
                     out = dd.join_planes(staged.view(reader.width, -1), out=dest[pos:pos + k])
-                    if reader.rotated:
-                        dd.unrotate_(out, reader.width)
+                    if reader.rotation:
+                        dd.unrotate_(out, reader.width, reader.rotation)
             self.events[self.turn] = ev
             self.turn ^= 1
             pos += k

@@ -24,7 +24,14 @@ import zstandard
 from ..errors import IntegrityError
 from ..format.bundle.constants import MAX_PLANE_WIDTH, BlobEncoding
 from ..format.bundle.manifest import BlobRecord
-from ..format.codecs.byteplane import ROTATED_TYPES, byteplane_frames, interleave_into, unrotate_
+from ..format.codecs.byteplane import (
+    ROTATION,
+    byteplane_frames,
+    check_rotation,
+    interleave_into,
+    rotation_prefix,
+    unrotate_,
+)
 from ..format.codecs.delta import (
     add_residual_,
     combine_at_,
@@ -181,8 +188,8 @@ class PlaneReader(BlobReader):
                                     release=release), plane, f"{what} (plane {j})", dctx)
             for j, (f, dctx) in enumerate(zip(frames, _decompressors(self.width)))]
 
-    #: Whether the joined elements are still to be rotated back (``RotatedPlaneReader``).
-    rotated = False
+    #: Bits the joined elements are still to be rotated right by (``RotatedPlaneReader``).
+    rotation = 0
 
     def read_planes(self, out: np.ndarray, pool: Executor | None = None) -> None:
         """Fill ``out`` (a multiple of ``width`` bytes) *plane-major*: the next
@@ -224,20 +231,24 @@ class PlaneReader(BlobReader):
 
 
 class RotatedPlaneReader(PlaneReader):
-    """``ROTATED_BYTEPLANE_ZSTD``: a byte-plane blob whose elements are rotated back by
-    one bit, chunk by chunk, as they are read."""
-
-    rotated = True
+    """``ROTATED_BYTEPLANE_ZSTD`` and ``ROTATEDN_BYTEPLANE_ZSTD``: a byte-plane blob whose
+    elements are rotated back, chunk by chunk, as they are read (by one bit, or by the
+    rotation a ``ROTATEDN`` blob starts with)."""
 
     def __init__(self, mm: mmap.mmap, view: memoryview, start: int, length: int,
-                 expected: int, what: str, *, release: bool = True) -> None:
+                 expected: int, what: str, *, prefixed: bool = False,
+                 release: bool = True) -> None:
+        rotation = 1
+        if prefixed:
+            rotation = rotation_prefix(view[start:start + length], what)
+            start, length = start + ROTATION.size, length - ROTATION.size
         super().__init__(mm, view, start, length, expected, what, release=release)
-        if self.width not in ROTATED_TYPES:
-            raise IntegrityError(f"{what}: bad rotated byte-plane width {self.width}")
+        check_rotation(self.width, rotation, what)
+        self.rotation = rotation
 
     def readinto(self, out: np.ndarray) -> None:
         super().readinto(out)
-        unrotate_(out, self.width)
+        unrotate_(out, self.width, self.rotation)
 
 
 #: A residual piece is applied sparsely when at most 1/SPARSE_FRACTION of it is non-zero.
@@ -333,7 +344,7 @@ class DeltaReader(BlobReader):
 #: those and the ``PREDICTED`` ones on the host; any other encoding is left to
 #: :func:`tdedup.format.codecs.decode`.
 STREAMED = frozenset({BlobEncoding.RAW, BlobEncoding.ZSTD, BlobEncoding.BYTEPLANE_ZSTD,
-                      BlobEncoding.ROTATED_BYTEPLANE_ZSTD})
+                      BlobEncoding.ROTATED_BYTEPLANE_ZSTD, BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD})
 DELTA_OPS = {enc: op for name, op in (("XOR_BYTEPLANE_ZSTD", "xor"),
                                       ("SUB_BYTEPLANE_ZSTD", "add"),
                                       ("ZIGZAG_SUB_BYTEPLANE_ZSTD", "zigzag-add"))
@@ -352,9 +363,11 @@ def open_reader(mm: mmap.mmap, view: memoryview, rec: BlobRecord, what: str | No
         return ZstdReader(MappedSource(mm, view, rec.offset, rec.stored_length,
                                        release=release),
                           rec.decoded_length, what, _decompressors(1)[0])
-    if rec.encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
-        return RotatedPlaneReader(mm, view, rec.offset, rec.stored_length, rec.decoded_length,
-                                  what, release=release)
+    if rec.encoding in (BlobEncoding.ROTATED_BYTEPLANE_ZSTD,
+                        BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD):
+        return RotatedPlaneReader(
+            mm, view, rec.offset, rec.stored_length, rec.decoded_length, what,
+            prefixed=rec.encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD, release=release)
     if rec.encoding is BlobEncoding.BYTEPLANE_ZSTD or rec.encoding in DELTA_OPS:
         return PlaneReader(mm, view, rec.offset, rec.stored_length, rec.decoded_length, what,
                            release=release)

@@ -39,6 +39,7 @@ from ..format.checkpoints.dtypes import element_width
 from ..format.checkpoints.records import SourceFile
 from ..format.checkpoints.sources import ModelArg
 from ..format.codecs import DEFAULT_LEVEL, encode
+from ..format.codecs.byteplane import ROTATED_TYPES, best_rotation
 from ..format.codecs.zstd import zstd_compress
 from . import ProgressFn, check_output_file, check_output_not_input, pack_derived
 
@@ -52,8 +53,9 @@ DELTA_CLEAR_WIN = 0.8
 # Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
 WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
-# dtypes whose exponent a one-bit rotation byte-aligns (ROTATED_BYTEPLANE_ZSTD).
-ROTATED_DTYPES = frozenset({"F32", "BF16"})
+# Float dtypes whose elements are rotated before their byte planes are split, by the bits
+# ``best_rotation`` picks (ROTATED_BYTEPLANE_ZSTD, ROTATEDN_BYTEPLANE_ZSTD).
+ROTATED_DTYPES = frozenset({"F32", "BF16", "F16"})
 
 
 
@@ -87,9 +89,10 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     blobs. The planner's delta against ``base`` is tried when given, and the content's own
     encodings are skipped when the planner's estimates put the delta far ahead. Raw is
     kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
-    mmap-able. With ``rotate`` (F32, BF16) the byte planes are those of each element
-    rotated by one bit (ROTATED_BYTEPLANE_ZSTD: the exponent in one plane, never larger
-    than ZipNN's byte grouping; plain planes are tried too on small blobs).
+    mmap-able. With ``rotate`` (F32, BF16, F16) the byte planes are those of each element
+    rotated by the bits that compress a sample best (``best_rotation``: none, one
+    (ROTATED_BYTEPLANE_ZSTD) or more (ROTATEDN_BYTEPLANE_ZSTD); never larger than ZipNN's
+    byte grouping on the corpus); plain planes are tried too on small blobs.
     """
     n = memoryview(data).nbytes
     candidates: list[tuple[int, BlobEncoding, object, bool]] = []
@@ -101,14 +104,14 @@ def choose_encoding(data, width: int, level: int, *, base=None,
                           and delta.estimated_bytes < DELTA_CLEAR_WIN * delta.self_estimated_bytes
                           and candidates[0][0] < n * (1 - MIN_SAVING))
     if not delta_clearly_wins:
-        planes = []
+        planes: list[tuple[BlobEncoding, int]] = []
         if width > 1 and n % width == 0:
-            if rotate and width in (2, 4):
-                planes.append(BlobEncoding.ROTATED_BYTEPLANE_ZSTD)
-            if not planes or n <= SMALL_BLOB:
-                planes.append(BlobEncoding.BYTEPLANE_ZSTD)
-        for enc in planes:
-            stored = encode(enc, data, width=width, level=level)
+            if rotate and width in ROTATED_TYPES:
+                planes.append(_rotated(best_rotation(data, width)))
+            if (BlobEncoding.BYTEPLANE_ZSTD, 0) not in planes and (not planes or n <= SMALL_BLOB):
+                planes.append((BlobEncoding.BYTEPLANE_ZSTD, 0))
+        for enc, rotation in planes:
+            stored = encode(enc, data, width=width, level=level, rotation=rotation)
             candidates.append((len(stored), enc, stored, False))
         if width == 1 or n <= SMALL_BLOB or n % width:
             stored = zstd_compress(data, level)
@@ -117,6 +120,15 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     if size > n * (1 - MIN_SAVING) and not (used_base and size < n):
         return BlobEncoding.RAW, data, False
     return enc, stored, used_base
+
+
+def _rotated(rotation: int) -> tuple[BlobEncoding, int]:
+    """The encoding that stores elements rotated by ``rotation`` bits, and the rotation."""
+    if rotation == 0:
+        return BlobEncoding.BYTEPLANE_ZSTD, 0
+    if rotation == 1:
+        return BlobEncoding.ROTATED_BYTEPLANE_ZSTD, 1
+    return BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD, rotation
 
 
 def layout_bytes(f: SourceFile, src: InputFile) -> bytes:

@@ -14,7 +14,7 @@ MAGIC = b"TDEDUPB\x00"
 #: First 8 bytes of the footer (the last FOOTER_SIZE bytes of the bundle).
 FOOTER_MAGIC = b"TDDFOOT\x00"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 #: Raw blobs start at a multiple of this (mmap-able, page-aligned for the device copy).
 RAW_ALIGNMENT = 4096
 #: Every other blob, and the manifest, start at a multiple of this.
@@ -72,6 +72,10 @@ class BlobEncoding(IntEnum):
     ``ROTATED_BYTEPLANE_ZSTD`` (32, self-contained): every element of 2 or 4 bytes rotated
     left by one bit, then byte planes: the sign goes to bit 0, so the 8 exponent bits of
     an F32 or BF16 fill the top byte and compress as one symbol (ZipNN's byte grouping).
+    ``ROTATEDN_BYTEPLANE_ZSTD`` (33, since 1.2): the rotation (u32), then the elements
+    rotated left by that many bits as byte planes: by three, the top plane of an F32 or
+    BF16 takes the mantissa's leading bits too and the lowest plane the exponent's
+    constant top bits, 0.3-0.6 % smaller than by one on trained weights.
     """
 
     RAW = 0
@@ -85,6 +89,7 @@ class BlobEncoding(IntEnum):
     DERIVED_XOR_BYTEPLANE_ZSTD = 24
     ZSTD_REF = 25
     ROTATED_BYTEPLANE_ZSTD = 32
+    ROTATEDN_BYTEPLANE_ZSTD = 33
 
     @property
     def is_delta(self) -> bool:

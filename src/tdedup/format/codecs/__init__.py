@@ -15,10 +15,12 @@ from __future__ import annotations
 from ...errors import BundleFormatError, IntegrityError
 from ..bundle.constants import BlobEncoding
 from .byteplane import (
+    ROTATION,
     byteplane_compress,
     byteplane_decompress,
     rotated_compress,
     rotated_decompress,
+    rotation_prefix,
 )
 from .delta import decode_delta
 from .delta_encode import encode_delta
@@ -29,8 +31,10 @@ __all__ = ["DEFAULT_LEVEL", "encode", "decode"]
 
 
 def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT_LEVEL,
-           base=None, shape: tuple[int, ...] | None = None, derive=None):
-    """Encode ``data`` (bytes-like). Delta encodings need ``base`` of the same length;
+           base=None, shape: tuple[int, ...] | None = None, derive=None, rotation: int = 3):
+    """Encode ``data`` (bytes-like). ``rotation``: the bits ``ROTATEDN_BYTEPLANE_ZSTD``
+    rotates each element by (``byteplane.best_rotation`` picks one). Delta encodings
+    need ``base`` of the same length;
     ``shape`` (the tensor's) lets the low-rank delta see a matrix. The derived encoding
     needs ``derive = (chain, base dtype, base shape)``; it and ``ZSTD_REF`` take a base of
     any length."""
@@ -42,6 +46,8 @@ def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT
         return byteplane_compress(data, width, level)
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_compress(data, width, level)
+    if encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
+        return ROTATION.pack(rotation) + rotated_compress(data, width, level, rotation)
     if encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
         chain, base_dtype, base_shape = derive
         return encode_derived(data, base, chain, base_dtype, tuple(base_shape), level)
@@ -68,6 +74,10 @@ def decode(encoding: BlobEncoding, stored, expected: int, *, base=None,
         return byteplane_decompress(stored, expected, what)
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_decompress(stored, expected, what)
+    if encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
+        mv = memoryview(stored)
+        return rotated_decompress(mv[ROTATION.size:], expected, what,
+                                  rotation_prefix(mv, what))
     if encoding in (BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, BlobEncoding.ZSTD_REF):
         if base is None:
             raise BundleFormatError("base of a derived blob missing", part=what)

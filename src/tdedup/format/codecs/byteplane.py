@@ -74,46 +74,99 @@ def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
     return head + b"".join(frames)
 
 
-#: Element widths ROTATED_BYTEPLANE_ZSTD accepts, and their unsigned integer types.
+#: Element widths the rotated encodings accept, and their unsigned integer types.
 ROTATED_TYPES = {2: np.uint16, 4: np.uint32}
 #: Elements rotated back per step when decoding: the scratch stays in L2.
 ROTATE_CHUNK = 1 << 15
+#: ``ROTATEDN_BYTEPLANE_ZSTD``'s prefix: the rotation, before the byte-plane stored form.
+ROTATION = struct.Struct("<I")
 
 
-def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
-    """``ROTATED_BYTEPLANE_ZSTD`` (spec §4.3.1): each element rotated left by one bit,
-    then the byte-plane stored form. For F32 and BF16 the top plane then holds the whole
-    exponent (sign and exponent's low bit were split across two planes), which on trained
-    weights saves ~0.3 % (F32) to ~1 % (BF16) of a dense model (bench/RESULTS.md)."""
+def rotate_left(data, width: int, rotation: int) -> np.ndarray:
+    """Each ``width``-byte element of ``data`` rotated left by ``rotation`` bits (a fresh
+    uint8 array)."""
     a = np.frombuffer(data, dtype=ROTATED_TYPES[width])
-    bits = 8 * width
-    rotated = (a << a.dtype.type(1)) | (a >> a.dtype.type(bits - 1))
-    return byteplane_compress(rotated.view(np.uint8), width, level)
+    t = a.dtype.type
+    return ((a << t(rotation)) | (a >> t(8 * width - rotation))).view(np.uint8)
 
 
-def rotated_decompress(stored, expected: int, what: str | None = None) -> np.ndarray:
-    """Decode a ``ROTATED_BYTEPLANE_ZSTD`` blob (a fresh uint8 array, rotated back in place)."""
+def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int = 1) -> bytes:
+    """The byte-plane stored form of each element rotated left by ``rotation`` bits: by one
+    it is ``ROTATED_BYTEPLANE_ZSTD`` (spec §4.3.1), by any other amount the body of
+    ``ROTATEDN_BYTEPLANE_ZSTD`` (§4.3.2, after its rotation prefix).
+
+    By one bit the sign leaves the top byte, so an F32's or BF16's 8 exponent bits fill it
+    (~0.3 % (F32) to ~1 % (BF16) of a dense model). By more, the top plane also takes the
+    mantissa's leading bits, whose skew a raw low plane wasted, and the exponent's top
+    bits, constant in trained weights, go to the lowest plane, which then compresses:
+    by three, MiniLM BF16 is 0.6 % and F32 0.3 % smaller than by one (bench/RESULTS.md).
+    Which rotation wins depends on the tensor (F16 keeps one), see ``best_rotation``."""
+    rotated = rotate_left(data, width, rotation) if rotation else np.frombuffer(data, np.uint8)
+    return byteplane_compress(rotated, width, level)
+
+
+def rotated_decompress(stored, expected: int, what: str | None = None,
+                       rotation: int = 1) -> np.ndarray:
+    """Decode the byte-plane stored form of elements rotated left by ``rotation`` bits (a
+    fresh uint8 array, rotated back in place)."""
     mv = memoryview(stored)
     width, _ = byteplane_frames(mv, expected, what)
-    if width not in ROTATED_TYPES:
-        raise IntegrityError(f"bad rotated byte-plane width {width}", part=what)
+    check_rotation(width, rotation, what)
     out = byteplane_decompress(mv, expected, what)
-    unrotate_(out, width)
+    unrotate_(out, width, rotation)
     return out
 
 
-def unrotate_(out: np.ndarray, width: int) -> None:
-    """Rotate each ``width``-byte element of the uint8 array ``out`` right by one bit, in
-    place (the inverse of the writer's rotation; a streaming reader calls it per chunk)."""
+def rotation_prefix(stored, what: str | None = None) -> int:
+    """The rotation a ``ROTATEDN_BYTEPLANE_ZSTD`` blob starts with (its range is checked
+    against the width by ``check_rotation``)."""
+    if len(stored) < ROTATION.size:
+        raise IntegrityError("rotated byte-plane blob too short", part=what)
+    return ROTATION.unpack_from(stored, 0)[0]
+
+
+def check_rotation(width: int, rotation: int, what: str | None = None) -> None:
+    if width not in ROTATED_TYPES:
+        raise IntegrityError(f"bad rotated byte-plane width {width}", part=what)
+    if not 1 <= rotation < 8 * width:
+        raise IntegrityError(f"bad rotation {rotation} for {width}-byte elements", part=what)
+
+
+def unrotate_(out: np.ndarray, width: int, rotation: int = 1) -> None:
+    """Rotate each ``width``-byte element of the uint8 array ``out`` right by ``rotation``
+    bits, in place (the inverse of the writer's rotation; a streaming reader calls it per
+    chunk)."""
     a = out.view(ROTATED_TYPES[width])
-    top, one = a.dtype.type(8 * width - 1), a.dtype.type(1)
+    left, right = a.dtype.type(8 * width - rotation), a.dtype.type(rotation)
     low = np.empty(min(len(a), ROTATE_CHUNK), dtype=a.dtype)
     for i in range(0, len(a), ROTATE_CHUNK):  # in cache-sized pieces, in place
         part = a[i:i + ROTATE_CHUNK]
         t = low[:len(part)]
-        np.left_shift(part, top, out=t)
-        part >>= one
+        np.left_shift(part, left, out=t)
+        part >>= right
         part |= t
+
+
+#: Rotations ``best_rotation`` tries (0: plain byte planes).
+ROTATIONS = (0, 1, 2, 3, 4)
+#: Sampled bytes per candidate rotation: 32 runs of 8 KiB spread over the tensor.
+SAMPLE_RUNS, SAMPLE_RUN_BYTES = 32, 8 << 10
+
+
+def best_rotation(data, width: int) -> int:
+    """The rotation (0 = none) whose byte planes compress smallest at the fast settings,
+    on evenly spread runs of elements (all of a small tensor). The candidates differ by
+    up to 1.5 % on trained weights, and no one rotation wins for every dtype: three for
+    MiniLM BF16 and F32, one for F16 (its exponent has 5 bits)."""
+    a = np.frombuffer(data, dtype=np.uint8).reshape(-1, width)
+    run = max(1, SAMPLE_RUN_BYTES // width)
+    if len(a) > SAMPLE_RUNS * run:
+        step = len(a) // SAMPLE_RUNS
+        a = np.concatenate([a[i * step:i * step + run] for i in range(SAMPLE_RUNS)])
+    sample = a.reshape(-1)
+    sizes = {r: sum(len(compress_plane(p, 1)) for p in split_planes(
+        rotate_left(sample, width, r) if r else sample, width)) for r in ROTATIONS}
+    return min(sizes, key=sizes.__getitem__)
 
 
 def byteplane_frames(stored, expected: int, what: str | None = None) -> tuple[int, list[slice]]:
