@@ -147,6 +147,30 @@ def test_planner_finds_every_derivable_tensor(ladder):
         assert all(c.agreement == 1.0 for c in by_model[model])
 
 
+def test_transposes_and_their_casts_are_found_on_corner_samples(tmp_path):
+    """A transposed copy and a transposed F16 cast derive from the base; the planner
+    samples a corner block of each (not every column: that read the whole base)."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
+    save_file({"w": w}, str(tmp_path / "base.safetensors"))
+    save_file({"w": np.ascontiguousarray(w.T)}, str(tmp_path / "t.safetensors"))
+    save_file({"w": np.ascontiguousarray(w.T).astype(np.float16)}, str(tmp_path / "h.safetensors"))
+    scanned = hash_models(index_models([f"{m}={tmp_path / m}.safetensors"
+                                        for m in ("base", "t", "h")]))
+    plan = plan_derived(scanned)
+    firsts = scanned.first_occurrences()
+    chains = {firsts[k].record.model: [t.kind for t in c.chain] for k, c in plan.items()
+              if c.agreement == 1.0}
+    assert chains["t"] == [TransformKind.TRANSPOSE]
+    assert chains["h"] in ([TransformKind.TRANSPOSE, TransformKind.CAST], [TransformKind.CAST])
+    tdedup.pack([f"{m}={tmp_path / m}.safetensors" for m in ("base", "t", "h")],
+                tmp_path / "b.tdd")
+    tdedup.unpack(tmp_path / "b.tdd", tmp_path / "out")
+    for m in ("base", "t", "h"):
+        assert _sha(tmp_path / "out" / m / f"{m}.safetensors") == \
+            _sha(tmp_path / f"{m}.safetensors")
+
+
 def test_pack_derives_by_default_and_round_trips(ladder, tmp_path):
     plain = tdedup.pack(ladder, tmp_path / "off.tdd", derive="off")
     res = tdedup.pack(ladder, tmp_path / "on.tdd")

@@ -20,7 +20,9 @@ and a *chain* of transforms (``format.codecs.transforms``) that predicts it:
    transpose; llama-family ``attn_q``/``attn_k`` against a safetensors base try the
    converter's head permutation.
 4. **Agreement test.** Each chain is applied to a few sampled rows of the base and compared
-   byte for byte with the same rows of the tensor (the whole tensor for a layout change);
+   byte for byte with the same rows of the tensor (for a Q/K permutation, with the base
+   rows it moves there; for a transpose, a corner block; the whole tensor when those
+   cannot be picked);
    the best (candidate, chain) is kept if it
    agrees on at least ``MIN_AGREEMENT`` of the bytes. ``pack`` then encodes it in full beside
    the delta and the plain encodings and keeps the smallest.
@@ -31,6 +33,7 @@ within ``MAX_DELTA_DEPTH``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections import defaultdict
@@ -49,7 +52,7 @@ from ..format.codecs.transforms import (
     TransformKind,
     TypedTensor,
     apply_chain,
-    nbytes,
+    qk_permute,
     type_number,
 )
 from .delta_planning import TensorBytes
@@ -67,10 +70,16 @@ MAX_GROUP = 16
 MIN_AGREEMENT = 0.5
 #: Rows sampled at each of three places (start, middle, end) of a tensor.
 SAMPLE_ROWS = 4
-#: Layout transforms are sampled on the whole tensor; bigger ones are not tried.
+#: A transpose to a float tensor is sampled on this many rows and columns of its corner
+#: (columns spread over the whole base: a column sample faulted every page of its map).
+TRANSPOSE_BLOCK = 16
+#: A quantized base's transpose is tested on the whole tensor (its rows are blocks, its
+#: columns cannot be sampled); bigger ones are not tried.
 MAX_LAYOUT_ELEMENTS = 1 << 24
 #: Architectures whose converter permutes attn_q / attn_k rows (convert_hf_to_gguf.py).
 PERMUTING_ARCHS = {"llama", "mistral", "granite", "granitemoe", "llama4", "deci", "smollm3"}
+#: Transforms that move elements (a chain starts with at most one).
+LAYOUT_KINDS = frozenset({TransformKind.TRANSPOSE, TransformKind.PERMUTE_QK})
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _PRECISION = {"F32": 0, "BF16": 1, "F16": 1, "Q8_0": 2, "Q6_K": 3, "Q5_1": 4, "Q5_K": 4,
               "Q5_0": 5, "Q4_1": 6, "Q4_K": 6, "Q4_0": 7, "Q3_K": 8, "Q2_K": 9}
@@ -157,34 +166,71 @@ def _chains(base: str, target: str) -> list[tuple[Transform, ...]]:
     return []
 
 
-def _row_sample(data: np.ndarray, dtype: str, shape: tuple[int, ...]
-                ) -> tuple[TypedTensor, np.ndarray]:
-    """A few whole rows from three places, as a tensor of their own, and which rows."""
-    if not shape:
-        return TypedTensor.of(data, dtype, shape), np.arange(1)
-    rows = _numel(shape[:-1])
-    row_bytes = nbytes(dtype, (shape[-1],))
-    picks = sorted({0, max(0, rows // 2 - SAMPLE_ROWS // 2), max(0, rows - SAMPLE_ROWS)})
-    index = np.concatenate([np.arange(p, min(rows, p + SAMPLE_ROWS)) for p in picks])
-    index = np.unique(index)
-    sel = data.reshape(rows, row_bytes)[index].reshape(-1)
-    return TypedTensor.of(sel, dtype, (len(index), shape[-1])), index
+@functools.lru_cache(maxsize=256)
+def _sample_rows(rows: int) -> np.ndarray:
+    """Which rows a sample takes: ``SAMPLE_ROWS`` at the start, middle and end."""
+    picks = {0, max(0, rows // 2 - SAMPLE_ROWS // 2), max(0, rows - SAMPLE_ROWS)}
+    index = np.array(sorted({r for p in picks for r in range(p, min(rows, p + SAMPLE_ROWS))}),
+                     dtype=np.intp)
+    index.flags.writeable = False
+    return index
+
+
+def _rows_of(data: np.ndarray, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
+    """The bytes of rows ``index`` of a tensor of ``shape`` (a 1-D one is one row)."""
+    rows = _numel(shape[:-1]) if len(shape) > 1 else 1
+    return data.reshape(rows, -1)[index].reshape(-1)
+
+
+def _samples(layout: Transform | None, base: np.ndarray, b: HashedTensor,
+             target: np.ndarray, t: HashedTensor) -> tuple[TypedTensor, np.ndarray] | None:
+    """A piece of the base and the piece of the target that ``layout`` (none, a transpose,
+    a Q/K permutation) puts it at, both read from a few places of each map: whole rows
+    from the start, middle and end; for a transpose to a float tensor, the top-left block.
+    None when they cannot be picked apart (then the whole tensors are compared)."""
+    bd, bs, ts = b.record.dtype, tuple(b.record.shape), tuple(t.record.shape)
+    index = _sample_rows(_numel(ts[:-1]) if len(ts) > 1 else 1)
+    if layout is None:
+        if bs[-1:] != ts[-1:]:
+            return None
+        return (TypedTensor.of(_rows_of(base, bs, index), bd, (len(index), *bs[-1:])),
+                _rows_of(target, ts, index))
+    if layout.kind is TransformKind.TRANSPOSE and len(bs) == 2 and bd in FLOAT_TYPES:
+        el = base.view(FLOAT_TYPES[bd]).reshape(bs)
+        td = t.record.dtype
+        if td in FLOAT_TYPES:  # target[:m, :k] = base[:k, :m].T: the first rows of each
+            k, m = min(TRANSPOSE_BLOCK, bs[0]), min(TRANSPOSE_BLOCK, bs[1])
+            piece = np.ascontiguousarray(el[:k, :m].T)
+            want = np.ascontiguousarray(target.view(FLOAT_TYPES[td]).reshape(ts)[:m, :k])
+            return (TypedTensor(piece.reshape(-1).view(np.uint8), bd, piece.shape),
+                    want.reshape(-1).view(np.uint8))
+        piece = np.ascontiguousarray(el[:, index].T)  # target row i = base column i
+        return (TypedTensor(piece.reshape(-1).view(np.uint8), bd, piece.shape),
+                _rows_of(target, ts, index))
+    if layout.kind is TransformKind.PERMUTE_QK and bs == ts and len(bs) >= 1:
+        try:
+            src = qk_permute(np.arange(bs[0]).reshape(-1, 1), layout.param)[:, 0]
+        except TransformMismatch:
+            return None
+        rows = base.reshape(bs[0], -1)[src[index]].reshape(-1)
+        return (TypedTensor.of(rows, bd, (len(index), *bs[1:])), _rows_of(target, ts, index))
+    return None
 
 
 def _agreement(chain, base: np.ndarray, b: HashedTensor, target: np.ndarray,
-               t: HashedTensor, whole: bool) -> float:
-    """Fraction of sampled bytes the chain predicts right (whole tensor for layouts)."""
-    bd, bs = b.record.dtype, tuple(b.record.shape)
-    ts = tuple(t.record.shape)
+               t: HashedTensor) -> float:
+    """Fraction of sampled bytes the chain predicts right (``_samples``; the whole
+    tensor when the samples cannot be picked)."""
+    layout = chain[0] if chain and chain[0].kind in LAYOUT_KINDS else None
     try:
-        if whole:
-            pred = apply_chain(chain, TypedTensor.of(base, bd, bs)).data
+        picked = _samples(layout, base, b, target, t)
+        if picked is None:
+            pred = apply_chain(chain, TypedTensor.of(base, b.record.dtype,
+                                                     tuple(b.record.shape))).data
             actual = target
         else:
-            sample, index = _row_sample(base, bd, bs)
-            pred = apply_chain(chain, sample).data
-            rows = _numel(ts[:-1]) if len(ts) > 1 else 1
-            actual = target.reshape(rows, -1)[index].reshape(-1)
+            sample, actual = picked
+            pred = apply_chain(chain[1:] if layout else chain, sample).data
     except (TransformMismatch, ValueError):
         return 0.0
     if pred.size != actual.size or not actual.size:
@@ -200,9 +246,10 @@ def _layouts(b: HashedTensor, t: HashedTensor, canon: str, heads: dict
     if bs == ts:
         out.append(())
         n = heads.get((t.record.model, t.record.file, canon))
-        if n and _numel(bs) <= MAX_LAYOUT_ELEMENTS:
+        if n:
             out.append((Transform(TransformKind.PERMUTE_QK, n),))
-    if len(bs) == 2 and bs[::-1] == ts and _numel(bs) <= MAX_LAYOUT_ELEMENTS:
+    if len(bs) == 2 and bs[::-1] == ts and (b.record.dtype in FLOAT_TYPES
+                                            or _numel(bs) <= MAX_LAYOUT_ELEMENTS):
         out.append((Transform(TransformKind.TRANSPOSE, 0),))
     return out
 
@@ -247,7 +294,7 @@ def _best_chain(c: HashedTensor, h: HashedTensor, canon: str, heads: dict, read,
             chain = layout + types
             if not chain or len(chain) > 2:
                 continue
-            agree = _agreement(chain, base, c, target, h, whole=bool(layout))
+            agree = _agreement(chain, base, c, target, h)
             if agree >= MIN_AGREEMENT and (best is None or agree > best.agreement):
                 best = DeriveChoice(c.key, chain, c.record.dtype, tuple(c.record.shape),
                                     agree, h.record.length)
