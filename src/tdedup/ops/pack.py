@@ -90,8 +90,8 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     encodings are skipped when the planner's estimates put the delta far ahead. Raw is
     kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
     mmap-able. With ``rotate`` (F32, BF16, F16) the byte planes are those of each element
-    rotated by the bits that compress a sample best (``best_rotation``: none, one
-    (ROTATED_BYTEPLANE_ZSTD) or more (ROTATEDN_BYTEPLANE_ZSTD); never larger than ZipNN's
+    rotated by the bits that compress a sample best (``best_rotation``: one
+    (ROTATED_BYTEPLANE_ZSTD) or more (ROTATEDN_BYTEPLANE_ZSTD); smaller than ZipNN's
     byte grouping on the corpus); plain planes are tried too on small blobs.
     """
     n = memoryview(data).nbytes
@@ -124,8 +124,6 @@ def choose_encoding(data, width: int, level: int, *, base=None,
 
 def _rotated(rotation: int) -> tuple[BlobEncoding, int]:
     """The encoding that stores elements rotated by ``rotation`` bits, and the rotation."""
-    if rotation == 0:
-        return BlobEncoding.BYTEPLANE_ZSTD, 0
     if rotation == 1:
         return BlobEncoding.ROTATED_BYTEPLANE_ZSTD, 1
     return BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD, rotation
