@@ -11,7 +11,7 @@ Both passes run in this process, alternately, after one warm-up pass, so both re
 the page cache:
 
 - analyze: what ``tdedup analyze --json`` runs, ``analyze_paths`` (read every header,
-  hash every tensor, compare) and ``render_json``;
+  hash every tensor, compare), ``derivation_report`` (sampled) and ``render_json``;
 - bare: for each weight file, mmap it and blake3 (all cores) each tensor's byte range,
   the ranges listed beforehand; nothing else.
 
@@ -48,6 +48,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
+from tdedup.analyzers.derivation import derivation_report
 from tdedup.analyzers.index import TensorIndex
 from tdedup.analyzers.overlap import compute_overlap
 from tdedup.analyzers.scan import hash_models, index_models
@@ -131,12 +132,16 @@ def read_pass(files, chunk: int = 16 << 20) -> None:
 
 
 def analyze_pass(args: list[str]) -> dict[str, float]:
+    """What the command runs after its imports: hashing and comparing, the derivation
+    report (printed by default since issue 15's derivation work) and the JSON."""
     t0 = time.perf_counter()
-    _, report = analyze_paths(args)
+    scanned, report = analyze_paths(args)
     t1 = time.perf_counter()
-    render_json(report)
+    derived = derivation_report(scanned)
     t2 = time.perf_counter()
-    return {"analyze": t2 - t0, "json": t2 - t1}
+    render_json(report, None, scanned.models, derived)
+    t3 = time.perf_counter()
+    return {"analyze": t3 - t0, "derived": t2 - t1, "json": t3 - t2}
 
 
 BARE_PROCESS = """
@@ -294,7 +299,7 @@ def scale(args: list[str], dasks: list[str], with_index: bool, repeat: int) -> N
 def compare_with_bare(args: list[str], files, nbytes: int, repeat: int) -> None:
     """The analyze/bare ratio, as bench/RESULTS.md "## analyze" has it."""
     analyze_pass(args)
-    bare, full, js = [], [], []
+    bare, full, js, der = [], [], [], []
     for i in range(repeat):
         order = (0, 1) if i % 2 == 0 else (1, 0)
         for which in order:
@@ -302,12 +307,14 @@ def compare_with_bare(args: list[str], files, nbytes: int, repeat: int) -> None:
                 r = analyze_pass(args)
                 full.append(r["analyze"])
                 js.append(r["json"])
+                der.append(r["derived"])
             else:
                 bare.append(timed(bare_pass, files))
     ratio = statistics.median(full) / statistics.median(bare)
     print(f"bare blake3 pass : {stats(bare)}  "
           f"({nbytes / statistics.median(bare) / 1e9:.2f} GB/s)")
-    print(f"tdedup analyze   : {stats(full)}  (of which JSON {statistics.median(js):.3f} s)")
+    print(f"tdedup analyze   : {stats(full)}  (of which derivation report "
+          f"{statistics.median(der):.3f} s, JSON {statistics.median(js):.3f} s)")
     print(f"ratio analyze/bare (medians): {ratio:.3f}x   (target <= 1.1x)")
 
 
