@@ -35,13 +35,19 @@ def test_every_transform_has_a_vector():
     assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 10
 
 
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_vector(name, tmp_path):
+def unpacked_vector(name: str, tmp_path: Path) -> tuple[dict, Path]:
+    """The vector's expectations and bundle, after checking it unpacks to its files."""
     want = EXPECTED[name]
     bundle = VECTORS / f"{name}.tdd"
     tdedup.unpack(bundle, tmp_path / "out")
     for rel, sha in want["files"].items():
         assert hashlib.sha256((tmp_path / "out" / rel).read_bytes()).hexdigest() == sha, rel
+    return want, bundle
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_vector(name, tmp_path):
+    want, bundle = unpacked_vector(name, tmp_path)
     with tdedup.open_bundle(bundle) as b:
         derived = {h: r for h, r in b.manifest.blobs.items()
                    if r.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD}
@@ -59,11 +65,7 @@ def test_rotated_vector(tmp_path):
     its hash, and the file comes back byte for byte."""
     from tdedup.format.codecs.byteplane import rotation_prefix
 
-    want = EXPECTED["rotated_n"]
-    bundle = VECTORS / "rotated_n.tdd"
-    tdedup.unpack(bundle, tmp_path / "out")
-    for rel, sha in want["files"].items():
-        assert hashlib.sha256((tmp_path / "out" / rel).read_bytes()).hexdigest() == sha, rel
+    want, bundle = unpacked_vector("rotated_n", tmp_path)
     with tdedup.open_bundle(bundle) as b:
         rotated = {h: r for h, r in b.manifest.blobs.items()
                    if r.encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD}
