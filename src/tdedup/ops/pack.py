@@ -108,8 +108,8 @@ def choose_encoding(data, width: int, level: int, *, base=None,
         if width > 1 and n % width == 0:
             if rotate and width in ROTATED_TYPES:
                 planes.append(_rotated(best_rotation(data, width)))
-            if (BlobEncoding.BYTEPLANE_ZSTD, 0) not in planes and (not planes or n <= SMALL_BLOB):
-                planes.append((BlobEncoding.BYTEPLANE_ZSTD, 0))
+            if not planes or n <= SMALL_BLOB:
+                planes.append((BlobEncoding.BYTEPLANE_ZSTD, 1))
         for enc, rotation in planes:
             stored = encode(enc, data, width=width, level=level, rotation=rotation)
             candidates.append((len(stored), enc, stored, False))

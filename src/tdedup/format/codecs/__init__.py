@@ -15,12 +15,12 @@ from __future__ import annotations
 from ...errors import BundleFormatError, IntegrityError
 from ..bundle.constants import BlobEncoding
 from .byteplane import (
-    ROTATION,
     byteplane_compress,
     byteplane_decompress,
     rotated_compress,
     rotated_decompress,
-    rotation_prefix,
+    rotatedn_compress,
+    rotatedn_decompress,
 )
 from .delta import decode_delta
 from .delta_encode import encode_delta
@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_LEVEL", "encode", "decode"]
 
 
 def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT_LEVEL,
-           base=None, shape: tuple[int, ...] | None = None, derive=None, rotation: int = 3):
+           base=None, shape: tuple[int, ...] | None = None, derive=None, rotation: int = 1):
     """Encode ``data`` (bytes-like). ``rotation``: the bits ``ROTATEDN_BYTEPLANE_ZSTD``
     rotates each element by (``byteplane.best_rotation`` picks one). Delta encodings
     need ``base`` of the same length;
@@ -47,7 +47,7 @@ def encode(encoding: BlobEncoding, data, *, width: int = 1, level: int = DEFAULT
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_compress(data, width, level)
     if encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
-        return ROTATION.pack(rotation) + rotated_compress(data, width, level, rotation)
+        return rotatedn_compress(data, width, level, rotation)
     if encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
         chain, base_dtype, base_shape = derive
         return encode_derived(data, base, chain, base_dtype, tuple(base_shape), level)
@@ -75,9 +75,7 @@ def decode(encoding: BlobEncoding, stored, expected: int, *, base=None,
     if encoding is BlobEncoding.ROTATED_BYTEPLANE_ZSTD:
         return rotated_decompress(stored, expected, what)
     if encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
-        mv = memoryview(stored)
-        return rotated_decompress(mv[ROTATION.size:], expected, what,
-                                  rotation_prefix(mv, what))
+        return rotatedn_decompress(stored, expected, what)
     if encoding in (BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, BlobEncoding.ZSTD_REF):
         if base is None:
             raise BundleFormatError("base of a derived blob missing", part=what)

@@ -101,8 +101,12 @@ def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int
     bits, constant in trained weights, go to the lowest plane, which then compresses:
     by three, MiniLM BF16 is 0.6 % and F32 0.3 % smaller than by one (bench/RESULTS.md).
     Which rotation wins depends on the tensor (F16 keeps one), see ``best_rotation``."""
-    rotated = rotate_left(data, width, rotation) if rotation else np.frombuffer(data, np.uint8)
-    return byteplane_compress(rotated, width, level)
+    return byteplane_compress(rotate_left(data, width, rotation), width, level)
+
+
+def rotatedn_compress(data, width: int, level: int, rotation: int) -> bytes:
+    """``ROTATEDN_BYTEPLANE_ZSTD``: the rotation, then :func:`rotated_compress`'s form."""
+    return ROTATION.pack(rotation) + rotated_compress(data, width, level, rotation)
 
 
 def rotated_decompress(stored, expected: int, what: str | None = None,
@@ -115,6 +119,12 @@ def rotated_decompress(stored, expected: int, what: str | None = None,
     out = byteplane_decompress(mv, expected, what)
     unrotate_(out, width, rotation)
     return out
+
+
+def rotatedn_decompress(stored, expected: int, what: str | None = None) -> np.ndarray:
+    """Decode a ``ROTATEDN_BYTEPLANE_ZSTD`` blob (a fresh uint8 array)."""
+    mv = memoryview(stored)
+    return rotated_decompress(mv[ROTATION.size:], expected, what, rotation_prefix(mv, what))
 
 
 def rotation_prefix(stored, what: str | None = None) -> int:
