@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -145,7 +146,9 @@ def canonical_names(scanned: ScannedModels) -> dict[tuple[str, str, str], str]:
 
 
 def _numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # math.prod of Python ints cannot overflow, and it is ~10x faster than np.prod on a
+    # short tuple (this runs several times per sampled pair: 15 ms of analyze's report).
+    return math.prod(shape)
 
 
 def _chains(base: str, target: str) -> list[tuple[Transform, ...]]:
@@ -387,6 +390,8 @@ def _acyclic(key: ContentKey, base: ContentKey, edges: dict, choices: dict,
     ``users``: for each content, the contents whose delta or derived edge points at it
     (kept by the caller as edges are added: scanning every edge per call made planning
     quadratic, 12 % of analyze's derivation report on the corpus)."""
+    if key != base and base not in choices and base not in edges and not users.get(key):
+        return True  # a chain of one edge: the common case, without the walk below
     def forward(node):
         out = []
         if node in choices:
@@ -454,9 +459,10 @@ def derivation_report(scanned: ScannedModels) -> list[DerivableModel]:
                 continue
             base_model = firsts[c.base].record.model
             if base_model != m.name:
+                how = c.describe()
                 by_base[base_model] += h.record.length
-                by_chain[c.describe()] += h.record.length
-                count[c.describe()] += 1
+                by_chain[how] += h.record.length
+                count[how] += 1
         if by_base:
             out.append(DerivableModel(
                 m.name, sum(h.record.length for h in hs), sum(by_base.values()),

@@ -14,6 +14,7 @@ axis is contiguous, quantization blocks run along it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -140,7 +141,7 @@ def nbytes(etype: str, shape: tuple[int, ...]) -> int:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[etype]]
     except KeyError:
         raise TransformMismatch(f"no ggml type {etype!r}") from None
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     last = shape[-1] if shape else 1
     if last % block:
         raise TransformMismatch(f"{etype} blocks of {block} do not divide a row of {last}")
