@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import factory
+from helpers import factory, hostile_helpers
 
 CORPUS = Path(os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus")
 
@@ -73,3 +73,17 @@ def gguf_family(tmp_path_factory) -> dict[str, Path]:
         "split": factory.make_split_gguf(root / "split" / "tiny.gguf", tensors, 2)[0],
         "safetensors": factory.make_safetensors(root / "tiny.safetensors", tensors),
     }
+
+
+@pytest.fixture(scope="session")
+def nested_family(tmp_path_factory) -> dict[str, Path]:
+    """The tiny family with a nested folder in its base (``hostile_helpers``): for unpack's
+    output checks. Read only: tests copy it before changing anything."""
+    return hostile_helpers.make_nested_family(tmp_path_factory.mktemp("nested"))
+
+
+@pytest.fixture(scope="session")
+def nested_bundle(nested_family, tmp_path_factory) -> Path:
+    """A bundle of ``nested_family``'s base and tuned models. Read only."""
+    return hostile_helpers.pack_base_tuned(nested_family,
+                                           tmp_path_factory.mktemp("nested-b") / "fam.tdd")

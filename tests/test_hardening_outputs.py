@@ -35,16 +35,6 @@ from helpers.cli_checks import one_line  # noqa: E402
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory) -> dict[str, Path]:
-    return hh.make_nested_family(tmp_path_factory.mktemp("fam"))
-
-
-@pytest.fixture(scope="module")
-def bundle(fam, tmp_path_factory) -> Path:
-    return hh.pack_base_tuned(fam, tmp_path_factory.mktemp("b") / "fam.tdd")
-
-
 def everything(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
@@ -59,7 +49,7 @@ def _swap_for_link(folder: Path, outside: Path) -> None:
 
 @pytest.mark.parametrize("phase,where", [("checking", "base"), ("restoring", "base"),
                                          ("restoring", "base/sub")])
-def test_a_link_swapped_in_during_unpack_never_redirects_a_write(bundle, tmp_path, phase,
+def test_a_link_swapped_in_during_unpack_never_redirects_a_write(nested_bundle, tmp_path, phase,
                                                                    where):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -74,14 +64,14 @@ def test_a_link_swapped_in_during_unpack_never_redirects_a_write(bundle, tmp_pat
             _swap_for_link(dest / where, outside)
 
     try:
-        tdedup.unpack(bundle, dest, progress=progress, workers=1)
+        tdedup.unpack(nested_bundle, dest, progress=progress, workers=1)
     except UnsafePathError as e:
         assert e.path == str(dest) and "symbolic link" in e.message
     assert done
     assert everything(outside) == []  # nothing landed where the link points
 
 
-def test_a_link_swapped_in_before_the_folders_are_made_is_one_line(bundle, tmp_path,
+def test_a_link_swapped_in_before_the_folders_are_made_is_one_line(nested_bundle, tmp_path,
                                                                    monkeypatch):
     from contextlib import contextmanager
 
@@ -100,15 +90,15 @@ def test_a_link_swapped_in_before_the_folders_are_made_is_one_line(bundle, tmp_p
         yield progress
 
     monkeypatch.setattr(bundle_commands, "phased_progress", racing)
-    one_line(runner.invoke(app, ["unpack", str(bundle), str(dest)]), "symbolic link")
+    one_line(runner.invoke(app, ["unpack", str(nested_bundle), str(dest)]), "symbolic link")
     assert everything(outside) == [] and everything(dest) == ["base"]
 
 
 # -- cause 3: an output that is an input ----------------------------------------------
 
-def test_pack_refuses_to_overwrite_its_input(fam, tmp_path):
+def test_pack_refuses_to_overwrite_its_input(nested_family, tmp_path):
     src = tmp_path / "m"
-    shutil.copytree(fam["base"], src)
+    shutil.copytree(nested_family["base"], src)
     weights = src / "model.safetensors"
     before = weights.read_bytes()
     for out in (weights, src / "b.tdd", src / "sub" / "b.tdd"):
@@ -124,12 +114,12 @@ def test_pack_refuses_to_overwrite_its_input(fam, tmp_path):
     assert not (src / "b.tdd").exists() and not [p for p in src.rglob(".*tdedup*")]
 
 
-def test_unpack_force_refuses_to_overwrite_the_bundle_it_reads(bundle, tmp_path):
+def test_unpack_force_refuses_to_overwrite_the_bundle_it_reads(nested_bundle, tmp_path):
     dest = tmp_path / "dest"
-    tdedup.unpack(bundle, dest)
+    tdedup.unpack(nested_bundle, dest)
     victim = dest / "base" / "config.json"
     victim.unlink()
-    shutil.copy(bundle, victim)
+    shutil.copy(nested_bundle, victim)
     before = victim.read_bytes()
     one_line(runner.invoke(app, ["unpack", "--force", str(victim), str(dest)]), "input")
     assert victim.read_bytes() == before
@@ -138,16 +128,16 @@ def test_unpack_force_refuses_to_overwrite_the_bundle_it_reads(bundle, tmp_path)
 # -- cause 18: outputs that are no file name ----------------------------------------------
 
 @pytest.mark.parametrize("out", ["", ".", "/", ".."])
-def test_pack_output_that_is_no_file_is_one_line(fam, out):
-    one_line(runner.invoke(app, ["pack", str(fam["base"]), "-o", out]), "file name")
+def test_pack_output_that_is_no_file_is_one_line(nested_family, out):
+    one_line(runner.invoke(app, ["pack", str(nested_family["base"]), "-o", out]), "file name")
 
 
 # -- cause 4: names at the file system's limit ---------------------------------------------
 
-def test_a_name_at_the_limit_packs_and_unpacks(fam, tmp_path):
+def test_a_name_at_the_limit_packs_and_unpacks(nested_family, tmp_path):
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
     src = tmp_path / "m"
-    shutil.copytree(fam["base"], src)
+    shutil.copytree(nested_family["base"], src)
     long = "n" * (limit - len(".json")) + ".json"
     (src / long).write_text("{}")
     out = tmp_path / ("b" * (limit - 4) + ".tdd")
@@ -160,11 +150,11 @@ def test_a_name_at_the_limit_packs_and_unpacks(fam, tmp_path):
 
 # -- cause 12: cleanup goes on past a failed step --------------------------------------------
 
-def test_a_failed_unpack_removes_its_folders_even_if_one_step_fails(bundle, tmp_path,
+def test_a_failed_unpack_removes_its_folders_even_if_one_step_fails(nested_bundle, tmp_path,
                                                                      monkeypatch):
     def edit(d, o):
         d["models"][-1]["files"][-1]["sha256"] = "0" * 64
-    bad = hh.rewrite_manifest(bundle, tmp_path / "bad.tdd", edit)
+    bad = hh.rewrite_manifest(nested_bundle, tmp_path / "bad.tdd", edit)
     dest = tmp_path / "dest"
     real_unlink = os.unlink
     calls = []
@@ -186,14 +176,14 @@ def test_a_failed_unpack_removes_its_folders_even_if_one_step_fails(bundle, tmp_
 
 # -- cause 16: one sha256, two sets of blobs --------------------------------------------------
 
-def test_same_sha256_with_other_blobs_is_corruption_for_verify_and_unpack(bundle, tmp_path):
+def test_same_sha256_with_other_blobs_is_corruption_for_verify_and_unpack(nested_bundle, tmp_path):
     def edit(d, o):
         base = next(m for m in d["models"] if m["name"] == "base")
         tuned = next(m for m in d["models"] if m["name"] == "tuned")
         fb = next(f for f in base["files"] if f["path"] == "model.safetensors")
         ft = next(f for f in tuned["files"] if f["path"] == "model.safetensors")
         ft["sha256"] = fb["sha256"]  # same sha256, but tuned's blobs restore other bytes
-    bad = hh.rewrite_manifest(bundle, tmp_path / "bad.tdd", edit)
+    bad = hh.rewrite_manifest(nested_bundle, tmp_path / "bad.tdd", edit)
     with pytest.raises(IntegrityError, match="sha256"):
         tdedup.verify(bad)
     with pytest.raises(IntegrityError, match="sha256"):

@@ -26,18 +26,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
-    return hh.make_nested_family(tmp_path_factory.mktemp("fam"))
-
-
-@pytest.fixture(scope="module")
-def bundle(family, tmp_path_factory) -> Path:
-    return hh.pack_base_tuned(family, tmp_path_factory.mktemp("bundle") / "fam.tdd")
-
-
-@pytest.fixture(scope="module")
-def want(family) -> dict[str, bytes]:
-    return {f"{m}/{rel}": data for m in ("base", "tuned") for rel, data in tree(family[m]).items()}
+def want(nested_family) -> dict[str, bytes]:
+    return {f"{m}/{rel}": data for m in ("base", "tuned")
+            for rel, data in tree(nested_family[m]).items()}
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -64,28 +55,28 @@ def cli_error(args: list[str]) -> list[str]:
     return lines
 
 
-def test_a_non_empty_destination_needs_force(bundle, tmp_path, want):
+def test_a_non_empty_destination_needs_force(nested_bundle, tmp_path, want):
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
     with pytest.raises(OutputExistsError):
-        tdedup.unpack(bundle, dest)
-    lines = cli_error(["unpack", str(bundle), str(dest)])
+        tdedup.unpack(nested_bundle, dest)
+    lines = cli_error(["unpack", str(nested_bundle), str(dest)])
     assert "not empty" in lines[0] and "--force" in lines[-1]
     assert snapshot(tmp_path) == before
 
 
-def test_an_empty_destination_needs_no_force(bundle, tmp_path, want):
+def test_an_empty_destination_needs_no_force(nested_bundle, tmp_path, want):
     dest = tmp_path / "dest"
     dest.mkdir()
-    tdedup.unpack(bundle, dest)
+    tdedup.unpack(nested_bundle, dest)
     assert tree(dest) == want
 
 
-def test_force_replaces_only_the_bundles_own_files(bundle, tmp_path, want):
+def test_force_replaces_only_the_bundles_own_files(nested_bundle, tmp_path, want):
     dest = tmp_path / "dest"
-    tdedup.unpack(bundle, dest)
+    tdedup.unpack(nested_bundle, dest)
     (dest / "base" / "config.json").write_text("edited")  # a bundle file, changed
     (dest / "base" / "model.safetensors").unlink()  # a bundle file, missing
     (dest / "base" / "notes.txt").write_text("mine")  # not in the bundle
@@ -94,7 +85,7 @@ def test_force_replaces_only_the_bundles_own_files(bundle, tmp_path, want):
     (dest / "elsewhere" / "x").write_text("mine too")
     others = {k: v for k, v in snapshot(dest).items()
               if k in ("base/notes.txt", "base/sub/mine.bin", "elsewhere", "elsewhere/x")}
-    result = runner.invoke(app, ["unpack", "--force", str(bundle), str(dest)])
+    result = runner.invoke(app, ["unpack", "--force", str(nested_bundle), str(dest)])
     assert result.exit_code == 0, result.output
     got = tree(dest)
     assert {k: got[k] for k in want} == want
@@ -103,24 +94,24 @@ def test_force_replaces_only_the_bundles_own_files(bundle, tmp_path, want):
     assert set(got) - set(want) == {"base/notes.txt", "base/sub/mine.bin", "elsewhere/x"}
 
 
-def test_force_never_writes_through_a_hard_link(bundle, tmp_path, want):
+def test_force_never_writes_through_a_hard_link(nested_bundle, tmp_path, want):
     outside = tmp_path / "outside.json"
     outside.write_text("precious")
     dest = tmp_path / "dest"
     (dest / "base").mkdir(parents=True)
     os.link(outside, dest / "base" / "config.json")
-    tdedup.unpack(bundle, dest, force=True)
+    tdedup.unpack(nested_bundle, dest, force=True)
     assert outside.read_text() == "precious"
     assert (dest / "base" / "config.json").read_bytes() == want["base/config.json"]
 
 
-def test_a_folder_where_a_file_goes_is_refused(bundle, tmp_path):
+def test_a_folder_where_a_file_goes_is_refused(nested_bundle, tmp_path):
     dest = tmp_path / "dest"
     (dest / "base" / "config.json").mkdir(parents=True)
     (dest / "base" / "config.json" / "inside").write_text("mine")
     before = snapshot(tmp_path)
     with pytest.raises(OutputError, match="not a file"):
-        tdedup.unpack(bundle, dest, force=True)
+        tdedup.unpack(nested_bundle, dest, force=True)
     assert snapshot(tmp_path) == before
 
 
@@ -166,20 +157,20 @@ def links(tmp_path: Path) -> dict[str, callable]:
 
 
 @pytest.mark.parametrize("how", sorted(links(Path("/")).keys()))
-def test_links_out_of_the_destination_are_refused_before_writing(bundle, tmp_path, how):
+def test_links_out_of_the_destination_are_refused_before_writing(nested_bundle, tmp_path, how):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim.json").write_text("precious")
     dest = links(tmp_path)[how]()
     before = snapshot(tmp_path)
     with pytest.raises(UnsafePathError, match="symbolic link"):
-        tdedup.unpack(bundle, dest, force=True)
-    lines = cli_error(["unpack", "--force", str(bundle), str(dest)])
+        tdedup.unpack(nested_bundle, dest, force=True)
+    lines = cli_error(["unpack", "--force", str(nested_bundle), str(dest)])
     assert "symbolic link" in lines[0]
     assert snapshot(tmp_path) == before  # nothing written, outside or in
 
 
-def test_a_link_inside_the_destination_is_refused_too(bundle, tmp_path):
+def test_a_link_inside_the_destination_is_refused_too(nested_bundle, tmp_path):
     """Even a link that stays inside DEST is refused: its target could change between the
     check and the write; only real folders and files are written through."""
     dest = tmp_path / "dest"
@@ -187,18 +178,18 @@ def test_a_link_inside_the_destination_is_refused_too(bundle, tmp_path):
     (dest / "base").symlink_to(dest / "real")
     before = snapshot(tmp_path)
     with pytest.raises(UnsafePathError):
-        tdedup.unpack(bundle, dest, force=True)
+        tdedup.unpack(nested_bundle, dest, force=True)
     assert snapshot(tmp_path) == before
 
 
 # -- failures part-way -----------------------------------------------------------------------
 
-def test_a_failed_run_leaves_what_was_there_and_nothing_of_its_own(bundle, tmp_path, want):
+def test_a_failed_run_leaves_what_was_there_and_nothing_of_its_own(nested_bundle, tmp_path, want):
     """A hostile manifest whose last file fails its sha256: the files restored before it
     are removed again, files that were there stay (or hold their verified contents)."""
     def edit(d, o):
         d["models"][-1]["files"][-1]["sha256"] = "0" * 64
-    bad = hh.rewrite_manifest(bundle, tmp_path / "bad.tdd", edit)
+    bad = hh.rewrite_manifest(nested_bundle, tmp_path / "bad.tdd", edit)
     dest = tmp_path / "dest"
     (dest / "base").mkdir(parents=True)
     (dest / "base" / "config.json").write_text("old")
@@ -213,8 +204,8 @@ def test_a_failed_run_leaves_what_was_there_and_nothing_of_its_own(bundle, tmp_p
     assert sorted(p.name for p in dest.iterdir()) == ["base"]
 
 
-def test_one_model_only(bundle, tmp_path, want):
+def test_one_model_only(nested_bundle, tmp_path, want):
     dest = tmp_path / "dest"
-    result = runner.invoke(app, ["unpack", "--model", "tuned", str(bundle), str(dest)])
+    result = runner.invoke(app, ["unpack", "--model", "tuned", str(nested_bundle), str(dest)])
     assert result.exit_code == 0, result.output
     assert tree(dest) == {k: v for k, v in want.items() if k.startswith("tuned/")}
