@@ -22,7 +22,6 @@ Prints seconds, the time ratio, and the two bundles' sizes (add must be within 2
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -31,13 +30,13 @@ import time
 from pathlib import Path
 
 import tdedup
+from common import add_corpus_option
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     a = ap.parse_args()
     base, ft = a.corpus / "minilm" / "base", a.corpus / "minilm" / "ft-full"
     if not (base.is_dir() and ft.is_dir()):

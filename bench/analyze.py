@@ -55,6 +55,8 @@ from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.cli.analyze import analyze_paths, render_json
 from tdedup.cli.index import scan_backends
 
+from common import add_corpus_option
+
 
 def corpus_args(root: Path) -> list[str] | None:
     facts = root / "FACTS.json"
@@ -320,8 +322,7 @@ def compare_with_bare(args: list[str], files, nbytes: int, repeat: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--generate-gb", type=float, default=1.2)
     ap.add_argument("--profile", action="store_true")

@@ -28,7 +28,6 @@ import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +38,7 @@ from tdedup.format.codecs import byteplane
 from tdedup.format.bundle.constants import BlobEncoding as E
 from tdedup.format.codecs.delta import decode_delta, planes_compress, sub_residual
 from tdedup.format.codecs.delta_encode import encode_delta
+from common import add_corpus_option
 
 FAMILY = ["base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged"]
 
@@ -80,8 +80,7 @@ def residual_planes(enc: E, data, base, width: int) -> np.ndarray | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--level", type=int, default=codecs.DEFAULT_LEVEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)

@@ -38,6 +38,7 @@ import test_fuzz_strings_races as tsr  # noqa: E402
 
 import tdedup  # noqa: E402
 from tdedup.format.checkpoints.records import FileKind  # noqa: E402
+from common import add_corpus_option  # noqa: E402
 
 CORPUS_FILES = tc.CORPUS_FILES + [("smollm/q4_1.gguf", FileKind.GGUF),
                                   ("minilm/f16.safetensors", FileKind.SAFETENSORS),
@@ -260,8 +261,7 @@ def fuzz_strings_races(groups: Groups, root: Path, scratch: Path, seeds: int = 3
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--seconds", type=float, default=600,
                     help="time for the random-edit groups (split between them)")
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md ## fuzz")

@@ -45,7 +45,8 @@ from tdedup.format.checkpoints.dtypes import element_width
 from tdedup.format.codecs.byteplane import byteplane_compress, byteplane_decompress
 from tdedup.format.codecs.derived import parse_derived
 
-CORPUS = Path(os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus")
+from common import add_corpus_option
+
 LLAMA = Path(os.environ.get("TDEDUP_LLAMA") or Path.home() / ".cache" / "tdedup-llama")
 QUANTS = ("Q8_0", "Q6_K", "Q5_1", "Q4_0", "Q4_K_M")
 
@@ -185,7 +186,7 @@ def measure(label: str, args: list[str], level: int, tmp: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", type=Path, default=CORPUS)
+    add_corpus_option(p)
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "tdedup-ladder")
     p.add_argument("--level", type=int, default=1)
     ns = p.parse_args()

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import add_corpus_option
 
 FAMILY = ("base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged")
 LAYOUTS = ("compact", "serving")
@@ -278,8 +279,7 @@ def pack_layout(models: dict[str, str], out: Path, layout: str, delta: str) -> b
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--family", type=Path, help="folder of model folders (make_family.py)")
     ap.add_argument("--bundle-dir", type=Path)
     ap.add_argument("--layout", default="both", choices=("both", *LAYOUTS))

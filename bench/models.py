@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import add_corpus_option
 
 FAMILY = ("base", "dup-pkg", "resaved", "sharded", "ft-freeze", "ft-full", "ft-lora-merged")
 SENTENCES = ["Deduplicated tensors load once.", "A second, longer sentence here."]
@@ -101,8 +102,7 @@ def mb(n: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", type=Path, default=Path(os.environ.get("TDEDUP_CORPUS") or
-                   Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(p)
     p.add_argument("--bundle", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--child")

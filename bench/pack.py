@@ -50,6 +50,7 @@ from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.format.bundle.constants import DEFAULT_LEVEL
 from tdedup.format.codecs.byteplane import byteplane_compress
 from tdedup.format.checkpoints.dtypes import element_width
+from common import add_corpus_option
 
 FAMILY = ("base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged")
 GGUFS = ("f16.gguf", "f32.gguf", "q8_0.gguf")  # minilm-gguf: the family's GGUF files
@@ -201,8 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--generate-mb", type=float, default=90.0,
                     help="size of each generated model when the corpus is absent")
     ap.add_argument("--no-gguf", action="store_true",

@@ -25,14 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import add_corpus_option
 
 FAMILY = ("base", "dup-pkg", "resaved", "ft-freeze", "ft-full", "ft-lora-merged")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path(
-        os.environ.get("TDEDUP_CORPUS") or Path.home() / ".cache" / "tdedup-corpus"))
+    add_corpus_option(ap)
     ap.add_argument("--bundle", type=Path)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
