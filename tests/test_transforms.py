@@ -114,6 +114,23 @@ def test_widening_to_f32_is_exact(bits, etype):
     assert np.array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
 
 
+# (input bits, output bits): a NaN keeps its sign and payload, top bits first; none is
+# quieted (spec §4.8). A payload that only has low bits becomes 1 in F16.
+F32_TO_F16_NANS = [(0x7FC00000, 0x7E00), (0x7FA00000, 0x7D00), (0x7F800001, 0x7C01),
+                   (0xFF802000, 0xFC01), (0xFFC00001, 0xFE00), (0x7FFFFFFF, 0x7FFF)]
+F16_TO_F32_NANS = [(0x7E00, 0x7FC00000), (0x7D00, 0x7FA00000), (0x7C01, 0x7F802000),
+                   (0xFDFF, 0xFFBFE000)]
+
+
+def test_nan_bits_of_the_f16_casts_are_the_specs():
+    src = np.array([a for a, _ in F32_TO_F16_NANS], np.uint32)
+    out = apply(T(TransformKind.CAST, "F16"), tensor(src.view(np.float32))).data
+    assert [hex(v) for v in out.view(np.uint16)] == [hex(b) for _, b in F32_TO_F16_NANS]
+    src16 = np.array([a for a, _ in F16_TO_F32_NANS], np.uint16)
+    out = apply(T(TransformKind.CAST, "F32"), tensor(src16, "F16")).data
+    assert [hex(v) for v in out.view(np.uint32)] == [hex(b) for _, b in F16_TO_F32_NANS]
+
+
 def test_cast_refuses_non_float_and_identity():
     with pytest.raises(TransformMismatch):
         apply(T(TransformKind.CAST, "F16"), TypedTensor.of(bytes(34), "Q8_0", (32,)))

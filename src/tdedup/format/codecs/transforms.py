@@ -151,10 +151,21 @@ def nbytes(etype: str, shape: tuple[int, ...]) -> int:
 # -- float conversions --------------------------------------------------------------
 
 def f32_to_f16(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even, overflow to infinity; NaN keeps its sign and top payload bits
-    with the quiet bit set (numpy's ``astype``, which gguf-py's converter uses)."""
+    """Round to nearest even, overflow to infinity (numpy's ``astype``, which gguf-py's
+    converter uses). A NaN keeps its sign and the top 10 bits of its payload, or payload 1
+    when those are zero; no quiet bit is forced. That is numpy's scalar rule, which its
+    casts follow on x86; a hardware conversion (F16C, Arm) would quiet a signalling NaN,
+    so NaN lanes are set here from their bits rather than left to the platform."""
+    x = np.asarray(x, np.float32)
     with np.errstate(all="ignore"):
-        return np.asarray(x, np.float32).astype(np.float16)
+        out = x.astype(np.float16)
+    nan = np.isnan(x)
+    if nan.any():
+        bits = x[nan].view(np.uint32)
+        payload = (bits >> 13) & 0x3FF
+        out.view(np.uint16)[nan] = (((bits >> 16) & 0x8000) | 0x7C00
+                                    | np.where(payload == 0, 1, payload)).astype(np.uint16)
+    return out
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -176,7 +187,13 @@ def to_f32(t: TypedTensor) -> np.ndarray:
     if t.etype == "F32":
         return t.data.view(np.float32)
     if t.etype == "F16":
-        return t.data.view(np.float16).astype(np.float32)
+        h = t.data.view(np.uint16)
+        out = h.view(np.float16).astype(np.float32)
+        nan = (h & 0x7FFF) > 0x7C00
+        if nan.any():  # the payload as it is, never quieted (see f32_to_f16)
+            hb = h[nan].astype(np.uint32)
+            out.view(np.uint32)[nan] = ((hb & 0x8000) << 16) | 0x7F800000 | ((hb & 0x3FF) << 13)
+        return out
     if t.etype == "BF16":
         return (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     raise TransformMismatch(f"{t.etype} is not a float type")
