@@ -37,6 +37,24 @@ def default_cache(cache, monkeypatch) -> Path:
     return cache
 
 
+def test_the_default_cache_in_a_fresh_process(cache, tmp_path):
+    """``--hf-cache`` with no folder, and ``hf://``, in a process that imported nothing of
+    huggingface_hub before (the CLI's case: pytest's process already has its constants)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "tdedup", "analyze", "--hf-cache", "--json",
+                          "-q"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["models"]) == 3
+    res = subprocess.run([sys.executable, "-m", "tdedup", "pack", "hf://org/bert", "-o",
+                          str(tmp_path / "hub.tdd"), "-q"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+
+
 def _independent_totals(snapshots: list[Path]) -> tuple[int, int]:
     """(tensor bytes, distinct tensor bytes) of the snapshots, counted with safetensors."""
     from safetensors import safe_open

@@ -39,8 +39,13 @@ def hub():
 
 
 def default_cache_dir() -> Path:
-    """The hub cache folder as huggingface_hub resolves it (HF_HUB_CACHE, HF_HOME, ...)."""
-    return Path(hub().constants.HF_HUB_CACHE)
+    """The hub cache folder as huggingface_hub resolves it (HF_HUB_CACHE, HF_HOME, ...).
+    (``constants`` is imported by name: huggingface_hub 2 no longer imports it with the
+    package, and ``hub().constants`` failed in a process that had not imported it.)"""
+    hub()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +123,7 @@ def resolve(repo_id: str, rev: str | None, cache_dir: str | os.PathLike | None =
     if not revisions:
         raise InputError(f"{repo_id} is not in the Hugging Face cache",
                          path=cache_dir or default_cache_dir(),
-                         hint="download it first (huggingface-cli download); tdedup "
+                         hint="download it first (hf download); tdedup "
                               "never goes online")
     if rev is None:
         main = [r for r in revisions if "main" in r.refs]
