@@ -220,3 +220,19 @@ def test_names(tmp_path):
     assert names[2] == "c" and len(set(names)) == 3 and names[0].endswith("a-f16")
     with pytest.raises(UsageError, match="given twice"):
         assign_names([ModelArg("x", tmp_path), ModelArg("x", tmp_path)])
+
+
+def test_a_link_names_the_model_not_its_target(tmp_path):
+    """A hub snapshot's file links to a blob named by its hash; a renamed quantization
+    links to another file: the name comes from the path given."""
+    blob = tmp_path / "blobs" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.touch()
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    (tmp_path / "q4.gguf").symlink_to(blob)
+    (tmp_path / "ft").symlink_to(snap, target_is_directory=True)
+    names = assign_names([ModelArg(None, snap / "model.safetensors"),
+                          ModelArg(None, tmp_path / "q4.gguf"), ModelArg(None, tmp_path / "ft")])
+    assert names == ["model", "q4", "ft"]

@@ -153,8 +153,12 @@ def _check_shard_index(folder: Path, files: list[Path]) -> None:
 
 
 def default_name(path: Path) -> list[str]:
-    """Name candidates for a path, shortest first: stem, then parent-stem, ..."""
-    p = path.resolve() if path.exists() else path
+    """Name candidates for a path, shortest first: stem, then parent-stem, ...
+
+    From the path as given, made absolute without following links: a link names the
+    model, not its target (a hub snapshot's ``model.safetensors`` points at a blob named
+    by its hash; ``q4.gguf -> q8_0.gguf`` is the model ``q4``)."""
+    p = Path(os.path.abspath(path))
     if p.is_file():
         m = SPLIT_RE.match(p.name)
         stem = m["stem"] if m else (p.stem if p.suffix.lower() in WEIGHT_SUFFIXES else p.name)
