@@ -95,6 +95,8 @@ def test_models_subset_and_errors(bert_bundle, monkeypatch):
     assert loaded.stats.device_bytes < loaded.stats.logical_bytes
     with pytest.raises(KeyError, match="not loaded"):
         loaded["finetune"]
+    with pytest.raises(tdedup.TdedupError, match="not loaded"):  # one except for both
+        loaded.record("finetune")
     assert json.loads(loaded.read_file("base", "config.json"))["model_type"] == "bert"
     loaded.close()
     with pytest.raises(ModelNotFoundError, match="nope"):

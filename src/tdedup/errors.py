@@ -113,6 +113,12 @@ class ModelNotFoundError(BundleError):
     """A requested model is not in the bundle."""
 
 
+class ModelNotLoadedError(ModelNotFoundError, KeyError):
+    """A model asked of what ``load`` or a ``Registry`` holds is not there. A ``KeyError``
+    too, since those are mappings of model names; a ``TdedupError``, so that one
+    ``except`` covers a name missing from a bundle path and from a loaded set alike."""
+
+
 # -- outputs ------------------------------------------------------------------------
 
 class OutputError(TdedupError):

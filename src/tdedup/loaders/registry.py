@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import ModelNotLoadedError, UsageError
 from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import FileEntry, TensorEntry
 from ..format.bundle.reader import Bundle
@@ -106,8 +106,8 @@ class Registry(Mapping, ModelAccess):
             try:
                 return self._models[model]
             except KeyError:
-                raise KeyError(f"model {model!r} is not resident (resident: "
-                               f"{', '.join(self._models) or 'none'})") from None
+                raise ModelNotLoadedError(f"model {model!r} is not resident (resident: "
+                                          f"{', '.join(self._models) or 'none'})") from None
 
     def __getitem__(self, model: str) -> dict:
         return self.record(model).state

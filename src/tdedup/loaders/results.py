@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelNotLoadedError
 from ..format.bundle.manifest import FileEntry
 from ..format.bundle.reader import Bundle
 
@@ -161,8 +162,8 @@ class LoadedBundle(Mapping, ModelAccess):
         try:
             return self._records[model]
         except KeyError:
-            raise KeyError(f"model {model!r} was not loaded (loaded: "
-                           f"{', '.join(self._records)})") from None
+            raise ModelNotLoadedError(f"model {model!r} was not loaded (loaded: "
+                                      f"{', '.join(self._records)})", path=self.path) from None
 
     def __getitem__(self, model: str) -> dict:
         return self.record(model).state
