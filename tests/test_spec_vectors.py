@@ -1,6 +1,7 @@
 """The format test vectors (spec/vectors/): every bundle unpacks to the recorded files, its
 derived blobs name the recorded transform chains and decode to the recorded hashes, and
-the rotated byte-plane vector (1.2) stores the recorded rotations.
+the rotated byte-plane vector (1.2) stores the recorded rotations, and the delta vector
+holds one blob of each delta encoding (16-20).
 
 Regenerate with ``python spec/vectors/make_vectors.py`` when the writer changes."""
 
@@ -32,7 +33,8 @@ TRANSFORMS = sorted(n for n in EXPECTED if "derived" in EXPECTED[n])
 def test_every_transform_has_a_vector():
     kinds = {KIND[name.split("_")[0]] for name in TRANSFORMS}
     assert kinds >= set(TransformKind) - {TransformKind.UNPERMUTE_QK}
-    assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 10
+    # each simple and K-quant quantizer, and Q8_0 again on exact halves (roundf)
+    assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 11
 
 
 def unpacked_vector(name: str, tmp_path: Path) -> tuple[dict, Path]:
@@ -73,4 +75,17 @@ def test_rotated_vector(tmp_path):
             want["rotations"]
         assert len(set(want["rotations"].values())) >= 2
         for h in rotated:
+            assert hash_bytes(bytes(b.read_blob(h))) == h
+
+
+def test_delta_vector(tmp_path):
+    """One blob of each delta encoding (§4.4), each decoding to its hash against its base,
+    and every file back byte for byte."""
+    want, bundle = unpacked_vector("deltas", tmp_path)
+    with tdedup.open_bundle(bundle) as b:
+        deltas = {h: int(r.encoding) for h, r in b.manifest.blobs.items()
+                  if 16 <= r.encoding <= 20}
+        assert deltas == want["deltas"]
+        assert sorted(deltas.values()) == [16, 17, 18, 19, 20]
+        for h in deltas:
             assert hash_bytes(bytes(b.read_blob(h))) == h

@@ -1,5 +1,5 @@
-"""Regenerate the format test vectors: one tiny bundle per transform (§4.6-4.8, 1.1) and
-one of rotated byte planes (§4.3.2, 1.2).
+"""Regenerate the format test vectors: one tiny bundle per transform (§4.6-4.8, 1.1), one
+of rotated byte planes (§4.3.2, 1.2) and one holding each delta encoding (§4.4).
 
     python spec/vectors/make_vectors.py [NAME ...]   (repo root, tdedup importable;
                                                     NAMEs: only those, the rest kept)
@@ -8,7 +8,8 @@ Each ``<name>.tdd`` packs two or three tiny models whose later tensors are the n
 transform of the first model's; ``expected.json`` records, per vector, the SHA-256 of every
 original file (what unpack must give back), the transform chains its derived blobs name,
 and the BLAKE3 hash of each derived blob's decoded bytes; for ``rotated_n``, the rotation
-of each ``ROTATEDN_BYTEPLANE_ZSTD`` blob by its hash. A second implementation checks
+of each ``ROTATEDN_BYTEPLANE_ZSTD`` blob by its hash; for ``deltas``, the encoding of
+each delta blob by its hash. A second implementation checks
 itself by unpacking each bundle and comparing. Inputs are seeded, so a rerun rewrites the
 same bytes (the bundles too, while the writer does not change).
 """
@@ -107,7 +108,43 @@ def build(d: Path) -> dict[str, list[Path]]:
                 "f16": torch.from_numpy(g).half(), "pos": torch.from_numpy(pos)},
                d / "rotated.safetensors")
     out["rotated_n"] = [d / "rotated.safetensors"]
+    # Q8_0 on exact halves: every block's scale is 1 (|max| = 127), so each value lands
+    # on k + 0.5 and roundf (away from zero) differs from round-half-even.
+    ties = (np.arange(512, dtype=np.float32) % 251 - 125.5).reshape(2, 256)
+    ties[:, ::32] = 127.0
+    _gguf(d / "ties-f32.gguf", {name: (ties, None)})
+    _gguf(d / "ties-q8_0.gguf", {name: _quant(ties, "Q8_0")})
+    out["quantize_q8_0_ties"] = [d / "ties-f32.gguf", d / "ties-q8_0.gguf"]
+    out["deltas"] = _delta_family(d)
     return out
+
+
+def _delta_family(d: Path) -> list[Path]:
+    """One F32 base and five variants that the writer stores as each delta encoding
+    (§4.4): XOR (low bits flipped), SUB (patterns moved up by 0-3), ZIGZAG_SUB (noise),
+    DECAY_SUB (multiplied by c seven times in binary32) and LOWRANK_SUB (a rank-2 update
+    added in binary64)."""
+    rng = np.random.default_rng(7)
+    w = _x((64, 256), seed=7)
+    bits = w.view(np.uint32)
+    decayed = w.copy()
+    for _ in range(7):
+        decayed = (decayed * np.float32(1 - 1e-5)).astype(np.float32)
+    u, v = rng.standard_normal((64, 2)) * 0.01, rng.standard_normal((2, 256)) * 0.01
+    variants = {
+        "base": w,
+        "xor": (bits ^ (np.uint32(1) << rng.integers(0, 3, bits.shape).astype(np.uint32))
+                ).view(np.float32),
+        "sub": (bits + rng.integers(0, 4, bits.shape, dtype=np.uint32)).view(np.float32),
+        "zigzag": w + (rng.standard_normal(w.shape) * 1e-6).astype(np.float32),
+        "decay": decayed,
+        "lowrank": (w.astype(np.float64) + u @ v).astype(np.float32),
+    }
+    files = []
+    for n, a in variants.items():
+        save_file({"w": np.ascontiguousarray(a, np.float32)}, d / f"delta-{n}.safetensors")
+        files.append(d / f"delta-{n}.safetensors")
+    return files
 
 
 def _sha(p: Path) -> str:
@@ -125,16 +162,22 @@ def main() -> None:
             bundle = HERE / f"{name}.tdd"
             args = [f"m{i}={p}" for i, p in enumerate(files)]
             tdedup.pack(args, bundle)
-            derived, rotations = {}, {}
+            derived, rotations, deltas = {}, {}, {}
             with tdedup.open_bundle(bundle) as b:
                 for rec in b.manifest.blobs.values():
+                    if 16 <= rec.encoding <= 20:
+                        deltas[rec.hash] = int(rec.encoding)
                     if rec.encoding is BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD:
                         chain = parse_derived(b.stored_bytes(rec))[0]
                         derived[rec.hash] = [t.to_json() for t in chain]
                     if rec.encoding is BlobEncoding.ROTATEDN_BYTEPLANE_ZSTD:
                         rotations[rec.hash] = rotation_prefix(b.stored_bytes(rec))
             entry = {"files": {f"m{i}/{p.name}": _sha(p) for i, p in enumerate(files)}}
-            if name == "rotated_n":
+            if name == "deltas":
+                if sorted(deltas.values()) != [16, 17, 18, 19, 20]:
+                    sys.exit(f"{name}: wanted one blob of each delta encoding, got {deltas}")
+                entry["deltas"] = deltas
+            elif name == "rotated_n":
                 if len(set(rotations.values())) < 2:
                     sys.exit(f"{name}: wanted two rotations or more, got {rotations}")
                 entry["rotations"] = rotations
