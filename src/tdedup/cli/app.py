@@ -12,9 +12,11 @@ import typer
 
 from .._version import __version__
 from . import analyze, bundle_commands, demo, edit_commands, index, load
+from .common import OneLineUsageErrors
 
 app = typer.Typer(
     name="tdedup",
+    cls=OneLineUsageErrors,  # usage errors as one ``error:`` line, like every other error
     help="Find the tensors a family of model checkpoints shares, store them once, load them once.",
     no_args_is_help=True,
     add_completion=True,

@@ -27,6 +27,7 @@ from typing import Annotated, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup  # loaded by ``import typer`` already: no start-up cost
 from rich.text import Text
 
 from .._fs import remove_own_temps
@@ -168,6 +169,71 @@ def guarded(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _usage_message(text: str) -> str:
+    """click's ``Missing option '-o' / '--output'.`` in the project's style:
+    ``missing option '-o' / '--output'`` (no capital, no full stop)."""
+    text = text.strip()
+    if re.match(r"[A-Z][a-z]", text):
+        text = text[0].lower() + text[1:]
+    return text[:-1] if text.endswith(".") else text
+
+
+def _help_hint(ctx, command_path: str | None) -> str | None:
+    """``tdedup pack --help``: where the usage of the command at fault is written."""
+    if ctx is None or ctx.command.get_help_option(ctx) is None:
+        return None
+    names = ctx.help_option_names
+    option = next((n for n in names if n.startswith("--")), names[0])
+    return f"{command_path or ctx.command_path} {option}"
+
+
+@contextmanager
+def _one_line_usage_errors(ctx) -> Iterator[None]:
+    """A usage error typer/click detected (missing option or argument, invalid choice,
+    number out of range, unknown option or command) as one ``error:`` line and a
+    ``hint:`` line naming the help, exit 2; not typer's box of usage lines.
+
+    typer's errors all derive from its public ``typer.TyperException``. The text is
+    written by :func:`print` through :func:`clean`, like every ``error:`` line: nothing
+    read as markup, no colour (so ``NO_COLOR`` holds), no control character or newline
+    from a user's argument reaching the terminal.
+    """
+    try:
+        yield
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare ``tdedup``: typer shows the help
+            raise
+        if os.environ.get("TDEDUP_DEBUG"):
+            traceback.print_exception(e, file=sys.stderr)
+        err_ctx = getattr(e, "ctx", None)
+        path = None
+        if err_ctx is None and ctx is not None:
+            # Raised by the option parser, which knows no context (``pack -o`` with no
+            # value): the command being parsed is the one the group was invoking.
+            err_ctx = ctx
+            if ctx.invoked_subcommand:
+                path = f"{ctx.command_path} {ctx.invoked_subcommand}"
+        print(f"error: {clean(_usage_message(e.format_message()))}", file=sys.stderr)
+        shown = _help_hint(err_ctx, path)
+        if shown:
+            hint(shown)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The app's group (``typer.Typer(cls=...)``, typer's public hook): usage errors found
+    while parsing the command line, the root's or a command's, are one line
+    (:func:`_one_line_usage_errors`). Help, completion and ``--version`` are untouched."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(parent):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(ctx):
+            return super().invoke(ctx)
 
 
 @contextmanager
