@@ -174,7 +174,8 @@ def guarded(fn: F) -> F:
 def _usage_message(text: str) -> str:
     """click's ``Missing option '-o' / '--output'.`` in the project's style:
     ``missing option '-o' / '--output'`` (no capital, no full stop)."""
-    text = text.strip()
+    # typer 0.29 validates through pydantic, whose messages start "Value error, ".
+    text = text.strip().replace("Value error, ", "")
     if re.match(r"[A-Z][a-z]", text):
         text = text[0].lower() + text[1:]
     return text[:-1] if text.endswith(".") else text
