@@ -139,3 +139,22 @@ def test_add_keeps_a_serving_bundle_serving(fam, tmp_path):
         assert all(r.encoding is BlobEncoding.RAW
                    for r in b.manifest.blobs.values() if r.base is None)
     _restored_equal(bundle, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "copy")})
+
+
+def _words(res) -> str:
+    return " ".join(res.stdout.split())  # the console wraps long lines
+
+
+def test_counts_take_the_right_number(fam, tmp_path):
+    one = tmp_path / "one.tdd"
+    res = runner.invoke(app, ["pack", f"base={fam['base']}", "-o", str(one)])
+    assert res.exit_code == 0 and "packed 1 model into" in _words(res), res.stdout
+    res = runner.invoke(app, ["add", str(one), f"ft={fam['ft']}"])
+    assert "added 1 model: " in _words(res) and "now holds 2 models" in _words(res), res.stdout
+    res = runner.invoke(app, ["remove", str(one), "ft"])
+    assert "removed 1 model: " in _words(res) and "now holds 1 model," in _words(res), res.stdout
+    res = runner.invoke(app, ["pack", str(one), "-o", str(tmp_path / "m.tdd")])
+    assert "merged 1 model into" in _words(res), res.stdout
+    res = runner.invoke(app, ["pack", f"base={fam['base']}", "-o", str(tmp_path / "x.tdd"),
+                              "--dry-run"])
+    assert "for 1 model" in _words(res), res.stdout

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 # ``tdedup --help`` imports this module and must start in well under 150 ms.
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 model``, ``2 models``: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 @guarded
 def pack(
     paths: Annotated[list[str], typer.Argument(help="Models: files, folders, hub cache folders, hf://org/name[@rev], bundles (merged); as PATH or NAME=PATH.")],
@@ -83,7 +88,8 @@ def pack(
         return
     out = stdout_console()
     speed = r.logical_bytes / r.seconds if r.seconds else 0
-    out.print(plain(f"packed {len(r.models)} models into {r.path} ({r.layout} layout)"))
+    out.print(plain(f"packed {counted(len(r.models), 'model')} into {r.path} "
+                    f"({r.layout} layout)"))
     out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle {human_bytes(r.bundle_bytes)}"
               f"  ({r.ratio:.2f}x smaller)")
     out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
@@ -115,10 +121,10 @@ def _merge(args, output: Path, *, level: int, delta: str, as_json: bool, quiet: 
                     "copied_blobs": r.copied_blobs, "new_blobs": r.new_blobs,
                     "seconds": round(r.seconds, 3)})
         return
-    stdout_console().print(f"merged {len(r.models)} models into {r.path}: "
-                           f"{human_bytes(r.bundle_bytes)} ({r.copied_blobs} blobs copied, "
-                           f"{r.new_blobs} new) in {r.seconds:.2f} s",
-                           markup=False, highlight=False)
+    stdout_console().print(plain(
+        f"merged {counted(len(r.models), 'model')} into {r.path}: "
+        f"{human_bytes(r.bundle_bytes)} ({counted(r.copied_blobs, 'blob')} copied, "
+        f"{r.new_blobs} new) in {r.seconds:.2f} s"))
 
 
 def _print_estimate(e: dict, as_json: bool) -> None:
@@ -126,11 +132,13 @@ def _print_estimate(e: dict, as_json: bool) -> None:
         print_json(e)
         return
     out = stdout_console()
-    out.print(f"estimate (the planner's, not a pack; nothing written) for {e['models']} "
-              "models:", markup=False, highlight=False)
+    out.print(f"estimate (the planner's, not a pack; nothing written) for "
+              f"{counted(e['models'], 'model')}:", markup=False, highlight=False)
     out.print(f"  tensors {human_bytes(e['tensor_bytes'])}, distinct "
-              f"{human_bytes(e['distinct_tensor_bytes'])} in {e['distinct_tensors']} blobs")
-    out.print(f"  stored as: {e['self_blobs']} self-contained, {e['delta_blobs']} deltas")
+              f"{human_bytes(e['distinct_tensor_bytes'])} in "
+              f"{counted(e['distinct_tensors'], 'blob')}")
+    out.print(f"  stored as: {e['self_blobs']} self-contained, "
+              f"{counted(e['delta_blobs'], 'delta')}")
     for k, n in sorted(e["delta_encodings"].items()):
         out.print(f"    {n} {k.lower()}")
     out.print(f"  estimated tensor bytes stored: ~{human_bytes(e['estimated_bytes'])} "
@@ -159,7 +167,8 @@ def convert(
         return
     stdout_console().print(plain(
         f"wrote {r.path} ({r.layout} layout): {human_bytes(r.source_bytes)} -> "
-        f"{human_bytes(r.bundle_bytes)} in {r.seconds:.2f} s; {r.decoded} blobs decoded, "
+        f"{human_bytes(r.bundle_bytes)} in {r.seconds:.2f} s; "
+        f"{counted(r.decoded, 'blob')} decoded, "
         f"{r.encoded} compressed, {r.copied} copied as they were"))
 
 
@@ -194,7 +203,8 @@ def unpack(
                     "bytes": r.bytes, "seconds": round(r.seconds, 3)})
         return
     speed = r.bytes / r.seconds if r.seconds else 0
-    stdout_console().print(plain(f"restored {r.files} files of {len(r.models)} models "
+    stdout_console().print(plain(f"restored {counted(r.files, 'file')} of "
+                                 f"{counted(len(r.models), 'model')} "
                                  f"({human_bytes(r.bytes)}) into {r.dest} in {r.seconds:.2f} "
                                  f"s ({human_bytes(speed)}/s); every sha256 matches"))
 
@@ -214,9 +224,9 @@ def verify(
                     "stored_bytes": r.stored_bytes, "files": r.files,
                     "logical_bytes": r.logical_bytes, "seconds": round(r.seconds, 3)})
         return
-    stdout_console().print(f"ok: {r.blobs} blobs ({human_bytes(r.stored_bytes)} stored), "
-                           f"{r.files} files ({human_bytes(r.logical_bytes)}) verified in "
-                           f"{r.seconds:.2f} s")
+    stdout_console().print(f"ok: {counted(r.blobs, 'blob')} ({human_bytes(r.stored_bytes)} "
+                           f"stored), {counted(r.files, 'file')} "
+                           f"({human_bytes(r.logical_bytes)}) verified in {r.seconds:.2f} s")
 
 
 def inspect_dict(b: Bundle) -> dict:
@@ -278,7 +288,8 @@ def inspect(
         return
     out = stdout_console()
     out.print(plain(f"{info['bundle']}: format {'.'.join(map(str, info['format_version']))}, "
-                    f"{human_bytes(info['bundle_bytes'])}, {info['blobs']} blobs, layout "
+                    f"{human_bytes(info['bundle_bytes'])}, {counted(info['blobs'], 'blob')}, "
+                    f"layout "
                     f"{info['layout']}, written by tdedup {info['tool_version']}"))
     t = Table(title="models")
     for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensor bytes",

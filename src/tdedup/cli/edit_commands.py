@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..format.bundle.constants import DEFAULT_LEVEL
+from .bundle_commands import counted
 from .common import (
     BundleArg,
     Delta,
@@ -40,9 +41,10 @@ def _report(r: EditResult, verb: str, as_json: bool) -> None:
                     "bundle_bytes": r.bundle_bytes, "seconds": round(r.seconds, 3)})
         return
     out = stdout_console()
-    out.print(f"{verb} {len(r.changed)} model(s): {r.path} now holds {len(r.models)} models, "
-              f"{human_bytes(r.bundle_bytes)}", markup=False, highlight=False)
-    out.print(f"  {r.copied_blobs} blobs copied unchanged, {r.new_blobs} new, "
+    out.print(f"{verb} {counted(len(r.changed), 'model')}: {r.path} now holds "
+              f"{counted(len(r.models), 'model')}, {human_bytes(r.bundle_bytes)}",
+              markup=False, highlight=False)
+    out.print(f"  {counted(r.copied_blobs, 'blob')} copied unchanged, {r.new_blobs} new, "
               f"{r.seconds:.2f} s", markup=False, highlight=False)
 
 
