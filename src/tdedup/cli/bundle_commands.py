@@ -47,7 +47,7 @@ def pack(
     output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
     level: Level = DEFAULT_LEVEL,
     delta: Delta = "auto",
-    layout: Annotated[BundleLayout, typer.Option("--layout", help="compact: compress every blob; serving: keep self-contained blobs raw and aligned, for loads that map them (deltas stay compressed).")] = BundleLayout.COMPACT,
+    layout: Annotated[Optional[BundleLayout], typer.Option("--layout", help="compact (the default): compress every blob; serving: keep self-contained blobs raw and aligned, for loads that map them (deltas stay compressed). A merge keeps the first bundle's layout unless this is given.", show_default=False)] = None,
     force: Force = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planner's size estimate and what would be stored as what; write nothing.")] = False,
     include: Include = None,
@@ -61,19 +61,22 @@ def pack(
     from ..ops.pack import pack as pack_models
     args = expand_inputs(paths, include=include or (), exclude=exclude or ())
     check_output_not_input(output, [a.path for a in args])
+    first = next((a for a in args if is_bundle(a.path)), None)
     if dry_run:
         from ..ops.estimate import estimate
         from ..ops.inputs import staged_bundles
         with staged_bundles(args) as staged:
-            _print_estimate(estimate(staged, delta=delta), as_json)
+            e = estimate(staged, delta=delta, derive=derive, layout=layout,
+                         keep=first.path if first is not None else None)
+        _print_estimate(e, as_json, first.path if first is not None else None)
         return
     check_new_output(output, force)
-    if any(is_bundle(a.path) for a in args):
+    if first is not None:
         _merge(args, output, level=level, delta=delta, as_json=as_json, quiet=quiet)
         return
     with phased_progress(quiet) as progress:
         r = pack_models(args, output, level=level, delta=delta, progress=progress,
-                        layout=layout, derive=derive)
+                        layout=layout or BundleLayout.COMPACT, derive=derive)
     for name, entries in r.skipped.items():
         shown = ", ".join(entries[:5])
         warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"
@@ -127,22 +130,31 @@ def _merge(args, output: Path, *, level: int, delta: str, as_json: bool, quiet: 
         f"{r.new_blobs} new) in {r.seconds:.2f} s"))
 
 
-def _print_estimate(e: dict, as_json: bool) -> None:
+def _print_estimate(e: dict, as_json: bool, kept: Path | None) -> None:
     if as_json:
         print_json(e)
         return
     out = stdout_console()
-    out.print(f"estimate (the planner's, not a pack; nothing written) for "
-              f"{counted(e['models'], 'model')}:", markup=False, highlight=False)
+    out.print(plain(f"estimate (the planners', not a pack; nothing written) for "
+                    f"{counted(e['models'], 'model')}, {e['layout']} layout:"))
     out.print(f"  tensors {human_bytes(e['tensor_bytes'])}, distinct "
               f"{human_bytes(e['distinct_tensor_bytes'])} in "
               f"{counted(e['distinct_tensors'], 'blob')}")
-    out.print(f"  stored as: {e['self_blobs']} self-contained, "
-              f"{counted(e['delta_blobs'], 'delta')}")
+    kinds = [f"{e['self_blobs']} self-contained", counted(e["delta_blobs"], "delta"),
+             f"{e['derived_blobs']} derived"]
+    if kept is not None:
+        kinds.append(f"{e['copied_blobs']} kept from {kept}")
+    out.print(plain("  stored as: " + ", ".join(kinds)))
     for k, n in sorted(e["delta_encodings"].items()):
-        out.print(f"    {n} {k.lower()}")
+        out.print(plain(f"    {n} {k.lower()} (delta)"))
+    for k, n in sorted(e["derived_transforms"].items()):
+        out.print(plain(f"    {n} {k} (derived)"))
+    if kept is not None:
+        out.print(plain(f"  a merge copies {kept}'s blobs; the models it adds get deltas, "
+                        "no derived blobs"))
     out.print(f"  estimated tensor bytes stored: ~{human_bytes(e['estimated_bytes'])} "
-              f"(~{human_bytes(e['estimated_without_deltas_bytes'])} without deltas)")
+              f"(~{human_bytes(e['estimated_without_deltas_bytes'])} with every blob "
+              "self-contained)")
 
 
 @guarded
