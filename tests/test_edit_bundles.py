@@ -141,6 +141,127 @@ def test_add_keeps_a_serving_bundle_serving(fam, tmp_path):
     _restored_equal(bundle, tmp_path / "out", {n: fam[n] for n in ("base", "ft", "copy")})
 
 
+def _tensor_blobs(bundle: Path) -> dict:
+    with Bundle(bundle, mapped=False) as b:
+        return {t.hash: b.blob(t.hash) for m in b.manifest.models for f in m.files
+                for t in f.tensors}
+
+
+def test_merge_honours_layout(fam, tmp_path):
+    """``pack A.tdd B.tdd --layout serving`` writes a serving bundle (it used to keep the
+    first bundle's compact layout and exit 0); without --layout the first one's is kept."""
+    from tdedup.format.bundle.constants import BlobEncoding
+
+    a, b = tmp_path / "a.tdd", tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}", f"copy={fam['copy']}"], a)
+    tdedup.pack([f"ft={fam['ft']}", f"lora={fam['lora']}"], b)
+    sources = {n: fam[n] for n in ("base", "copy", "ft", "lora")}
+    for i, (args, layout) in enumerate([
+            (["--layout", "serving"], "serving"), ([], "compact"),
+            (["--layout", "compact"], "compact")]):
+        out = tmp_path / f"m{i}.tdd"
+        res = runner.invoke(app, ["pack", str(a), str(b), "-o", str(out), "-q", *args])
+        assert res.exit_code == 0, res.output
+        assert f"({layout} layout)" in " ".join(res.stdout.split())
+        insp = runner.invoke(app, ["inspect", str(out), "--json"])
+        assert json.loads(insp.stdout)["layout"] == layout
+        blobs = _tensor_blobs(out)
+        if layout == "serving":
+            assert all(r.encoding is BlobEncoding.RAW for r in blobs.values() if r.base is None)
+            assert any(r.base is not None for r in blobs.values())  # the deltas are kept
+        tdedup.verify(out)
+        _restored_equal(out, tmp_path / f"out{i}", sources)
+    # A serving first bundle stays serving unless told; a lone bundle is re-laid too.
+    res = runner.invoke(app, ["pack", str(tmp_path / "m0.tdd"), "-o", str(tmp_path / "s.tdd"),
+                              "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["layout"] == "serving"
+    res = runner.invoke(app, ["pack", str(tmp_path / "m0.tdd"), "-o", str(tmp_path / "c.tdd"),
+                              "--layout", "compact", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["layout"] == "compact"
+    assert (tmp_path / "c.tdd").stat().st_size < (tmp_path / "s.tdd").stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+    _restored_equal(tmp_path / "c.tdd", tmp_path / "out-c", sources)
+
+
+def test_merge_dry_run_estimates_the_merge(fam, tmp_path):
+    a, b = tmp_path / "a.tdd", tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    tdedup.pack([f"ft={fam['ft']}", f"copy={fam['copy']}"], b)
+    for layout in ("compact", "serving"):
+        out = tmp_path / f"m-{layout}.tdd"
+        args = ["pack", str(a), str(b), "-o", str(out), "--layout", layout]
+        dry = runner.invoke(app, [*args, "--dry-run", "--json"])
+        assert dry.exit_code == 0, dry.output
+        e = json.loads(dry.stdout)
+        assert not out.exists()
+        assert e["merge"] is True and e["layout"] == layout
+        assert e["copied_blobs"] == len(_tensor_blobs(a)) and e["derived_blobs"] == 0
+        assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+        stored = sum(r.stored_length for r in _tensor_blobs(out).values())
+        assert abs(e["estimated_bytes"] - stored) <= 0.05 * stored, (layout, e, stored)
+    text = runner.invoke(app, ["pack", str(a), str(b), "-o", str(tmp_path / "x.tdd"),
+                               "--dry-run"]).stdout
+    assert "kept from" in text and "no derived blobs" in " ".join(text.split())
+
+
+def _refused(args: list[str], *, names: Path, hint: str) -> str:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {names}: "), res.stderr
+    assert lines[1].startswith("hint: ") and hint in lines[1], res.stderr
+    return lines[1]
+
+
+def test_merge_name_clash_names_its_bundle_and_the_hint_works(fam, tmp_path):
+    """Two bundles that both hold ``base``: the error names the second (the clash comes
+    from it, not from the first), and what the hint says works."""
+    a, b, c = tmp_path / "a.tdd", tmp_path / "b.tdd", tmp_path / "c.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    tdedup.pack([f"base={fam['ft']}"], b)
+    tdedup.pack([f"base={fam['lora']}", f"copy={fam['copy']}"], c)
+    both = tmp_path / "both.tdd"
+    for args in (["pack", str(a), str(b), "-o", str(both)],
+                 ["pack", str(a), str(b), "-o", str(both), "--dry-run"],
+                 ["add", str(a), str(b)]):
+        _refused(args, names=b, hint=f"NEWNAME={b}")
+    assert not both.exists()
+    res = runner.invoke(app, ["pack", str(a), f"ft={b}", "-o", str(both), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["models"] == ["base", "ft"]
+    _restored_equal(both, tmp_path / "out", {"base": fam["base"], "ft": fam["ft"]})
+    # The first bundle may be renamed too; `add` takes NAME=BUNDLE alike.
+    res = runner.invoke(app, ["pack", f"orig={a}", str(b), "-o", str(tmp_path / "r.tdd"),
+                              "--json", "-q"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["models"] == ["orig", "base"]
+    res = runner.invoke(app, ["add", str(a), f"ft={b}", "-o", str(tmp_path / "add.tdd"),
+                              "--json", "-q"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["models"] == ["base", "ft"]
+    # A bundle of several models takes no NAME=; the hint's two commands work.
+    hint = _refused(["pack", str(a), str(c), "-o", str(both), "--force"], names=c,
+                    hint=f"tdedup remove {c} base")
+    assert f"tdedup unpack {c} DIR -m base" in hint
+    _refused(["pack", str(a), f"x={c}", "-o", str(both), "--force"], names=f"x={c}",
+             hint="tdedup unpack")
+    rest = tmp_path / "rest.tdd"
+    assert runner.invoke(app, ["remove", str(c), "base", "-o", str(rest)]).exit_code == 0
+    assert runner.invoke(app, ["unpack", str(c), str(tmp_path / "DIR"), "-m", "base"]
+                         ).exit_code == 0
+    res = runner.invoke(app, ["pack", str(a), str(rest), f"lora={tmp_path / 'DIR' / 'base'}",
+                              "-o", str(both), "--force", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["models"] == ["base", "copy", "lora"]
+    _restored_equal(both, tmp_path / "out2", {n: fam[n] for n in ("base", "copy", "lora")})
+
+
+def test_a_path_whose_name_is_taken_is_named_in_the_error(fam, tmp_path):
+    a = tmp_path / "a.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    _refused(["pack", str(a), f"base={fam['ft']}", "-o", str(tmp_path / "x.tdd")],
+             names=fam["ft"], hint="NAME=PATH")
+    _refused(["add", str(a), f"base={fam['ft']}"], names=fam["ft"], hint="NAME=PATH")
+
+
 def _words(res) -> str:
     return " ".join(res.stdout.split())  # the console wraps long lines
 
@@ -157,4 +278,4 @@ def test_counts_take_the_right_number(fam, tmp_path):
     assert "merged 1 model into" in _words(res), res.stdout
     res = runner.invoke(app, ["pack", f"base={fam['base']}", "-o", str(tmp_path / "x.tdd"),
                               "--dry-run"])
-    assert "for 1 model" in _words(res), res.stdout
+    assert "for 1 model," in _words(res), res.stdout

@@ -43,7 +43,7 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
 
 @guarded
 def pack(
-    paths: Annotated[list[str], typer.Argument(help="Models: files, folders, hub cache folders, hf://org/name[@rev], bundles (merged); as PATH or NAME=PATH.")],
+    paths: Annotated[list[str], typer.Argument(help="Models: files, folders, hub cache folders, hf://org/name[@rev], bundles (merged); as PATH or NAME=PATH (NAME=BUNDLE renames a bundle's one model).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write (.tdd).")],
     level: Level = DEFAULT_LEVEL,
     delta: Delta = "auto",
@@ -57,12 +57,20 @@ def pack(
     quiet: Quiet = False,
 ) -> None:
     """Write one deduplicated bundle holding every model given."""
-    from ..ops.inputs import check_new_output, check_output_not_input, expand_inputs, is_bundle
+    from ..ops.inputs import (
+        check_model_names,
+        check_new_output,
+        check_output_not_input,
+        expand_inputs,
+        is_bundle,
+    )
     from ..ops.pack import pack as pack_models
     args = expand_inputs(paths, include=include or (), exclude=exclude or ())
     check_output_not_input(output, [a.path for a in args])
     first = next((a for a in args if is_bundle(a.path)), None)
     if dry_run:
+        if first is not None:  # what the merge would refuse, before anything is restored
+            check_model_names(args, into=first)
         from ..ops.estimate import estimate
         from ..ops.inputs import staged_bundles
         with staged_bundles(args) as staged:
@@ -72,7 +80,8 @@ def pack(
         return
     check_new_output(output, force)
     if first is not None:
-        _merge(args, output, level=level, delta=delta, as_json=as_json, quiet=quiet)
+        _merge(args, output, level=level, delta=delta, layout=layout, as_json=as_json,
+               quiet=quiet)
         return
     with phased_progress(quiet) as progress:
         r = pack_models(args, output, level=level, delta=delta, progress=progress,
@@ -99,33 +108,20 @@ def pack(
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
 
 
-def _merge(args, output: Path, *, level: int, delta: str, as_json: bool, quiet: bool) -> None:
-    """Bundles among the inputs: the first is kept as it is (its blobs copied), the others'
-    models are restored into a temporary folder beside the output and added with the
-    rest."""
-    from ..ops.add import add as add_models
-    from ..ops.add import remove as remove_models
-    from ..ops.inputs import is_bundle, staged_bundles
+def _merge(args, output: Path, *, level: int, delta: str, layout: BundleLayout | None,
+           as_json: bool, quiet: bool) -> None:
+    """Bundles among the inputs: see ``ops.add.merge``."""
+    from ..ops.add import merge
 
-    first = next(a for a in args if is_bundle(a.path))
-    if first.name is not None:
-        raise UsageError(f"{first.name}={first.path}: a bundle holds named models already; "
-                         "give it without NAME=")
-    rest = [a for a in args if a is not first]
-    with staged_bundles(rest, output.resolve().parent) as staged, \
-            phased_progress(quiet) as progress:
-        if staged:
-            r = add_models(first.path, staged, output=output, level=level, delta=delta,
-                           progress=progress)
-        else:
-            r = remove_models(first.path, [], output=output, level=level, progress=progress)
+    with phased_progress(quiet) as progress:
+        r = merge(args, output, level=level, delta=delta, layout=layout, progress=progress)
     if as_json:
-        print_json({"bundle": str(r.path), "models": r.models, "bundle_bytes": r.bundle_bytes,
-                    "copied_blobs": r.copied_blobs, "new_blobs": r.new_blobs,
-                    "seconds": round(r.seconds, 3)})
+        print_json({"bundle": str(r.path), "layout": r.layout, "models": r.models,
+                    "bundle_bytes": r.bundle_bytes, "copied_blobs": r.copied_blobs,
+                    "new_blobs": r.new_blobs, "seconds": round(r.seconds, 3)})
         return
     stdout_console().print(plain(
-        f"merged {counted(len(r.models), 'model')} into {r.path}: "
+        f"merged {counted(len(r.models), 'model')} into {r.path} ({r.layout} layout): "
         f"{human_bytes(r.bundle_bytes)} ({counted(r.copied_blobs, 'blob')} copied, "
         f"{r.new_blobs} new) in {r.seconds:.2f} s"))
 

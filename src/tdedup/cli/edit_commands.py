@@ -52,7 +52,8 @@ def _report(r: EditResult, verb: str, as_json: bool) -> None:
 def add(
     bundle: BundleArg,
     paths: Annotated[list[str], typer.Argument(
-        help="Models to add: files, folders, hf://org/name[@rev]; as PATH or NAME=PATH.")],
+        help="Models to add: files, folders, hf://org/name[@rev], bundles; as PATH or "
+        "NAME=PATH (NAME=BUNDLE renames a bundle's one model).")],
     output: Output = None,
     force: Force = False,
     include: Include = None,
@@ -64,7 +65,9 @@ def add(
 ) -> None:
     """Add models to a bundle; what it holds is copied, never re-encoded."""
     from ..ops.add import add as add_models
+    from ..format.checkpoints.sources import ModelArg
     from ..ops.inputs import (
+        check_model_names,
         check_new_output,
         check_output_not_input,
         expand_inputs,
@@ -76,6 +79,8 @@ def add(
     if output is not None:
         check_output_not_input(output, [bundle])
         check_new_output(output, force)
+    # A name clash is refused before any bundle among the new models is restored.
+    check_model_names(args, into=ModelArg(None, bundle))
     # Bundles among the new models are restored beside the target and added as models.
     with staged_bundles(args, Path(target).resolve().parent) as staged, \
             phased_progress(quiet) as progress:

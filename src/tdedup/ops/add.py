@@ -12,6 +12,9 @@ output), so an added fine-tune is stored as it would be by a fresh pack of both.
 
 The result is written as pack writes (temporary name, fsync, rename over the target), so
 the old bundle stays valid until the new one replaces it.
+
+``merge`` is ``pack``'s part when bundles are among its inputs: the first bundle is kept
+(re-laid first, as ``convert`` does, when another layout is asked for) and the rest added.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
-from ..errors import UsageError
+from ..errors import UsageError, display_path
 from ..format.bundle.constants import DEFAULT_LEVEL, MAX_DELTA_DEPTH, BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
@@ -52,8 +55,9 @@ from ..format.checkpoints.sources import (
 )
 from ..format.codecs.zstd import zstd_compress
 from . import ProgressFn
-from .convert import layout_of
-from .pack import ROTATED_DTYPES, choose_encoding, layout_bytes, sha256_file
+from .convert import convert, layout_of
+from .inputs import bundle_names, check_model_names, is_bundle, staged_bundles
+from .pack import ROTATED_DTYPES, choose_encoding, layout_bytes, parse_layout, sha256_file
 
 #: Blobs encoded ahead of the writer (bounds memory to a few blobs).
 WINDOW = 6
@@ -70,6 +74,14 @@ class EditResult:
     new_blobs: int
     bundle_bytes: int
     seconds: float
+    layout: str = BundleLayout.COMPACT.value
+
+
+def _renamed(models: list[ModelEntry], renames: Mapping[str, str] | None) -> list[ModelEntry]:
+    """The bundle's models, those in ``renames`` under their new names."""
+    if not renames:
+        return list(models)
+    return [ModelEntry(renames.get(m.name, m.name), m.layout, m.files, m.hub) for m in models]
 
 
 def summary_of(manifest: Manifest) -> dict:
@@ -120,8 +132,10 @@ def _finish(writer: BundleWriter, models: list[ModelEntry], level: int, layout: 
 
 def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
            output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
-           progress: ProgressFn | None = None) -> EditResult:
+           progress: ProgressFn | None = None,
+           renames: Mapping[str, str] | None = None) -> EditResult:
     """Drop models ``names`` and the blobs no other model needs; nothing is re-encoded.
+    ``renames``: new names of kept models (old name -> new).
 
     Writes ``output`` (default: over ``bundle_path``, atomically)."""
     t0 = time.perf_counter()
@@ -137,11 +151,13 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
             raise UsageError("removing every model would leave an empty bundle",
                              path=bundle_path, hint="delete the file instead")
         b.check_padding()
+        layout = layout_of(b.manifest)
         with BundleWriter(target, alignment=b.manifest.alignment) as w:
             copied = _copy_blobs(w, b, b.manifest.blobs_of(kept), report)
-            size = _finish(w, kept, level, layout_of(b.manifest))
+            kept = _renamed(kept, renames)
+            size = _finish(w, kept, level, layout)
     return EditResult(target, [m.name for m in kept], list(names), copied, 0, size,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, layout)
 
 
 # -- add ---------------------------------------------------------------------------------
@@ -250,13 +266,14 @@ def _order(keys: list, choices: dict[tuple, DeltaChoice]) -> list:
 
 def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
-        delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None
-        ) -> EditResult:
+        delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
+        renames: Mapping[str, str] | None = None) -> EditResult:
     """Add the models ``paths`` (``PATH`` or ``NAME=PATH``) to a bundle.
 
     The bundle's blobs are copied unchanged; new tensors are deduplicated against them and
-    may be stored as deltas against them. Writes ``output`` (default: over
-    ``bundle_path``, atomically: the old bundle stays valid until the rename)."""
+    may be stored as deltas against them. ``renames``: new names of the bundle's models
+    (old name -> new). Writes ``output`` (default: over ``bundle_path``, atomically: the
+    old bundle stays valid until the rename)."""
     if delta not in ("auto", "off"):
         raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
     t0 = time.perf_counter()
@@ -266,13 +283,16 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
     if not args:
         raise UsageError("no models given")
     with Bundle(bundle_path) as b, ExitStack() as stack:
-        taken = set(b.model_names)
+        own = _renamed(b.manifest.models, renames)
+        taken = {m.name for m in own}
         names = assign_names(args)
-        clash = [n for n in names if n in taken]
+        clash = [i for i, n in enumerate(names) if n in taken]
         if clash:
-            raise UsageError(f"the bundle already holds a model named {clash[0]!r}",
-                             path=bundle_path, hint="give another name as NAME=PATH, or "
-                             "remove the old one first")
+            i = clash[0]
+            raise UsageError(f"its model would be named {names[i]!r}, as a model of "
+                             f"{display_path(bundle_path)} is", path=args[i].path,
+                             hint="give another name as NAME=PATH, or remove the old one "
+                             "first")
         new_models = [open_model(a, n) for a, n in zip(args, names)]
         # New blobs follow the bundle's layout (serving: self-contained blobs stay raw).
         layout = layout_of(b.manifest)
@@ -349,11 +369,57 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                    for m in new_models]
         for src in inputs.values():
             src.check_unchanged()
-        size = _finish(w, list(b.manifest.models) + entries, level, layout)
+        size = _finish(w, own + entries, level, layout)
         new_blobs = len(w.blobs) - copied
-        all_names = b.model_names + names
+        all_names = [m.name for m in own] + names
     return EditResult(target, all_names, names, copied, new_blobs, size,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, layout)
+
+
+def merge(args: Sequence[ModelArg], output: str | os.PathLike, *, level: int = DEFAULT_LEVEL,
+          delta: str = "auto", layout: str | BundleLayout | None = None, workers: int = 2,
+          progress: ProgressFn | None = None) -> EditResult:
+    """``pack`` of inputs among which are bundles: the first bundle is kept as it is (its
+    blobs copied, its one model renamed when given as ``NAME=BUNDLE``), the other bundles'
+    models are restored beside the output (sha256-checked) and added with the rest.
+
+    ``layout`` (default: the first bundle's own) is honoured: when it differs, the first
+    bundle is re-laid first, as ``convert`` does (deltas copied byte for byte), into a
+    temporary file beside the output, and the new blobs follow it. Refuses a model name two
+    inputs would give before anything is written (``inputs.check_model_names``)."""
+    t0 = time.perf_counter()
+    output = Path(output)
+    first = next((a for a in args if is_bundle(a.path)), None)
+    if first is None:
+        raise UsageError("no bundle among the inputs to merge")
+    check_model_names(args, into=first)
+    with Bundle(first.path, mapped=False) as b:
+        own, names = layout_of(b.manifest), list(b.model_names)
+    renames = {old: new for old, new in zip(names, bundle_names(first)) if old != new}
+    target = parse_layout(layout if layout is not None else own).value
+    rest = [a for a in args if a is not first]
+    with ExitStack() as stack:
+        source = Path(first.path)
+        if target != own and not rest and not renames:
+            c = convert(source, output, target, force=True, level=level, workers=workers,
+                        progress=progress)
+            return EditResult(output, names, [], c.copied, c.decoded + c.encoded,
+                              c.bundle_bytes, time.perf_counter() - t0, target)
+        if target != own:
+            source, f = open_temp(output.with_name(output.name + ".relaid"))
+            f.close()
+            stack.callback(source.unlink, missing_ok=True)
+            convert(first.path, source, target, force=True, level=level, workers=workers,
+                    progress=progress)
+        staged = stack.enter_context(staged_bundles(rest, output.resolve().parent))
+        if staged:
+            r = add(source, staged, output=output, level=level, delta=delta, workers=workers,
+                    progress=progress, renames=renames)
+        else:
+            r = remove(source, [], output=output, level=level, progress=progress,
+                       renames=renames)
+    r.seconds = time.perf_counter() - t0
+    return r
 
 
 def _write(w: BundleWriter, result, report, distinct: int) -> None:

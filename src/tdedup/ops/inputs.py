@@ -1,7 +1,11 @@
 """What the user names as inputs, turned into models: paths, ``NAME=PATH``, hub ids
 (``hf://org/name[@rev]``, a bare ``org/name`` when no such path exists), hub cache folders
 (every cached revision), bundles (their models); ``--include``/``--exclude`` globs; and
-the refusals that protect inputs: the same input twice, an output that is an input.
+the refusals that protect inputs: the same input twice, an output that is an input, a
+model name two inputs would both give.
+
+A bundle given as ``NAME=BUNDLE`` (in a merge, or to ``add``) gives its one model the name
+``NAME``; a bundle of several models takes no ``NAME=``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ..format.bundle.constants import MAGIC
 from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
 from ..format.checkpoints.records import model_folder
-from ..format.checkpoints.sources import ModelArg, parse_model_arg
+from ..format.checkpoints.sources import ModelArg, assign_names, parse_model_arg
 from . import check_output_file
 from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
 from .unpack import unpack
@@ -109,6 +113,61 @@ def check_new_output(output: str | os.PathLike, force: bool) -> None:
                                 hint="pass --force to replace it")
 
 
+def bundle_names(arg: ModelArg) -> list[str]:
+    """The names a bundle input's models take: their own, or ``NAME`` for the one model of
+    a bundle given as ``NAME=BUNDLE``."""
+    with Bundle(arg.path, mapped=False) as b:
+        names = list(b.model_names)
+    if arg.name is None:
+        return names
+    if len(names) != 1:
+        raise UsageError(f"{arg.name}={arg.path}: NAME= renames the model of a bundle of one "
+                         f"model; this one holds {len(names)} ({', '.join(names)})",
+                         hint=f"give it without NAME=; to rename MODEL, give the rest "
+                         f"without it (tdedup remove {arg.path} MODEL -o REST.tdd) and MODEL "
+                         f"restored (tdedup unpack {arg.path} DIR -m MODEL) as NAME=DIR/MODEL")
+    return [arg.name]
+
+
+def check_model_names(args: Sequence[ModelArg], *, into: ModelArg | None = None) -> None:
+    """Refuse, before anything is read or restored, a model name that two inputs would
+    give (``into``: the bundle the others are added to, or the one a merge keeps; the
+    other models are named as ``add`` names them). The error names the input the clashing
+    model comes from, the hint how to rename it."""
+    holders: dict[str, Path] = {n: into.path for n in bundle_names(into)} if into else {}
+    entries: list[tuple[ModelArg, ModelArg]] = []  # (the model as named, its input)
+    for a in args:
+        if a is not into:
+            entries += ([(ModelArg(n, a.path), a) for n in bundle_names(a)] if is_bundle(a.path)
+                        else [(a, a)])
+    explicit: dict[str, Path] = {}
+    for m, origin in entries:
+        if m.name is not None:
+            if m.name in holders or m.name in explicit:
+                raise _clash(m.name, origin, holders.get(m.name) or explicit[m.name])
+            explicit[m.name] = origin.path
+    for n, (m, origin) in zip(assign_names([m for m, _ in entries]), entries):
+        if m.name is None and n in holders:
+            raise _clash(n, origin, holders[n])
+
+
+def _clash(name: str, origin: ModelArg, holder: Path) -> UsageError:
+    """The error for ``origin``'s model ``name``, which a model of ``holder`` has already."""
+    if not is_bundle(origin.path):
+        return UsageError(f"its model would be named {name!r}, as a model of {holder} is",
+                          path=origin.path, hint="give it another name as NAME=PATH")
+    with Bundle(origin.path, mapped=False) as b:
+        count = len(b.model_names)
+    if count == 1:
+        hint = f"give it another name as NEWNAME={origin.path}"
+    else:
+        hint = (f"give the rest without it (tdedup remove {origin.path} {name} -o REST.tdd, "
+                "then REST.tdd) and, to keep it under another name, restore it (tdedup "
+                f"unpack {origin.path} DIR -m {name}) and give NEWNAME=DIR/{model_folder(name)}")
+    return UsageError(f"holds a model named {name!r}, as {holder} does", path=origin.path,
+                      hint=hint)
+
+
 @contextmanager
 def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = None,
                    *, keep_first: bool = False) -> Iterator[list[ModelArg]]:
@@ -127,18 +186,16 @@ def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = Non
                 kept_one = True
                 out.append(a)
                 continue
-            if a.name is not None:
-                raise UsageError(f"{a.name}={a.path}: a bundle holds named models already; "
-                                 "give it without NAME=")
+            names = bundle_names(a)  # NAME=BUNDLE renames its one model
             if stage is None:
                 stage = Path(tempfile.mkdtemp(prefix=".tdedup-stage-", dir=workdir))
             dest = stage / str(i)
             unpack(a.path, dest)
             with Bundle(a.path) as b:
-                for m in b.manifest.models:
+                for m, name in zip(b.manifest.models, names):
                     folder = dest / model_folder(m.name)
                     single = len(m.files) == 1 and m.layout == m.files[0].kind
-                    out.append(ModelArg(m.name, folder / m.files[0].path if single else folder,
+                    out.append(ModelArg(name, folder / m.files[0].path if single else folder,
                                         m.hub))
         yield out
     finally:
