@@ -20,6 +20,7 @@ from .common import (
     Json,
     Level,
     Quiet,
+    counted,
     guarded,
     human_bytes,
     phased_progress,
@@ -34,11 +35,6 @@ if TYPE_CHECKING:
 
 # The library (numpy, zstd, the planner) is imported inside each command, not here:
 # ``tdedup --help`` imports this module and must start in well under 150 ms.
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 model``, ``2 models``: a count with its noun in the right number."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 @guarded

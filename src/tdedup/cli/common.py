@@ -171,6 +171,11 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 model``, ``2 models``: a count with its noun in the right number."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _usage_message(text: str) -> str:
     """click's ``Missing option '-o' / '--output'.`` in the project's style:
     ``missing option '-o' / '--output'`` (no capital, no full stop)."""

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from ..format.bundle.constants import DEFAULT_LEVEL
-from .bundle_commands import counted
 from .common import (
     BundleArg,
     Delta,
@@ -17,6 +16,7 @@ from .common import (
     Json,
     Level,
     Quiet,
+    counted,
     guarded,
     human_bytes,
     phased_progress,

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import TdedupError
-from .common import guarded, human_bytes, phased_progress, plain, stdout_console
+from .common import counted, guarded, human_bytes, phased_progress, plain, stdout_console
 
 #: A load shorter than this shows no progress bar.
 PROGRESS_AFTER_S = 1.0
@@ -97,7 +97,7 @@ def load(
     mapped = (f" ({human_bytes(s.mapped_bytes)} of it mapped from the bundle)"
               if s.mapped_bytes else "")
     checked = "checksums verified" if s.verified else "not verified"
-    out.print(plain(f"loaded {len(s.models)} models on {loaded.device} in {s.seconds:.2f} s "
+    out.print(plain(f"loaded {counted(len(s.models), 'model')} on {loaded.device} in {s.seconds:.2f} s "
                     f"({s.gb_per_s:.2f} GB/s logical; {checked})"))
     out.print(f"  logical {human_bytes(s.logical_bytes)} -> device "
               f"{human_bytes(s.device_bytes)}{mapped}: saved {human_bytes(s.saved_bytes)} "
