@@ -21,7 +21,7 @@ import tdedup
 from helpers.hostile_helpers import slow
 from tdedup.analyzers.derivation import canonical_names, plan_derived
 from tdedup.analyzers.scan import hash_models, index_models
-from tdedup.errors import BundleFormatError, TdedupError
+from tdedup.errors import BundleFormatError, TdedupError, UsageError
 from tdedup.format.bundle.constants import BlobEncoding
 from tdedup.format.codecs import decode, encode
 from tdedup.format.codecs.derived import (
@@ -182,6 +182,39 @@ def test_pack_derives_by_default_and_round_trips(ladder, tmp_path):
         restored = next((tmp_path / "out" / name).rglob(Path(path).name))
         assert _sha(restored) == _sha(Path(path))
     del out
+
+
+def test_add_and_merge_derive_against_the_bundle(ladder, tmp_path):
+    """A precision added to a bundle is stored as a transform of the bundle's tensors, as a
+    fresh pack of all of them stores it (add used to plan deltas only: each addition was
+    stored whole), and a merge of bundles (add under the hood) likewise."""
+    fresh = tdedup.pack(ladder, tmp_path / "fresh.tdd")
+    tdedup.pack(ladder[:1], tmp_path / "base.tdd")
+    added = tdedup.add(tmp_path / "base.tdd", ladder[1:], output=tmp_path / "added.tdd")
+    assert added.bundle_bytes <= 1.02 * fresh.bundle_bytes
+    assert _stored_tensor_bytes(tmp_path / "added.tdd")[1] == 17  # as test above
+    tdedup.pack(ladder[1:], tmp_path / "rest.tdd", derive="off")
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    merged = tmp_path / "merged.tdd"
+    res = CliRunner().invoke(app, ["pack", str(tmp_path / "base.tdd"), str(tmp_path / "rest.tdd"),
+                                   "-o", str(merged), "-q"])
+    assert res.exit_code == 0, res.output
+    assert merged.stat().st_size <= 1.02 * fresh.bundle_bytes
+    off = tdedup.add(tmp_path / "base.tdd", ladder[1:], output=tmp_path / "off.tdd",
+                     derive="off")
+    assert _stored_tensor_bytes(tmp_path / "off.tdd")[1] == 0
+    assert off.bundle_bytes > 1.5 * fresh.bundle_bytes
+    for bundle in ("added", "merged"):
+        tdedup.unpack(tmp_path / f"{bundle}.tdd", tmp_path / f"out-{bundle}")
+        for arg in ladder:
+            name, path = arg.split("=", 1)
+            restored = next((tmp_path / f"out-{bundle}" / name).rglob(Path(path).name))
+            assert _sha(restored) == _sha(Path(path)), (bundle, name)
+    with pytest.raises(UsageError, match="derive"):
+        tdedup.add(tmp_path / "base.tdd", ladder[1:], output=tmp_path / "x.tdd", derive="on")
 
 
 def test_load_rebuilds_derived_tensors_bit_exact(ladder, tmp_path):

@@ -14,6 +14,7 @@ from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
 from .common import (
     BundleArg,
     Delta,
+    Derive,
     Exclude,
     Force,
     Include,
@@ -48,7 +49,7 @@ def pack(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planner's size estimate and what would be stored as what; write nothing.")] = False,
     include: Include = None,
     exclude: Exclude = None,
-    derive: Annotated[str, typer.Option("--derive", help="auto: store tensors another model's tensor computes (a cast, a ggml quantization) as transform + residual, and repeated file layouts against each other; off: never.")] = "auto",
+    derive: Derive = "auto",
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -76,7 +77,8 @@ def pack(
         return
     check_new_output(output, force)
     if first is not None:
-        _merge(args, output, level=level, delta=delta, layout=layout, as_json=as_json,
+        _merge(args, output, level=level, delta=delta, derive=derive, layout=layout,
+               as_json=as_json,
                quiet=quiet)
         return
     with phased_progress(quiet) as progress:
@@ -104,13 +106,14 @@ def pack(
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
 
 
-def _merge(args, output: Path, *, level: int, delta: str, layout: BundleLayout | None,
-           as_json: bool, quiet: bool) -> None:
+def _merge(args, output: Path, *, level: int, delta: str, derive: str,
+           layout: BundleLayout | None, as_json: bool, quiet: bool) -> None:
     """Bundles among the inputs: see ``ops.add.merge``."""
     from ..ops.add import merge
 
     with phased_progress(quiet) as progress:
-        r = merge(args, output, level=level, delta=delta, layout=layout, progress=progress)
+        r = merge(args, output, level=level, delta=delta, layout=layout, progress=progress,
+                  derive=derive)
     if as_json:
         print_json({"bundle": str(r.path), "layout": r.layout, "models": r.models,
                     "bundle_bytes": r.bundle_bytes, "copied_blobs": r.copied_blobs,
@@ -142,8 +145,8 @@ def _print_estimate(e: dict, as_json: bool, kept: Path | None) -> None:
     for k, n in sorted(e["derived_transforms"].items()):
         out.print(plain(f"    {n} {k} (derived)"))
     if kept is not None:
-        out.print(plain(f"  a merge copies {kept}'s blobs; the models it adds get deltas, "
-                        "no derived blobs"))
+        out.print(plain(f"  a merge copies {kept}'s blobs and adds the other models "
+                        "against them"))
     out.print(f"  estimated tensor bytes stored: ~{human_bytes(e['estimated_bytes'])} "
               f"(~{human_bytes(e['estimated_without_deltas_bytes'])} with every blob "
               "self-contained)")

@@ -312,6 +312,10 @@ Level = Annotated[int, typer.Option(
          "also try zstd's best entropy coding (~0.1-0.2 % smaller, ~20x slower).")]
 Delta = Annotated[str, typer.Option(
     "--delta", help="auto: store near-identical tensors as base + delta; off: never.")]
+Derive = Annotated[str, typer.Option(
+    "--derive", help="auto: store tensors another model's tensor computes (a cast, a ggml "
+    "quantization) as transform + residual, and repeated file layouts against each other; "
+    "off: never.")]
 BundleArg = Annotated[Path, typer.Argument(help="The bundle (.tdd).")]
 
 

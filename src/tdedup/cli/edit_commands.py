@@ -11,6 +11,7 @@ from ..format.bundle.constants import DEFAULT_LEVEL
 from .common import (
     BundleArg,
     Delta,
+    Derive,
     Exclude,
     Include,
     Json,
@@ -60,6 +61,7 @@ def add(
     exclude: Exclude = None,
     level: Level = DEFAULT_LEVEL,
     delta: Delta = "auto",
+    derive: Derive = "auto",
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -85,7 +87,7 @@ def add(
     with staged_bundles(args, Path(target).resolve().parent) as staged, \
             phased_progress(quiet) as progress:
         r = add_models(bundle, staged, output=output, level=level, delta=delta,
-                       progress=progress)
+                       derive=derive, progress=progress)
     _report(r, "added", as_json)
 
 

@@ -30,38 +30,34 @@ from pathlib import Path
 
 from .._fs import InputFile, mapped, open_temp
 from .._version import __version__
-from ..analyzers.delta_planning import DeltaChoice, plan_deltas
+from ..analyzers.delta_planning import plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
 from ..errors import UsageError, display_path
-from ..format.bundle.constants import DEFAULT_LEVEL, MAX_DELTA_DEPTH, BlobEncoding, BundleLayout
+from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.reader import Bundle
 from ..format.bundle.writer import BundleWriter
-from ..format.checkpoints.dtypes import element_width
-from ..format.checkpoints.records import (
-    FileKind,
-    ModelLayout,
-    ModelSource,
-    SourceFile,
-    TensorRecord,
-)
+from ..format.checkpoints.records import ModelSource
 from ..format.checkpoints.sources import (
     ModelArg,
     assign_names,
     open_model,
     parse_model_arg,
 )
-from ..format.codecs.zstd import zstd_compress
-from . import ProgressFn
+from . import ProgressFn, pack_derived
 from .convert import convert, layout_of
 from .inputs import bundle_names, check_model_names, is_bundle, staged_bundles
-from .pack import ROTATED_DTYPES, choose_encoding, layout_bytes, parse_layout, sha256_file
-
-#: Blobs encoded ahead of the writer (bounds memory to a few blobs).
-WINDOW = 6
-
+from .add_candidates import (
+    bases_first,
+    bundle_candidates,
+    derivation_bases,
+    keep_shallow,
+    spill_file,
+    windowed,
+)
+from .pack import encode_content, layout_bytes, parse_layout, sha256_file
 
 @dataclass(slots=True)
 class EditResult:
@@ -96,17 +92,6 @@ def summary_of(manifest: Manifest) -> dict:
             "distinct_tensor_bytes": sum(tensors.values()),
             "stored_blob_bytes": sum(b.stored_length for b in manifest.blobs.values()),
             "encodings": counts}
-
-
-def _windowed(pool: ThreadPoolExecutor, fn, items, window: int = WINDOW):
-    """``pool.map(fn, items)`` in order, with at most ``window`` results held ahead."""
-    pending: list = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
 
 
 def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
@@ -162,112 +147,10 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
 
 # -- add ---------------------------------------------------------------------------------
 
-def _bundle_models(b: Bundle, wanted: set[tuple[str, int]], make_spill,
-                   pool: ThreadPoolExecutor
-                   ) -> tuple[list[ModelSource], dict[str, list[HashedTensor]]]:
-    """The bundle's models as planner candidates: only tensors whose (dtype, length) a new
-    tensor has. Raw blobs are located in the bundle itself; others are decoded (on the
-    pool) into a spill file (``make_spill(nbytes)`` makes it). Their stored checksums are
-    checked by the copy, before anything encoded against them is written."""
-    tensors = [(m, t) for m in b.manifest.models for f in m.files for t in f.tensors
-               if t.length and (t.dtype, t.length) in wanted]
-    placed: dict[str, tuple[Path, int]] = {}
-    to_decode = []
-    for _, t in tensors:
-        if t.hash not in placed:
-            rec = b.blob(t.hash)
-            if rec.encoding is BlobEncoding.RAW:
-                placed[t.hash] = (b.path, rec.offset)
-            else:
-                placed[t.hash] = (b.path, -1)
-                to_decode.append(t.hash)
-    spill = make_spill(sum(b.blob(d).decoded_length for d in to_decode))
-
-    pos = 0
-    with open(spill, "r+b") as out:
-        for digest, data in zip(to_decode, _windowed(pool, b.read_blob, to_decode)):
-            out.write(data)
-            placed[digest] = (spill, pos)
-            pos += memoryview(data).nbytes
-    out_models, hashed = [], {}
-    for m in b.manifest.models:
-        raw = SourceFile("<bundle>", b.path, b.size, FileKind.SAFETENSORS)
-        spilled = SourceFile("<spill>", spill, pos, FileKind.SAFETENSORS)
-        hs = []
-        for mm, t in tensors:
-            if mm is not m:
-                continue
-            path, off = placed[t.hash]
-            sf = raw if path == b.path else spilled
-            r = TensorRecord(m.name, sf.rel_path, t.name, t.dtype, tuple(t.shape), off,
-                             t.length)
-            sf.tensors.append(r)
-            hs.append(HashedTensor(r, t.hash))
-        out_models.append(ModelSource(m.name, b.path, ModelLayout.FOLDER,
-                                      [f for f in (raw, spilled) if f.tensors]))
-        hashed[m.name] = hs
-    return out_models, hashed
-
-
-#: Decoded candidates up to this size are spilled into memory (a memfd), larger ones into
-#: a temporary file beside the output (never more than a quarter of the free memory).
-MEMORY_SPILL = 2 << 30
-
-
-def _spill_file(stack: ExitStack, target: Path, nbytes: int) -> Path:
-    """Where decoded candidate bases go: an anonymous memory file when they fit, else a
-    temporary file beside the output; removed when ``stack`` closes."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        free = 0
-    if hasattr(os, "memfd_create") and nbytes <= min(MEMORY_SPILL, free // 4):
-        fd = os.memfd_create("tdedup-spill")
-        stack.callback(os.close, fd)
-        return Path(f"/proc/self/fd/{fd}")
-    path, f = open_temp(target.with_name(target.name + ".spill"))
-    f.close()
-    stack.callback(path.unlink, missing_ok=True)
-    return path
-
-
-def _depths(b: Bundle, choices: dict, order: list) -> dict:
-    """Drop planned deltas whose chain through the bundle's own would be too deep."""
-    depth = {h: d for h, d in b.manifest.with_bases(b.manifest.blobs).items()}
-    kept: dict = {}
-    for key in order:
-        c = choices.get(key)
-        if c is None:
-            continue
-        base_depth = depth.get(c.base[0], 0)
-        if base_depth + 1 <= MAX_DELTA_DEPTH:
-            kept[key] = c
-            depth[key[0]] = base_depth + 1
-    return kept
-
-
-def _order(keys: list, choices: dict[tuple, DeltaChoice]) -> list:
-    """New contents in first-occurrence order, a new base before its deltas."""
-    order, placed, new = [], set(), set(keys)
-
-    def place(key, depth=0):
-        if key in placed:
-            return
-        c = choices.get(key)
-        if c is not None and c.base in new and depth < 64:
-            place(c.base, depth + 1)
-        placed.add(key)
-        order.append(key)
-
-    for k in keys:
-        place(k)
-    return order
-
-
 def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
         delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
-        renames: Mapping[str, str] | None = None) -> EditResult:
+        renames: Mapping[str, str] | None = None, derive: str = "auto") -> EditResult:
     """Add the models ``paths`` (``PATH`` or ``NAME=PATH``) to a bundle.
 
     The bundle's blobs are copied unchanged; new tensors are deduplicated against them and
@@ -276,6 +159,7 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
     old bundle stays valid until the rename)."""
     if delta not in ("auto", "off"):
         raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
+    pack_derived.plan(ScannedModels([], {}), derive)  # refuses a bad --derive up front
     t0 = time.perf_counter()
     report = progress or (lambda phase, n, total: None)
     target = Path(output or bundle_path)
@@ -318,15 +202,30 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         new_scan = hash_models(new_models, lambda n: report("hashing", n, total))
         have = set(b.manifest.blobs)
         firsts = {k: h for k, h in new_scan.first_occurrences().items() if k[0] not in have}
-        choices: dict = {}
+        deltas: dict = {}
+        derived: dict = {}
         scanned = new_scan
-        if delta == "auto" and firsts:
-            wanted = {(h.record.dtype, h.record.length) for h in firsts.values()}
-            old_models, old_hashed = _bundle_models(
-                b, wanted, lambda n: _spill_file(stack, target, n), pool)
+        if firsts and "auto" in (delta, derive):
+            # The bundle's tensors that could be a base: of a new tensor's type and length
+            # (deltas), of its canonical name and element count (derived).
+            sized = ({(h.record.dtype, h.record.length) for h in firsts.values()}
+                     if delta == "auto" else set())
+            named = (derivation_bases(b, new_models, firsts.values()) if derive == "auto"
+                     else set())
+            old_models, old_hashed = bundle_candidates(
+                b, lambda m, f, t: (t.dtype, t.length) in sized or (m.name, f.path, t.name)
+                in named, lambda n: spill_file(stack, target, n), pool)
             scanned = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
-            planned = plan_deltas(scanned, only=set(firsts)).choices
-            choices = _depths(b, planned, list(firsts))
+            # As pack: derived choices first, then the deltas they leave (delta_exclusions).
+            derived = {k: c for k, c in pack_derived.plan(scanned, derive).items()
+                       if k in firsts}
+            if delta == "auto":
+                no_delta = pack_derived.delta_exclusions(derived)
+                deltas = {k: c for k, c in
+                          plan_deltas(scanned, only=set(firsts)).choices.items()
+                          if k not in no_delta and c.base not in no_delta.targets}
+            deltas, derived = keep_shallow(b, bases_first(list(firsts), deltas, derived),
+                                           deltas, derived)
         copied = copy_done.result()
         views: dict[Path, memoryview] = {}
 
@@ -351,22 +250,15 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
 
         def job(key):
             h = firsts[key]
-            c = choices.get(key)
-            if raw_only and c is None:
-                return key, BlobEncoding.RAW, source(h), None
-            base = source(all_firsts[c.base]) if c is not None else None
-            enc, stored, used = choose_encoding(source(h), element_width(h.record.dtype), level,
-                                                base=base, delta=c,
-                                                rotate=h.record.dtype in ROTATED_DTYPES)
-            if raw_only and not used:  # as pack --layout serving does
-                enc, stored = BlobEncoding.RAW, source(h)
-            return key, enc, stored, (c.base[0] if used else None)
+            return key, *encode_content(source(h), h.record.dtype, level,
+                                        lambda k: source(all_firsts[k]), delta=deltas.get(key),
+                                        derived=derived.get(key), raw_only=raw_only)
 
         distinct = sum(k[1] for k in firsts)
-        for result in _windowed(pool, job, _order(list(firsts), choices)):
+        for result in windowed(pool, job, bases_first(list(firsts), deltas, derived)):
             _write(w, result, report, distinct)
-        entries = [_model_entry(m, new_scan, w, inputs, shas, None if raw_only else level)
-                   for m in new_models]
+        layouts = _layout_store(b, w, level, derive, raw_only)
+        entries = [_model_entry(m, new_scan, inputs, shas, layouts) for m in new_models]
         for src in inputs.values():
             src.check_unchanged()
         size = _finish(w, own + entries, level, layout)
@@ -378,7 +270,7 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
 
 def merge(args: Sequence[ModelArg], output: str | os.PathLike, *, level: int = DEFAULT_LEVEL,
           delta: str = "auto", layout: str | BundleLayout | None = None, workers: int = 2,
-          progress: ProgressFn | None = None) -> EditResult:
+          progress: ProgressFn | None = None, derive: str = "auto") -> EditResult:
     """``pack`` of inputs among which are bundles: the first bundle is kept as it is (its
     blobs copied, its one model renamed when given as ``NAME=BUNDLE``), the other bundles'
     models are restored beside the output (sha256-checked) and added with the rest.
@@ -414,7 +306,7 @@ def merge(args: Sequence[ModelArg], output: str | os.PathLike, *, level: int = D
         staged = stack.enter_context(staged_bundles(rest, output.resolve().parent))
         if staged:
             r = add(source, staged, output=output, level=level, delta=delta, workers=workers,
-                    progress=progress, renames=renames)
+                    progress=progress, renames=renames, derive=derive)
         else:
             r = remove(source, [], output=output, level=level, progress=progress,
                        renames=renames)
@@ -428,22 +320,32 @@ def _write(w: BundleWriter, result, report, distinct: int) -> None:
     report("packing", key[1], distinct)
 
 
-def _model_entry(m: ModelSource, scan: ScannedModels, w: BundleWriter,
-                 inputs: dict[Path, InputFile], shas,
-                 level: int | None) -> ModelEntry:
-    """The manifest entry of a new model; its layout blobs are written if new (raw when
-    ``level`` is None: the serving layout)."""
+def _layout_store(b: Bundle, w: BundleWriter, level: int, derive: str,
+                  raw_only: bool) -> pack_derived.LayoutStore:
+    """Where new files' non-tensor bytes go, as pack stores them: against the bundle's
+    first plain layout of the same file kind when that is smaller (a GGUF file's metadata
+    repeats the vocabulary every GGUF file of a ladder holds)."""
+    layouts = pack_derived.LayoutStore(w, level, enabled=derive != "off", raw_only=raw_only)
+    if derive != "off":
+        firsts: dict[str, str] = {}
+        for m in b.manifest.models:
+            for f in m.files:
+                if b.blob(f.layout).base is None and b.blob(f.layout).decoded_length:
+                    firsts.setdefault(f.kind, f.layout)
+        for kind, digest in firsts.items():
+            layouts.seed(digest, bytes(b.read_blob(digest)), kind)
+    return layouts
+
+
+def _model_entry(m: ModelSource, scan: ScannedModels, inputs: dict[Path, InputFile], shas,
+                 layouts: pack_derived.LayoutStore) -> ModelEntry:
+    """The manifest entry of a new model; its layout blobs are written if new."""
     digests = {(h.record.file, h.record.name): h.digest for h in scan.hashed[m.name]}
     files = []
     for f in m.files:
         layout = layout_bytes(f, inputs[f.abs_path]) if f.size else b""
         digest = hash_bytes(layout)
-        if digest not in w:
-            stored = zstd_compress(layout, level) if level is not None else layout
-            if len(stored) < len(layout):
-                w.add_blob(digest, BlobEncoding.ZSTD, stored, len(layout))
-            else:
-                w.add_blob(digest, BlobEncoding.RAW, layout, len(layout))
+        layouts.add(digest, layout, f.kind.value)
         tensors = [TensorEntry(t.name, t.dtype, list(t.shape), t.offset, t.length,
                                digests[(t.file, t.name)]) for t in f.tensors]
         info = {k: v for k, v in f.info.items() if isinstance(v, (str, int, float))}

@@ -9,7 +9,7 @@ figures are always reported as an estimate.
 
 A merge (bundles among the inputs) is estimated as ``ops.add.merge`` writes it: the first
 bundle's tensor blobs as they are stored (as ``convert`` re-lays them for another layout),
-the other contents as ``add`` stores them (deltas, no derived blobs).
+the other contents as ``add`` stores them (deltas and derived blobs, as pack would).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def estimate(paths: Sequence[str | ModelArg], *, delta: str = "auto", derive: st
     scanned = hash_models(models, lambda n: report("hashing", n, total))
     plan = plan_deltas(scanned)
     choices = plan.choices if delta == "auto" else {}
-    # As pack: derived choices first; the delta choices they exclude are dropped. A merge
-    # adds contents as ``add`` does, with no derived blobs.
-    derived = pack_derived.plan(scanned, "off" if keep is not None else derive)
+    # As pack (and add, for a merge): derived choices first; the delta choices they
+    # exclude are dropped.
+    derived = pack_derived.plan(scanned, derive)
     excluded = pack_derived.delta_exclusions(derived)
     kinds: Counter[str] = Counter()  # self, delta, derived, copied
     delta_encodings: Counter[str] = Counter()
@@ -103,7 +103,7 @@ def estimate(paths: Sequence[str | ModelArg], *, delta: str = "auto", derive: st
     firsts = scanned.first_occurrences()
     return {"estimate": True, "models": len(models), "model_names": [m.name for m in models],
             "layout": target.value, "delta": delta,
-            "derive": "off" if keep is not None else derive, "merge": keep is not None,
+            "derive": derive, "merge": keep is not None,
             "tensor_bytes": total, "distinct_tensors": len(firsts),
             "distinct_tensor_bytes": sum(k[1] for k in firsts),
             "self_blobs": kinds["self"], "delta_blobs": kinds["delta"],

@@ -19,17 +19,19 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .._fs import InputFile
 from .._version import __version__
 from ..analyzers.delta_planning import DeltaChoice, choose_bases
 from ..analyzers.scan import ScannedModels, hash_models, index_models
-from ..analyzers.tensor_hashes import HashedTensor
+from ..analyzers.derivation import DeriveChoice
+from ..analyzers.tensor_hashes import ContentKey, HashedTensor
 from ..errors import UsageError
 from ..format.bundle.constants import BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
@@ -216,6 +218,34 @@ class _Stopped(Exception):
     pass
 
 
+def encode_content(data, dtype: str, level: int, base_of: Callable[[ContentKey], object], *,
+                   delta: DeltaChoice | None = None, derived: DeriveChoice | None = None,
+                   raw_only: bool = False) -> tuple[BlobEncoding, object, str | None]:
+    """How one distinct content is stored: (encoding, stored bytes, base blob or None).
+
+    A derived blob (``derived``: a transform of another content, ``base_of`` gives any
+    content's bytes) is kept at once when it is a small share of the tensor; otherwise it
+    competes with the delta the planner chose and the content's own encodings. Serving
+    (``raw_only``) makes the same choice as compact, so that both layouts hold the same
+    deltas and derived blobs and ``convert`` between them is exact, then keeps a
+    self-contained winner raw."""
+    got = None
+    if derived is not None:
+        got = pack_derived.try_derived(data, base_of(derived.base), derived, level)
+        if got is not None and len(got) <= pack_derived.DERIVED_CLEAR_WIN * len(data):
+            return BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, derived.base[0]
+    if raw_only and delta is None and got is None:
+        return BlobEncoding.RAW, data, None
+    base = base_of(delta.base) if delta is not None else None
+    enc, stored, used = choose_encoding(data, element_width(dtype), level, base=base,
+                                        delta=delta, rotate=dtype in ROTATED_DTYPES)
+    if got is not None and derived is not None and len(got) < len(cast(bytes, stored)):
+        return BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, derived.base[0]
+    if raw_only and not used:
+        return BlobEncoding.RAW, data, None
+    return enc, stored, (delta.base[0] if used and delta is not None else None)
+
+
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
          delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
          layout: str | BundleLayout = BundleLayout.COMPACT, derive: str = "auto"
@@ -270,30 +300,11 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
 
             def job(key, choice):
                 h = firsts[key]
-                data = source(h)
                 if key in no_delta or (choice is not None and choice.base in no_delta.targets):
                     choice = None  # see pack_derived.delta_exclusions
-                dchoice = derived.get(key)
-                got = None
-                if dchoice is not None:
-                    got = pack_derived.try_derived(data, source(firsts[dchoice.base]), dchoice,
-                                                   level)
-                    if got is not None and len(got) <= pack_derived.DERIVED_CLEAR_WIN * len(data):
-                        return key, BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, dchoice.base[0]
-                if raw_only and choice is None and got is None:
-                    return key, BlobEncoding.RAW, data, None
-                base = source(firsts[choice.base]) if choice is not None else None
-                # Serving makes the same choice as compact (so that both layouts hold the
-                # same deltas and ``convert`` between them is exact), then keeps a
-                # self-contained winner raw.
-                enc, stored, used = choose_encoding(
-                    data, element_width(h.record.dtype), level, base=base, delta=choice,
-                    rotate=h.record.dtype in ROTATED_DTYPES)
-                if got is not None and len(got) < len(stored):
-                    return key, BlobEncoding.DERIVED_XOR_BYTEPLANE_ZSTD, got, dchoice.base[0]
-                if raw_only and not used:
-                    enc, stored = BlobEncoding.RAW, data
-                return key, enc, stored, (choice.base[0] if used else None)
+                return key, *encode_content(source(h), h.record.dtype, level,
+                                            lambda k: source(firsts[k]), delta=choice,
+                                            derived=derived.get(key), raw_only=raw_only)
 
             pending: deque[Future] = deque()
             window = WINDOW_PER_WORKER * max(1, workers)

@@ -85,6 +85,12 @@ class LayoutStore:
         self.raw_only = raw_only
         self.refs: dict[str, tuple[str, bytes]] = {}
 
+    def seed(self, digest: str, layout: bytes, kind: str) -> None:
+        """Take ``layout``, a plain blob the writer holds already (``add`` copies the
+        bundle's), as the reference for files of ``kind`` unless there is one."""
+        if self.enabled and layout and kind not in self.refs:
+            self.refs[kind] = (digest, layout)
+
     def add(self, digest: str, layout: bytes, kind: str) -> None:
         if digest in self.writer:
             return
