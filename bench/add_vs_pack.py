@@ -2,16 +2,19 @@
 
     python bench/add_vs_pack.py [--repeat 3] [--corpus DIR]
 
-A family grows by one fine-tune, ``minilm/ft-full`` of the corpus, added to a bundle of
+A family grows by one model, added to a bundle of
 
-- "pair": the MiniLM base alone;
-- "family": base, dup-pkg, resaved, ft-freeze and ft-lora-merged.
+- "pair": the MiniLM base alone, plus the fine-tune ``minilm/ft-full``;
+- "family": base, dup-pkg, resaved, ft-freeze and ft-lora-merged, plus ``ft-full``;
+- "ladder": base, its F16 cast and its F32 GGUF conversion, plus the Q8_0 GGUF
+  (``minilm-gguf/q8_0.gguf``): stored derived from the bundle's tensors.
 
 Compared, in one process, after one warm-up pass so every input is in the page cache,
 median of ``--repeat``:
 
-- add: ``tdedup.add(bundle, [ft-full])`` (the bundle's blobs kernel-copied, its tensors
-  decoded once as delta candidates, the fine-tune hashed, planned and encoded);
+- add: ``tdedup.add(bundle, [new])`` (the bundle's blobs kernel-copied, its tensors
+  decoded once as delta and derivation candidates, the new model hashed, planned and
+  encoded);
 - fresh pack: ``tdedup.pack`` of every model again from the original files;
 - unpack + pack: what one did before ``add`` without the original files at hand
   (``tdedup.unpack`` of the bundle, then ``tdedup.pack`` of its models and the new one).
@@ -38,13 +41,18 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     add_corpus_option(ap)
     a = ap.parse_args()
-    base, ft = a.corpus / "minilm" / "base", a.corpus / "minilm" / "ft-full"
-    if not (base.is_dir() and ft.is_dir()):
+    base = a.corpus / "minilm" / "base"
+    if not (base.is_dir() and (a.corpus / "minilm-gguf" / "q8_0.gguf").is_file()):
         print(f"corpus not built at {a.corpus}", file=sys.stderr)
         return 2
     family = {n: a.corpus / "minilm" / n for n in
               ("base", "dup-pkg", "resaved", "ft-freeze", "ft-lora-merged")}
-    for case, old in (("pair", {"base": base}), ("family", family)):
+    ladder = {"base": base, "f16": a.corpus / "minilm" / "f16.safetensors",
+              "f32-gguf": a.corpus / "minilm-gguf" / "f32.gguf"}
+    q8 = a.corpus / "minilm-gguf" / "q8_0.gguf"
+    for case, old, ft in (("pair", {"base": base}, base.parent / "ft-full"),
+                          ("family", family, base.parent / "ft-full"),
+                          ("ladder", ladder, q8)):
         with tempfile.TemporaryDirectory() as tmp:
             tmpd = Path(tmp)
             bundle = tmpd / "old.tdd"

@@ -82,6 +82,20 @@ def test_merged_bundle_equals_a_fresh_pack(fam, tmp_path):
     _restored_equal(merged, tmp_path / "out", {n: fam[n] for n in ("base", "copy", "ft", "lora")})
 
 
+def test_merge_in_python_and_a_bundle_given_to_pack(fam, tmp_path):
+    """``tdedup.merge`` is the CLI's merge for Python callers; ``tdedup.pack`` given a
+    bundle says what it is and where merging lives (it said "neither a safetensors nor a
+    GGUF file")."""
+    a = tmp_path / "a.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    r = tdedup.merge([str(a), f"ft={fam['ft']}"], tmp_path / "m.tdd")
+    assert r.models == ["base", "ft"]
+    _restored_equal(r.path, tmp_path / "out", {n: fam[n] for n in ("base", "ft")})
+    with pytest.raises(tdedup.TdedupError, match="a tdedup bundle") as e:
+        tdedup.pack([str(a)], tmp_path / "x.tdd")
+    assert "tdedup.merge" in (e.value.hint or "")
+
+
 def test_analyze_reads_a_bundle_like_its_models(fam, tmp_path):
     bundle = tmp_path / "b.tdd"
     tdedup.pack([f"base={fam['base']}", f"ft={fam['ft']}"], bundle)

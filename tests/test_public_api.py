@@ -9,7 +9,7 @@ import tdedup
 PUBLIC = {
     "__version__", "TdedupError",
     "pack", "PackResult", "convert", "ConvertResult", "unpack", "UnpackResult", "verify", "VerifyResult",
-    "add", "remove", "EditResult",
+    "add", "remove", "merge", "EditResult",
     "open_bundle", "Bundle",
     "load", "load_into", "LoadedBundle", "Registry",
     "from_bundle", "sentence_transformer", "pipelines", "private",

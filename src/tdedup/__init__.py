@@ -24,7 +24,7 @@ _LAZY = {
     "UnpackResult": ".ops.unpack", "unpack": ".ops.unpack",
     "VerifyResult": ".ops.verify", "verify": ".ops.verify",
     "ConvertResult": ".ops.convert", "convert": ".ops.convert",
-    "EditResult": ".ops.add", "add": ".ops.add", "remove": ".ops.add",
+    "EditResult": ".ops.add", "add": ".ops.add", "remove": ".ops.add", "merge": ".ops.add",
     "load": ".loaders.torch", "LoadedBundle": ".loaders.torch",
     "Registry": ".loaders.registry",
     "load_into": ".loaders.modules", "private": ".loaders.modules",
@@ -49,7 +49,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["__version__", "TdedupError", "Bundle", "open_bundle", "pack", "PackResult",
-           "convert", "ConvertResult", "add", "remove", "EditResult",
+           "convert", "ConvertResult", "add", "remove", "merge", "EditResult",
            "unpack", "UnpackResult", "verify", "VerifyResult",
            "load", "load_into", "LoadedBundle", "Registry", "private", "from_bundle",
            "sentence_transformer", "pipelines"]

@@ -268,7 +268,8 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                       time.perf_counter() - t0, layout)
 
 
-def merge(args: Sequence[ModelArg], output: str | os.PathLike, *, level: int = DEFAULT_LEVEL,
+def merge(paths: Sequence[str | ModelArg], output: str | os.PathLike, *,
+          level: int = DEFAULT_LEVEL,
           delta: str = "auto", layout: str | BundleLayout | None = None, workers: int = 2,
           progress: ProgressFn | None = None, derive: str = "auto") -> EditResult:
     """``pack`` of inputs among which are bundles: the first bundle is kept as it is (its
@@ -281,6 +282,7 @@ def merge(args: Sequence[ModelArg], output: str | os.PathLike, *, level: int = D
     inputs would give before anything is written (``inputs.check_model_names``)."""
     t0 = time.perf_counter()
     output = Path(output)
+    args = [a if isinstance(a, ModelArg) else parse_model_arg(str(a)) for a in paths]
     first = next((a for a in args if is_bundle(a.path)), None)
     if first is None:
         raise UsageError("no bundle among the inputs to merge")

@@ -27,6 +27,7 @@ from ...errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from ..bundle.constants import MAGIC as BUNDLE_MAGIC
 from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
 from .hub_cache import blob_name
@@ -73,6 +74,11 @@ def sniff_kind(path: Path) -> FileKind:
         return FileKind.GGUF
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (1 << 27):
         return FileKind.SAFETENSORS
+    if head[:len(BUNDLE_MAGIC)] == BUNDLE_MAGIC:
+        raise UnsupportedFormatError(
+            "a tdedup bundle, not a checkpoint", path=path,
+            hint="tdedup pack A.tdd B.tdd -o OUT merges bundles (tdedup.merge in Python); "
+                 "tdedup unpack restores a bundle's files")
     raise UnsupportedFormatError("neither a safetensors nor a GGUF file", path=path)
 
 
