@@ -176,3 +176,10 @@ def test_unpack_into_a_cache_refuses_models_not_from_the_hub(bert_family, tmp_pa
     assert res.exit_code == 2 and res.stderr.startswith("error: ")
     assert "not packed from the Hugging Face cache" in res.stderr
     assert not (tmp_path / "hub").exists()
+
+
+def test_an_empty_cache_folder_is_named(tmp_path):
+    res = runner.invoke(app, ["analyze", "--hf-cache", str(tmp_path)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {tmp_path}") and "no cached model" in lines[0]

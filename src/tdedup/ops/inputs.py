@@ -73,7 +73,12 @@ def expand_one(arg: str) -> list[ModelArg]:
 
 def scan_args(cache_dir: str | os.PathLike) -> list[ModelArg]:
     """Every cached revision of a hub cache folder, one model each (``--hf-cache``)."""
-    return _hub_args(None, hub_cache.scan(cache_dir))
+    args = _hub_args(None, hub_cache.scan(cache_dir))
+    if not args:
+        raise InputError("no cached model revision in this Hugging Face cache folder",
+                         path=cache_dir, hint="a hub cache holds models--ORG--NAME folders; "
+                         "hf download fills it")
+    return args
 
 
 def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
