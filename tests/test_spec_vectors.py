@@ -33,8 +33,9 @@ TRANSFORMS = sorted(n for n in EXPECTED if "derived" in EXPECTED[n])
 def test_every_transform_has_a_vector():
     kinds = {KIND[name.split("_")[0]] for name in TRANSFORMS}
     assert kinds >= set(TransformKind) - {TransformKind.UNPERMUTE_QK}
-    # each simple and K-quant quantizer, and Q8_0 again on exact halves (roundf)
-    assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 11
+    # each simple and K-quant quantizer, and Q8_0 again on exact halves (roundf) and on
+    # NaN / infinity blocks
+    assert len({n for n in EXPECTED if n.startswith("quantize_")}) == 12
 
 
 def unpacked_vector(name: str, tmp_path: Path) -> tuple[dict, Path]:

@@ -30,7 +30,7 @@ import tdedup
 from tdedup.format.bundle.constants import BlobEncoding
 from tdedup.format.codecs.byteplane import rotation_prefix
 from tdedup.format.codecs.derived import parse_derived
-from tdedup.format.codecs.transforms import quantize
+from tdedup.format.codecs.transforms import from_f32, quantize
 
 HERE = Path(__file__).parent
 HF_Q = "model.layers.0.self_attn.q_proj.weight"
@@ -116,6 +116,27 @@ def build(d: Path) -> dict[str, list[Path]]:
     _gguf(d / "ties-q8_0.gguf", {name: _quant(ties, "Q8_0")})
     out["quantize_q8_0_ties"] = [d / "ties-f32.gguf", d / "ties-q8_0.gguf"]
     out["deltas"] = _delta_family(d)
+    # NaNs (quiet and signalling, with payloads), infinities, subnormals and zeros of
+    # both signs: their cast bits are §4.8's rules (the reference functions' output), and
+    # Q8_0 blocks holding a NaN or infinity predict zeros (the residual carries them).
+    sp = _x((2, 256), seed=4)
+    bits = sp.view(np.uint32)
+    bits[0, :16] = [0x7FC00000, 0xFFC00001, 0x7FA00000, 0x7F800001, 0xFF802000,
+                    0x7FFFFFFF, 0x7F800000, 0xFF800000, 0x00000001, 0x807FFFFF,
+                    0x00400000, 0x80000000, 0x00000000, 0x477FF000, 0x47800000, 0x33000000]
+    bits[1, 40] = 0x7FC00000  # one NaN in a later Q8_0 block
+    save_file({"w": sp}, d / "sp-f32.safetensors")
+    save_file({"w": from_f32(sp, "F16").view(np.float16).reshape(sp.shape)},
+              d / "sp-f16.safetensors")
+    torch_bf16 = torch.from_numpy(from_f32(sp, "BF16").view(np.int16).reshape(sp.shape).copy())
+    save_torch({"w": torch_bf16.view(torch.bfloat16)}, d / "sp-bf16.safetensors")
+    out["cast_specials"] = [d / "sp-f32.safetensors", d / "sp-f16.safetensors",
+                            d / "sp-bf16.safetensors"]
+    _gguf(d / "sp-f32.gguf", {name: (sp, None)})
+    with np.errstate(all="ignore"):  # gguf-py's own bytes for the non-finite blocks
+        q = gguf.quants.quantize(sp, gguf.GGMLQuantizationType.Q8_0)
+    _gguf(d / "sp-q8_0.gguf", {name: (q, gguf.GGMLQuantizationType.Q8_0)})
+    out["quantize_q8_0_specials"] = [d / "sp-f32.gguf", d / "sp-q8_0.gguf"]
     return out
 
 
