@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tdedup.analyzers.delta_planning import TensorBytes, plan_deltas, plane_width
+from tdedup.analyzers.delta_planning import plan_deltas, plane_width
+from tdedup.analyzers.tensor_bytes import TensorBytes
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.format import codecs
 from tdedup.format.codecs import byteplane

@@ -10,7 +10,8 @@ import pytest
 
 from helpers import delta_helpers as dh
 from helpers import factory
-from tdedup.analyzers.delta_planning import (DeltaChoice, TensorBytes, choose_bases,
+from tdedup.analyzers.tensor_bytes import TensorBytes
+from tdedup.analyzers.delta_planning import (DeltaChoice, choose_bases,
                                              element_width, plan_deltas, plane_width)
 from tdedup.analyzers.scan import hash_models, index_models
 from tdedup.format.codecs import byteplane as codecs
@@ -206,3 +207,57 @@ def test_corpus_minilm_family_beats_both_baselines(corpus):
             ours += own
     assert min(a, b) / ours >= 1.15, (a, b, ours)
     assert min(a_tuned, b_tuned) / ours >= 1.14, (a_tuned, b_tuned, ours)
+
+
+def test_a_file_truncated_after_hashing_is_one_error_not_sigbus(tmp_path):
+    """The planners and the drift report read samples by offset: a model file another
+    process truncates after it was hashed gives an InputError naming it (a map of it
+    killed the process with SIGBUS: no message, temporaries left behind). Run in a child
+    process, so that a regression cannot take the test run down with it."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((256, 256)) * 0.05).astype(np.float32)
+    versions = {"a": {"w": x, "v": x[0].copy()},
+                "b": {"w": x + np.float32(1e-4), "v": x[0] * np.float32(2)},
+                "c": {"w": x.astype(np.float16), "v": x[0].astype(np.float16)}}
+    for n, tensors in versions.items():
+        factory.make_safetensors(tmp_path / f"{n}.orig", tensors)
+    code = """
+import shutil, sys
+from tdedup.analyzers.scan import ScannedModels, hash_models, index_models
+from tdedup.analyzers.delta_planning import plan_deltas
+from tdedup.analyzers.derivation import plan_derived
+from tdedup.analyzers.drift import compute_drift
+from tdedup.errors import InputError
+d = sys.argv[1]
+locate = ScannedModels.locate
+for step, fn in (("deltas", plan_deltas), ("derived", plan_derived), ("drift", compute_drift)):
+    for n in "abc":
+        shutil.copy(f"{d}/{n}.orig", f"{d}/{n}.safetensors")
+    scanned = hash_models(index_models([f"{n}={d}/{n}.safetensors" for n in "abc"]))
+    seen = []
+
+    def locate_then_truncate(self, h, seen=seen):
+        # A second read of b or c truncates both: after a first read opened (or mapped)
+        # the file, as a trainer rewriting it would.
+        path = locate(self, h)[0]
+        if path.name[0] in "bc":
+            seen.append(path)
+            if seen.count(path) == 2:
+                for n in "bc":
+                    with open(f"{d}/{n}.safetensors", "r+b") as f:
+                        f.truncate(200)
+        return locate(self, h)
+    ScannedModels.locate = locate_then_truncate
+    try:
+        fn(scanned)
+        print(step, "no error")
+    except InputError as e:
+        print(step, "changed while" in str(e) and ".safetensors" in str(e))
+"""
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])  # -7: SIGBUS
+    assert res.stdout.split() == ["deltas", "True", "derived", "True", "drift", "True"]

@@ -118,6 +118,29 @@ def test_large_tensors_are_sampled(tmp_path):
     assert abs(h.planes_changed[1] - hit.mean()) < 0.02
 
 
+def test_a_layers_l2_weighs_sampled_tensors_as_whole_ones(tmp_path):
+    """A layer's relative L2 sums whole tensors: a sampled tensor's sums are scaled up to
+    its size (they were added as they were, so small unsampled tensors dominated), and a
+    layer whose reference is all zeros has an infinite one (reported as null), not 0."""
+    rng = np.random.default_rng(1)
+    big = (rng.standard_normal(D.SAMPLE_ABOVE * 8) * 0.05).astype(np.float32)
+    small = (rng.standard_normal(64) * 0.05).astype(np.float32)
+    big2 = big + (rng.standard_normal(big.size) * 1e-3).astype(np.float32)
+    small2 = small * np.float32(1.5)
+    paths = {"a": factory.make_safetensors(tmp_path / "a.safetensors", {
+                 "layers.0.big": big, "layers.0.small": small, "layers.1.b": np.zeros(16, np.float32)}),
+             "b": factory.make_safetensors(tmp_path / "b.safetensors", {
+                 "layers.0.big": big2, "layers.0.small": small2, "layers.1.b": np.ones(16, np.float32)})}
+    r = compute_drift(scan(paths), estimate=False)
+    layers = {g.layer: g for g in r.layers}
+    whole = np.concatenate([big2 - big, small2 - small]).astype(np.float64)
+    ref = np.concatenate([big, small]).astype(np.float64)
+    want = np.linalg.norm(whole) / np.linalg.norm(ref)
+    assert abs(layers["layers.0"].rel_l2 / want - 1) < 0.05, (layers["layers.0"].rel_l2, want)
+    assert layers["layers.1"].rel_l2 == float("inf")
+    assert r.to_dict()["layers"][1]["rel_l2"] is None
+
+
 def test_non_float_slots_have_no_l2(tmp_path):
     paths = {"a": factory.make_safetensors(tmp_path / "a.safetensors",
                                            {"i": np.arange(100, dtype=np.int64)}),

@@ -328,6 +328,19 @@ class InputFile:
             pos += len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` (a writable byte view) with the bytes at ``offset``; one line if
+        the file has shrunk."""
+        got = 0
+        while got < len(buf):
+            try:
+                n = os.preadv(self.fd, [buf[got:]], offset + got)
+            except OSError as e:
+                raise InputError(f"cannot read: {e.strerror or e}", path=self.path) from e
+            if not n:
+                raise self.changed(f"it shrank to {offset + got} bytes")
+            got += n
+
     def chunks(self, offset: int, length: int, chunk: int = 16 << 20) -> Iterator[memoryview]:
         """``length`` bytes at ``offset`` as views of one reused buffer (each valid until
         the next is taken): bounded memory however large the range."""
@@ -336,15 +349,7 @@ class InputFile:
         pos, end = offset, offset + length
         while pos < end:
             want = view[:min(len(buf), end - pos)]
-            got = 0
-            while got < len(want):
-                try:
-                    n = os.preadv(self.fd, [want[got:]], pos + got)
-                except OSError as e:
-                    raise InputError(f"cannot read: {e.strerror or e}", path=self.path) from e
-                if not n:
-                    raise self.changed(f"it shrank to {pos + got} bytes")
-                got += n
+            self.read_into(want, pos)
             yield want
             pos += len(want)
 

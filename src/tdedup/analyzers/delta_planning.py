@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._fs import close_map, map_file
-from ..errors import InputError
 from ..format.bundle.constants import MAX_DELTA_DEPTH, BlobEncoding
 from ..format.checkpoints.dtypes import element_width
 from ..format.codecs.delta import (
@@ -38,6 +36,7 @@ from ..format.codecs.delta import (
 )
 from ..format.codecs.delta_encode import diff64, fit_decay, probe_rank, sample_index
 from .scan import ScannedModels
+from .tensor_bytes import TensorBytes
 from .tensor_hashes import ContentKey, HashedTensor
 
 __all__ = ["Decided", "DeltaChoice", "DeltaPlan", "choose_bases", "element_width", "plan_deltas"]
@@ -106,40 +105,7 @@ class DeltaPlan:
         return sum(self.self_estimates.values())
 
 
-# -- reading and sampling ---------------------------------------------------------------
-
-class TensorBytes:
-    """Read-only uint8 views of tensors' bytes through one mmap per file (a context).
-
-    Arrays handed out may outlive the context: a map that still has views is left for
-    the garbage collector instead of being closed.
-    """
-
-    def __init__(self, scanned: ScannedModels) -> None:
-        self.scanned = scanned
-        self._maps: dict = {}
-
-    def __enter__(self) -> TensorBytes:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        maps, self._maps = self._maps, {}
-        for m in maps.values():
-            if m is not None:
-                close_map(m)
-
-    def __call__(self, h: HashedTensor) -> np.ndarray:
-        path, off, length = self.scanned.locate(h)
-        if length == 0:
-            return np.zeros(0, dtype=np.uint8)
-        m = self._maps.get(path)
-        if m is None:
-            m = self._maps[path] = map_file(path)
-        if m is None or off + length > len(m):
-            raise InputError(f"file shrank while reading ({len(m) if m else 0} bytes)",
-                             path=path)
-        return np.frombuffer(m, dtype=np.uint8, count=length, offset=off)
-
+# -- sampling ----------------------------------------------------------------------------
 
 def plane_width(h: HashedTensor) -> int:
     """The plane width of a tensor: its element width if it divides the length, else 1."""
@@ -147,10 +113,10 @@ def plane_width(h: HashedTensor) -> int:
     return w if h.record.length % w == 0 else 1
 
 
-def sample_elements(data: np.ndarray, width: int, runs: int = 32, run: int = 128) -> np.ndarray:
+def sample_elements(read: TensorBytes, h: HashedTensor, width: int, runs: int = 32,
+                    run: int = 128) -> np.ndarray:
     """A (n, width) uint8 array of sampled elements (evenly spaced runs; all if small)."""
-    a = data.reshape(-1, width)
-    return a[sample_index(len(a), runs, run)]
+    return read.rows(h, width, sample_index(h.record.length // width, runs, run))
 
 
 def plane_entropy(planes: np.ndarray) -> np.ndarray:
@@ -220,13 +186,12 @@ def _lowrank_estimate(t: _Key, b: _Key, read: TensorBytes) -> int | None:
     max_rank = min(MAX_LOWRANK, rows // 4, cols // 4)
     if max_rank < 1:
         return None
-    t_all = read(t.h).view(np.uint32).reshape(rows, cols)
-    b_all = read(b.h).view(np.uint32).reshape(rows, cols)
     # A small probe first: it finds ranks up to FIRST_PROBE_RANK, and a spectrum that
     # stays flat (a full fine-tune's noise-like drift) rules out a larger low rank.
     for rank in (min(FIRST_PROBE_RANK, max_rank), max_rank):
         probe = np.unique(np.linspace(0, rows - 1, min(rows, 2 * rank + 8)).astype(int))
-        tr, br = t_all[probe], b_all[probe]
+        tr = read.rows(t.h, 4 * cols, probe).view(np.uint32)
+        br = read.rows(b.h, 4 * cols, probe).view(np.uint32)
         d = diff64(tr, br)
         r, v, tail = probe_rank(d, rank)
         if r or tail > FLAT_TAIL or rank == max_rank:
@@ -273,7 +238,7 @@ def plan_deltas(scanned: ScannedModels, *, max_depth: int = MAX_DELTA_DEPTH,
         for pos, (key, h) in enumerate(firsts.items()):
             w = plane_width(h)
             occ = occurrences[key]
-            k = _Key(key, h, w, h.record.length // w, sample_elements(read(h), w),
+            k = _Key(key, h, w, h.record.length // w, sample_elements(read, h, w),
                      frozenset(o.record.model for o in occ),
                      frozenset(o.record.name for o in occ), pos)
             k.self_est = min(h.record.length, estimate_planes(k.sample, k.n))

@@ -56,7 +56,7 @@ from ..format.codecs.transforms import (
     qk_permute,
     type_number,
 )
-from .delta_planning import TensorBytes
+from .tensor_bytes import TensorBytes
 from .scan import ScannedModels
 from .tensor_hashes import ContentKey, HashedTensor
 
@@ -179,14 +179,15 @@ def _sample_rows(rows: int) -> np.ndarray:
     return index
 
 
-def _rows_of(data: np.ndarray, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-    """The bytes of rows ``index`` of a tensor of ``shape`` (a 1-D one is one row)."""
+def _rows_of(read: TensorBytes, h: HashedTensor, index: np.ndarray) -> np.ndarray:
+    """The bytes of rows ``index`` of a tensor (a 1-D one is one row), flat."""
+    shape = tuple(h.record.shape)
     rows = _numel(shape[:-1]) if len(shape) > 1 else 1
-    return data.reshape(rows, -1)[index].reshape(-1)
+    return read.rows(h, h.record.length // rows, index).reshape(-1)
 
 
-def _samples(layout: Transform | None, base: np.ndarray, b: HashedTensor,
-             target: np.ndarray, t: HashedTensor) -> tuple[TypedTensor, np.ndarray] | None:
+def _samples(layout: Transform | None, read: TensorBytes, b: HashedTensor,
+             t: HashedTensor) -> tuple[TypedTensor, np.ndarray] | None:
     """A piece of the base and the piece of the target that ``layout`` (none, a transpose,
     a Q/K permutation) puts it at, both read from a few places of each map: whole rows
     from the start, middle and end; for a transpose to a float tensor, the top-left block.
@@ -196,41 +197,42 @@ def _samples(layout: Transform | None, base: np.ndarray, b: HashedTensor,
     if layout is None:
         if bs[-1:] != ts[-1:]:
             return None
-        return (TypedTensor.of(_rows_of(base, bs, index), bd, (len(index), *bs[-1:])),
-                _rows_of(target, ts, index))
+        return (TypedTensor.of(_rows_of(read, b, index), bd, (len(index), *bs[-1:])),
+                _rows_of(read, t, index))
     if layout.kind is TransformKind.TRANSPOSE and len(bs) == 2 and bd in FLOAT_TYPES:
-        el = base.view(FLOAT_TYPES[bd]).reshape(bs)
         td = t.record.dtype
         if td in FLOAT_TYPES:  # target[:m, :k] = base[:k, :m].T: the first rows of each
             k, m = min(TRANSPOSE_BLOCK, bs[0]), min(TRANSPOSE_BLOCK, bs[1])
-            piece = np.ascontiguousarray(el[:k, :m].T)
-            want = np.ascontiguousarray(target.view(FLOAT_TYPES[td]).reshape(ts)[:m, :k])
+            el = _rows_of(read, b, np.arange(k)).view(FLOAT_TYPES[bd]).reshape(k, bs[1])
+            piece = np.ascontiguousarray(el[:, :m].T)
+            got = _rows_of(read, t, np.arange(m)).view(FLOAT_TYPES[td]).reshape(m, ts[1])
+            want = np.ascontiguousarray(got[:, :k])
             return (TypedTensor(piece.reshape(-1).view(np.uint8), bd, piece.shape),
                     want.reshape(-1).view(np.uint8))
-        piece = np.ascontiguousarray(el[:, index].T)  # target row i = base column i
+        whole = read(b).view(FLOAT_TYPES[bd]).reshape(bs)
+        piece = np.ascontiguousarray(whole[:, index].T)  # target row i = base column i
         return (TypedTensor(piece.reshape(-1).view(np.uint8), bd, piece.shape),
-                _rows_of(target, ts, index))
+                _rows_of(read, t, index))
     if layout.kind is TransformKind.PERMUTE_QK and bs == ts and len(bs) >= 1:
         try:
             src = qk_permute(np.arange(bs[0]).reshape(-1, 1), layout.param)[:, 0]
         except TransformMismatch:
             return None
-        rows = base.reshape(bs[0], -1)[src[index]].reshape(-1)
-        return (TypedTensor.of(rows, bd, (len(index), *bs[1:])), _rows_of(target, ts, index))
+        rows = read.rows(b, b.record.length // bs[0], src[index]).reshape(-1)
+        return (TypedTensor.of(rows, bd, (len(index), *bs[1:])), _rows_of(read, t, index))
     return None
 
 
-def _agreement(chain, base: np.ndarray, b: HashedTensor, target: np.ndarray,
-               t: HashedTensor) -> float:
+def _agreement(chain, read: TensorBytes, b: HashedTensor, t: HashedTensor) -> float:
     """Fraction of sampled bytes the chain predicts right (``_samples``; the whole
     tensor when the samples cannot be picked)."""
     layout = chain[0] if chain and chain[0].kind in LAYOUT_KINDS else None
     try:
-        picked = _samples(layout, base, b, target, t)
+        picked = _samples(layout, read, b, t)
         if picked is None:
-            pred = apply_chain(chain, TypedTensor.of(base, b.record.dtype,
+            pred = apply_chain(chain, TypedTensor.of(read(b), b.record.dtype,
                                                      tuple(b.record.shape))).data
-            actual = target
+            actual = read(t)
         else:
             sample, actual = picked
             pred = apply_chain(chain[1:] if layout else chain, sample).data
@@ -291,13 +293,12 @@ def _best_chain(c: HashedTensor, h: HashedTensor, canon: str, heads: dict, read,
     if memo in cache:
         return cache[memo]
     best: DeriveChoice | None = None
-    base, target = read(c), read(h)
     for layout in _layouts(c, h, canon, heads):
         for types in _chains(c.record.dtype, h.record.dtype) or ([()] if layout else []):
             chain = layout + types
             if not chain or len(chain) > 2:
                 continue
-            agree = _agreement(chain, base, c, target, h)
+            agree = _agreement(chain, read, c, h)
             if agree >= MIN_AGREEMENT and (best is None or agree > best.agreement):
                 best = DeriveChoice(c.key, chain, c.record.dtype, tuple(c.record.shape),
                                     agree, h.record.length)

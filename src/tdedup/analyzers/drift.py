@@ -25,8 +25,9 @@ import numpy as np
 from ..format.checkpoints.dtypes import NUMPY_FLOATS
 from ..format.codecs.delta import SUB_WIDTHS
 from ..format.codecs.delta_encode import sample_index
-from .delta_planning import DeltaPlan, TensorBytes, plan_deltas, plane_width
+from .delta_planning import DeltaPlan, plan_deltas, plane_width
 from .scan import ScannedModels
+from .tensor_bytes import TensorBytes
 from .tensor_hashes import HashedTensor
 
 #: Tensors with more elements than this are measured on a sample.
@@ -131,11 +132,13 @@ def slot_drift(model: str, reference: str, t: HashedTensor, r: HashedTensor,
     """Drift metrics of tensor ``t`` against ``r`` (same dtype and length)."""
     rec = t.record
     w = plane_width(t)
-    ta, ra = read(t).reshape(-1, w), read(r).reshape(-1, w)
-    sampled = len(ta) > SAMPLE_ABOVE
+    total = rec.length // w
+    sampled = total > SAMPLE_ABOVE
     if sampled:
-        idx = sample_index(len(ta), SAMPLE_RUNS, SAMPLE_RUN)
-        ta, ra = ta[idx], ra[idx]
+        idx = sample_index(total, SAMPLE_RUNS, SAMPLE_RUN)
+        ta, ra = read.rows(t, w, idx), read.rows(r, w, idx)
+    else:
+        ta, ra = read(t).reshape(-1, w), read(r).reshape(-1, w)
     n = len(ta)
     if w in SUB_WIDTHS:  # whole elements at once, planes by shifting their XOR
         x = np.bitwise_xor(np.ascontiguousarray(ta).view(SUB_WIDTHS[w]),
@@ -154,11 +157,18 @@ def slot_drift(model: str, reference: str, t: HashedTensor, r: HashedTensor,
         ok = np.isfinite(tf) & np.isfinite(rf)
         d = tf[ok] - rf[ok]
         d2, r2 = float(np.dot(d, d)), float(np.dot(rf[ok], rf[ok]))
-        rel = math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+        rel = _rel(d2, r2)
+        if n:  # the layer's sums are of whole tensors: scale a sample's up to its tensor
+            d2, r2 = d2 * total / n, r2 * total / n
         mad = float(np.abs(d).max()) if d.size else 0.0
     return SlotDrift(model, reference, rec.name, layer_of(rec.name), rec.dtype, rec.length,
                      sampled, float(sum(planes) / w), float(elements), [float(p) for p in planes],
                      rel, mad, d2, r2)
+
+
+def _rel(d2: float, r2: float) -> float:
+    """``||t - r|| / ||r||`` from the sums of squares; infinite when only ``r`` is zero."""
+    return math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
 
 
 def _group(slots: list[SlotDrift]) -> list[LayerDrift]:
@@ -174,9 +184,7 @@ def _group(slots: list[SlotDrift]) -> list[LayerDrift]:
         planes = [sum(s.planes_changed[j] * s.bytes for s in wide) / wide_total
                   for j in range(width)]
         floats = [s for s in ss if s.rel_l2 is not None]
-        r2 = sum(s._r2 for s in floats)
-        d2 = sum(s._d2 for s in floats)
-        rel = (math.sqrt(d2 / r2) if r2 > 0 else 0.0) if floats else None
+        rel = _rel(sum(s._d2 for s in floats), sum(s._r2 for s in floats)) if floats else None
         out.append(LayerDrift(
             model, ref, layer, len(ss), sum(s.bytes for s in ss),
             sum(s.bytes_changed * s.bytes for s in ss) / total,
