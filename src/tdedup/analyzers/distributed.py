@@ -11,6 +11,12 @@ path as the client (a shared file system: NFS, Lustre, a bind mount) and import 
 tdedup. Only digests travel back; the client puts them in file order, so the report is
 the one a local run writes, byte for byte.
 
+A file a worker cannot open at all is the one error that says the worker does not see
+the client's paths, and only it carries the shared-file-system hint; a file that
+changed or shrank while it was hashed is reported as it is (the hint would send the
+user looking at the wrong thing). The ``LocalCluster`` tdedup starts logs nothing below
+CRITICAL: a task's error is tdedup's one line on stderr, not the worker's traceback too.
+
 A worker that dies mid-task loses its results; the scheduler runs its tasks again on
 another worker (hashing is a pure function of the file's bytes, so the retry gives the
 same digests). When a task has killed ``distributed.scheduler.allowed-failures`` workers
@@ -32,6 +38,10 @@ from dataclasses import dataclass
 
 from ..errors import InputError, TdedupError, UsageError
 from .work_units import HashUnit, UnitDigests, hash_unit
+
+#: The hint of a file a worker cannot open: its paths are not the client's.
+SHARED_FS_HINT = ("every Dask worker must see the models at the client's paths (a shared "
+                  "file system)")
 
 LOCAL_RE = re.compile(r"^local(?::(\d+))?$")
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*://.+")
@@ -98,9 +108,11 @@ def dask_runner(address: str) -> Iterator[DaskRunner]:
         if where.local_workers is not None:
             # ":0": the scheduler's HTTP server on a free port, not 8787, which another
             # cluster on the machine may hold (distributed then warns on stderr).
+            # CRITICAL: a failed task is logged by its worker at ERROR, with the
+            # traceback, before the client reports it as tdedup's one line.
             cluster = distributed.LocalCluster(
                 n_workers=where.local_workers, threads_per_worker=1, processes=True,
-                dashboard_address=":0", silence_logs=logging.ERROR)
+                dashboard_address=":0", silence_logs=logging.CRITICAL)
             client = distributed.Client(cluster)
         else:
             client = distributed.Client(where.scheduler, timeout=CONNECT_TIMEOUT_S)
@@ -116,6 +128,19 @@ def dask_runner(address: str) -> Iterator[DaskRunner]:
             cluster.close()
 
 
+def hash_unit_on_worker(unit: HashUnit) -> UnitDigests:
+    """:func:`~.work_units.hash_unit` as a worker runs it: a file the worker cannot open
+    at all (missing, no permission: not the client's file system) carries
+    :data:`SHARED_FS_HINT`; any later error (the file changed, shrank) is raised as it is."""
+    try:
+        fd = os.open(unit.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise InputError(f"cannot open it on a Dask worker: {e.strerror or e}",
+                         path=unit.path, hint=SHARED_FS_HINT) from None
+    os.close(fd)
+    return hash_unit(unit)
+
+
 def run_units(client, units: Sequence[HashUnit], progress: Callable[[int], None] | None = None
               ) -> Iterator[tuple[int, UnitDigests]]:
     """Hash ``units`` on ``client``'s cluster; yield ``(unit number, digests)`` as they
@@ -126,7 +151,7 @@ def run_units(client, units: Sequence[HashUnit], progress: Callable[[int], None]
     run = uuid.uuid4().hex[:12]
     keys = [f"tdedup-hash-{run}-{i}" for i in range(len(units))]
     number = {k: i for i, k in enumerate(keys)}
-    futures = client.map(hash_unit, units, key=keys)
+    futures = client.map(hash_unit_on_worker, units, key=keys)
     try:
         seen: set[int] = set()
         # The client's own loop: left out, as_completed takes the *current* client's
@@ -147,10 +172,8 @@ def run_units(client, units: Sequence[HashUnit], progress: Callable[[int], None]
         raise TdedupError("Dask workers died while hashing this file, more often than the "
                           "scheduler retries (distributed.scheduler.allowed-failures)",
                           path=path) from e
-    except InputError as e:
-        raise InputError(e.problem, path=e.path,
-                         hint="every Dask worker must see the models at the client's "
-                              "paths (a shared file system)") from e
+    except InputError as e:  # from a worker: its hint kept (only an unopenable file has one)
+        raise InputError(e.problem, path=e.path, hint=e.hint) from e
     except distributed.client.FutureCancelledError as e:
         raise TdedupError(f"the Dask cluster cancelled the hashing ({e})") from e
     finally:
