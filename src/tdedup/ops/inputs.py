@@ -1,8 +1,8 @@
 """What the user names as inputs, turned into models: paths, ``NAME=PATH``, hub ids
 (``hf://org/name[@rev]``, a bare ``org/name`` when no such path exists), hub cache folders
 (every cached revision), bundles (their models); ``--include``/``--exclude`` globs; and
-the refusals that protect inputs: the same input twice, an output that is an input, a
-model name two inputs would both give.
+the refusals that protect inputs: the same input twice (two parts of one split GGUF
+too), an output that is an input, a model name two inputs would both give.
 
 A bundle given as ``NAME=BUNDLE`` (in a merge, or to ``add``) gives its one model the name
 ``NAME``; a bundle of several models takes no ``NAME=``.
@@ -22,6 +22,7 @@ from ..errors import InputError, OutputExistsError, UsageError
 from ..format.bundle.constants import MAGIC
 from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
+from ..format.checkpoints.gguf_file import SPLIT_RE
 from ..format.checkpoints.records import model_folder
 from ..format.checkpoints.sources import ModelArg, assign_names, parse_model_arg
 from . import check_output_file
@@ -81,6 +82,17 @@ def scan_args(cache_dir: str | os.PathLike) -> list[ModelArg]:
     return args
 
 
+def input_key(path: Path) -> Path:
+    """What makes two inputs the same: the real path, and for a part of a split GGUF
+    (``stem-0000K-of-0000N.gguf``) its first part, since any part names them all."""
+    if not path.exists():
+        return path
+    m = SPLIT_RE.match(path.name)
+    if m and path.is_file():
+        return path.parent.resolve() / f"{m['stem']}-{1:05d}-of-{m['n']}.gguf"
+    return path.resolve()
+
+
 def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
                   exclude: Sequence[str] = (), models: Sequence[ModelArg] = ()
                   ) -> list[ModelArg]:
@@ -92,7 +104,7 @@ def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
     pairs = [(arg, m) for arg in args for m in expand_one(arg)]
     pairs += [(str(m.path), m) for m in models]
     for arg, m in pairs:
-        key = m.path.resolve() if m.path.exists() else m.path
+        key = input_key(m.path)
         if key in given:
             raise UsageError(f"the same input is given twice: {given[key]!r} and {arg!r}")
         given[key] = arg

@@ -47,7 +47,7 @@ _SCALAR: dict[GGUFValueType, struct.Struct] = {
 _U32, _U64 = _SCALAR[GGUFValueType.UINT32], _SCALAR[GGUFValueType.UINT64]
 # Metadata we keep (cheap, small) for reports; everything else is skipped.
 _KEPT_KEYS = {"general.architecture", "general.name", "general.alignment",
-              "general.file_type", "split.count", "split.no"}
+              "general.file_type", "split.count", "split.no", "split.tensors.count"}
 # Per-architecture keys kept too ("<arch>.attention.head_count[_kv]"): the converter permutes
 # attn_q/attn_k rows by these, and the derivation analyzer needs them to undo it.
 _KEPT_SUFFIXES = (".attention.head_count", ".attention.head_count_kv")
@@ -318,3 +318,37 @@ def _parse(cur: _Cursor, model: str, rel: str) -> SourceFile:
     tensors.sort(key=lambda t: (t.offset, t.length))
     check_no_overlap(tensors, path)
     return SourceFile(rel, path, size, FileKind.GGUF, tensors, info)
+
+
+def check_split(parts: list[SourceFile]) -> None:
+    """Refuse a split GGUF whose parts are not one model's: every part of an N-part split
+    (N > 1) must say ``split.count`` N and its own ``split.no`` (0-based, llama.cpp's
+    gguf-split and gguf-py's writer), the tensor total must be ``split.tensors.count``
+    where given, and no tensor name may occur in two parts. A one-part "split" may omit
+    the keys. One line naming the part at fault."""
+    n = len(parts)
+    seen: dict[str, str] = {}
+    for i, part in enumerate(parts):
+        count, no = part.info.get("split.count"), part.info.get("split.no")
+        if n > 1 or count is not None or no is not None:
+            if count is None or no is None:
+                raise CheckpointFormatError(
+                    f"part {i + 1} of a {n}-part split GGUF has no split.count/split.no "
+                    "keys: not a part of this split (replaced by another file?)",
+                    path=part.abs_path)
+            if count != n or no != i:
+                raise CheckpointFormatError(
+                    f"says it is part {no + 1 if isinstance(no, int) else no!r} of {count!r} "
+                    f"(split.no {no!r}, split.count {count!r}); its name makes it part "
+                    f"{i + 1} of {n}", path=part.abs_path)
+        for t in part.tensors:
+            if t.name in seen:
+                raise CheckpointFormatError(
+                    f"tensor {t.name!r} is also in {seen[t.name]}: the parts of a split "
+                    "GGUF hold each tensor once", path=part.abs_path)
+            seen[t.name] = part.rel_path
+    total = parts[0].info.get("split.tensors.count")
+    if isinstance(total, int) and n > 1 and total != len(seen):
+        raise CheckpointFormatError(
+            f"split.tensors.count says {total} tensors; its {n} parts hold {len(seen)}",
+            path=parts[0].abs_path)

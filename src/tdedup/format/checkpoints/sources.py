@@ -29,7 +29,7 @@ from ...errors import (
 )
 from ..bundle.constants import MAGIC as BUNDLE_MAGIC
 from ..strict_json import loads_strict
-from .gguf_file import GGUF_MAGIC, SPLIT_RE, read_gguf
+from .gguf_file import GGUF_MAGIC, SPLIT_RE, check_split, read_gguf
 from .hub_cache import blob_name
 from .records import FileKind, ModelLayout, ModelSource, SourceFile, is_model_name
 from .safetensors import read_safetensors
@@ -212,8 +212,9 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
         kind = sniff_kind(path)
         parts = _split_parts(path) if kind is FileKind.GGUF else None
         if parts:
-            return ModelSource(name, path, ModelLayout.GGUF_SPLIT,
-                               [read_gguf(p, model=name, rel_path=p.name) for p in parts])
+            split = [read_gguf(p, model=name, rel_path=p.name) for p in parts]
+            check_split(split)
+            return ModelSource(name, path, ModelLayout.GGUF_SPLIT, split)
         return ModelSource(name, path, ModelLayout(kind.value),
                            [read_weight_file(path, kind, name, path.name)])
     if not path.is_dir():
