@@ -13,10 +13,11 @@ A *model* is what one command-line argument names:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import re
+import stat
 import struct
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,9 @@ def _split_parts(path: Path) -> list[Path] | None:
 def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
     """Every regular file below ``folder`` (symlinks followed), hidden folders and the
     temporary files of interrupted tdedup writes skipped. What else is left out (hidden
-    folders, FIFOs, sockets, devices, dangling links) is appended to ``skipped`` as
-    ``"rel/path (why)"``."""
+    folders, folders that cannot be listed, FIFOs, sockets, devices, dangling links) is
+    appended to ``skipped`` as ``"rel/path (why)"``; ``folder`` itself unlisted is an
+    error."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
     skipped = skipped if skipped is not None else []
@@ -116,7 +118,13 @@ def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
     def rel(p: Path) -> str:
         return p.relative_to(folder).as_posix()
 
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    def unlisted(e: OSError) -> None:  # os.walk's default drops these silently
+        where = Path(e.filename) if e.filename else folder
+        if where == folder:
+            raise InputError(f"cannot list this folder: {e.strerror or e}", path=folder)
+        skipped.append(f"{rel(where)}/ (cannot be listed: {e.strerror or e})")
+
+    for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
@@ -131,12 +139,18 @@ def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
             p = Path(root) / f
             if TEMP_NAME_RE.match(f):
                 continue
-            if p.is_file():
-                out.append(p)
-            elif p.is_symlink() and not p.exists():
-                skipped.append(f"{rel(p)} (dangling link)")
+            try:
+                regular = stat.S_ISREG(os.stat(p).st_mode)
+            except FileNotFoundError:
+                skipped.append(f"{rel(p)} (dangling link)" if p.is_symlink()
+                               else f"{rel(p)} (removed while listed)")
+            except OSError as e:
+                skipped.append(f"{rel(p)} (cannot be read: {e.strerror or e})")
             else:
-                skipped.append(f"{rel(p)} (not a regular file)")
+                if regular:
+                    out.append(p)
+                else:
+                    skipped.append(f"{rel(p)} (not a regular file)")
     return out
 
 
