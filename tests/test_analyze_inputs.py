@@ -1,14 +1,18 @@
-"""``tdedup analyze``'s inputs after the third QA pass: a folder that cannot be listed is
-reported. (Split GGUF inputs: test_analyze_split.py.)"""
+"""``tdedup analyze``'s inputs after the third QA pass: globs match the names models get
+(derived ones, a bundle's models) and paths; a folder that cannot be listed is reported;
+a bundle's model is reported at the bundle. (Split GGUF inputs: test_analyze_split.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+
+import pytest
 
 from typer.testing import CliRunner
 
-from helpers.factory import make_safetensors, random_tensors
+from helpers.factory import make_gguf, make_safetensors, random_tensors
 from tdedup.cli.app import app
 
 runner = CliRunner()
@@ -31,6 +35,53 @@ def one_error_line(result, *needles: str) -> str:
     assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, lines
     assert all(n in lines[0] for n in needles), lines
     return lines[0]
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    t = random_tensors(0, {"a": (16, 8), "b": (8,)})
+    return {"sdA": make_safetensors(tmp_path / "sdA" / "model.safetensors", t).parent,
+            "whole": make_gguf(tmp_path / "whole.gguf", random_tensors(1, {"x": (32,)})),
+            "my_model_ü": make_safetensors(tmp_path / "my model ü.safetensors",
+                                           random_tensors(2, {"q": (16,)}))}
+
+
+# -- 3: --include/--exclude match the names models get ----------------------------------
+
+
+def test_globs_match_derived_names(inputs):
+    args = list(inputs.values())
+    assert names(*args) == ["sdA", "whole", "my_model_ü"]
+    assert names(*args, "--include", "whole") == ["whole"]
+    assert names(*args, "--exclude", "my_*") == ["sdA", "whole"]
+    assert names(*args, "--include", "*.gguf") == ["whole"]  # the path still matches
+    assert names(*args, "--exclude", "sd?") == ["whole", "my_model_ü"]
+
+
+def test_globs_match_a_bundles_models(inputs, tmp_path):
+    bundle = tmp_path / "fam.tdd"
+    r = runner.invoke(app, ["pack", str(inputs["sdA"]), str(inputs["whole"]), "-o", str(bundle),
+                            "-q"])
+    assert r.exit_code == 0, r.output
+    assert names(bundle) == ["sdA", "whole"]
+    assert names(bundle, "--exclude", "whole") == ["sdA"]
+    assert names(bundle, "--include", "sdA") == ["sdA"]
+    assert names(bundle, "--include", "fam.tdd") == ["sdA", "whole"]
+    one_error_line(run(bundle, "--include", "nothing"), "no models left")
+    # pack takes a bundle whole: a glob that keeps part of it is refused, not ignored.
+    r = runner.invoke(app, ["pack", str(bundle), str(inputs["my_model_ü"]), "--exclude",
+                            "whole", "-o", str(tmp_path / "x.tdd")])
+    one_error_line(r, "fam.tdd", "leave out whole")
+    assert not (tmp_path / "x.tdd").exists()
+
+
+def test_a_bundles_model_is_reported_at_the_bundle(inputs, tmp_path):
+    bundle = tmp_path / "fam.tdd"
+    runner.invoke(app, ["pack", str(inputs["sdA"]), str(inputs["whole"]), "-o", str(bundle)])
+    result = run("--json", "-q", bundle, inputs["my_model_ü"])
+    models = json.loads(result.stdout)["models"]
+    assert [m["path"] for m in models] == [str(bundle), str(bundle),
+                                           str(inputs["my_model_ü"])]
 
 
 # -- 5: a folder that cannot be listed is reported --------------------------------------

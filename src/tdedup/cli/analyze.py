@@ -208,10 +208,16 @@ def analyze(
     elif not paths:
         raise UsageError("no models given", hint="tdedup analyze PATH..., or --hf-cache")
     else:
-        args = expand_inputs(paths, include=include or (), exclude=exclude or ())
+        args = expand_inputs(paths, include=include or (), exclude=exclude or (),
+                             bundle_models=True)
     # Bundles among the inputs are restored for as long as their tensors are read.
     with staged_bundles(args) as staged:
         scanned, report = analyze_paths(staged, dask=dask, index=index, quiet=quiet)
+        # A bundle's model is reported at the bundle's path, not the staging folder.
+        bundles = {a.name: a.bundle for a in staged if a.bundle is not None}
+        for summary in report.models:
+            if summary.name in bundles:
+                summary.path = str(bundles[summary.name])
         drift_report = None
         if drift:
             from ..analyzers.drift import compute_drift

@@ -1,8 +1,10 @@
 """What the user names as inputs, turned into models: paths, ``NAME=PATH``, hub ids
 (``hf://org/name[@rev]``, a bare ``org/name`` when no such path exists), hub cache folders
-(every cached revision), bundles (their models); ``--include``/``--exclude`` globs; and
-the refusals that protect inputs: the same input twice (two parts of one split GGUF
-too), an output that is an input, a model name two inputs would both give.
+(every cached revision), bundles (their models); ``--include``/``--exclude`` globs
+(matched against the names the models will have, derived from their paths or a bundle's
+own, and against the path); and the refusals that protect inputs: the same input twice
+(two parts of one split GGUF too), an output that is an input, a model name two inputs
+would both give.
 
 A bundle given as ``NAME=BUNDLE`` (in a merge, or to ``add``) gives its one model the name
 ``NAME``; a bundle of several models takes no ``NAME=``.
@@ -24,7 +26,7 @@ from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
 from ..format.checkpoints.gguf_file import SPLIT_RE
 from ..format.checkpoints.records import model_folder
-from ..format.checkpoints.sources import ModelArg, assign_names, parse_model_arg
+from ..format.checkpoints.sources import ModelArg, assign_names, default_name, parse_model_arg
 from . import check_output_file
 from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
 from .unpack import unpack
@@ -94,11 +96,12 @@ def input_key(path: Path) -> Path:
 
 
 def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
-                  exclude: Sequence[str] = (), models: Sequence[ModelArg] = ()
-                  ) -> list[ModelArg]:
+                  exclude: Sequence[str] = (), models: Sequence[ModelArg] = (),
+                  bundle_models: bool = False) -> list[ModelArg]:
     """Every model the arguments (and ``models``, already resolved) name, filtered by the
-    globs (matched against the model's name, when known, and its path), each input at
-    most once."""
+    globs (:func:`select`), each input at most once. ``bundle_models``: the caller reads
+    a bundle's models one by one (``staged_bundles``), so the globs may keep some of them
+    (``ModelArg.models``); otherwise a bundle is taken whole or not at all."""
     out: list[ModelArg] = []
     given: dict[Path, str] = {}
     pairs = [(arg, m) for arg in args for m in expand_one(arg)]
@@ -109,16 +112,54 @@ def expand_inputs(args: Sequence[str], *, include: Sequence[str] = (),
             raise UsageError(f"the same input is given twice: {given[key]!r} and {arg!r}")
         given[key] = arg
         out.append(m)
-
-    def matches(m: ModelArg, globs: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(s, g) for g in globs
-                   for s in (m.name or "", str(m.path), m.path.name))
-
-    out = [m for m in out if (not include or matches(m, include))
-           and not matches(m, exclude)]
+    if include or exclude:
+        out = select(out, include, exclude, bundle_models=bundle_models)
     if not out:
         raise UsageError("no models left to read"
                          + (" after --include/--exclude" if include or exclude else ""))
+    return out
+
+
+def select(args: Sequence[ModelArg], include: Sequence[str], exclude: Sequence[str], *,
+           bundle_models: bool) -> list[ModelArg]:
+    """The inputs ``--include``/``--exclude`` keep. A model matches a glob by its name
+    (``NAME=``, a bundle's model, or the one derived from its path: the name it gets
+    among all the inputs, and its shortest, the file's stem) or by its path (as given,
+    or its last part). A bundle's models are matched one by one."""
+    entries: list[tuple[int, ModelArg]] = []  # (input number, the model as named)
+    for i, a in enumerate(args):
+        if is_bundle(a.path):
+            entries += [(i, ModelArg(n, a.path)) for n in bundle_names(a)]
+        else:
+            entries.append((i, a))
+    derived = assign_names([m for _, m in entries])
+
+    def matches(m: ModelArg, name: str, globs: Sequence[str]) -> bool:
+        texts = {name, m.name or default_name(m.path)[0], str(m.path), m.path.name}
+        return any(fnmatch.fnmatchcase(t, g) for g in globs for t in texts)
+
+    kept: dict[int, list[str]] = {}
+    for (i, m), name in zip(entries, derived):
+        if (not include or matches(m, name, include)) and not matches(m, name, exclude):
+            kept.setdefault(i, []).append(name)
+    out = []
+    for i, a in enumerate(args):
+        if i not in kept:
+            continue
+        if not is_bundle(a.path) or a.name is not None:
+            out.append(a)
+            continue
+        names = bundle_names(a)
+        if kept[i] == names:
+            out.append(a)
+        elif bundle_models:
+            out.append(ModelArg(a.name, a.path, a.hub, models=tuple(kept[i])))
+        else:
+            left = [n for n in names if n not in kept[i]]
+            raise UsageError(f"--include/--exclude would leave out {', '.join(left)} of "
+                             f"{len(names)} models of this bundle; it is taken whole",
+                             path=a.path, hint=f"tdedup remove {a.path} MODEL... -o REST.tdd "
+                             "makes a bundle of the models to keep")
     return out
 
 
@@ -131,8 +172,10 @@ def check_new_output(output: str | os.PathLike, force: bool) -> None:
 
 
 def bundle_names(arg: ModelArg) -> list[str]:
-    """The names a bundle input's models take: their own, or ``NAME`` for the one model of
-    a bundle given as ``NAME=BUNDLE``."""
+    """The names a bundle input's models take: their own (those ``arg.models`` keeps),
+    or ``NAME`` for the one model of a bundle given as ``NAME=BUNDLE``."""
+    if arg.name is None and arg.models is not None:
+        return list(arg.models)
     with Bundle(arg.path, mapped=False) as b:
         names = list(b.model_names)
     if arg.name is None:
@@ -188,9 +231,10 @@ def _clash(name: str, origin: ModelArg, holder: Path) -> UsageError:
 @contextmanager
 def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = None,
                    *, keep_first: bool = False) -> Iterator[list[ModelArg]]:
-    """Bundle inputs replaced by their models, restored (sha256-checked) into a temporary
-    folder under ``workdir`` that is removed afterwards. ``keep_first``: the first bundle
-    stays as it is (``pack`` adds the rest to it without re-encoding it)."""
+    """Bundle inputs replaced by their models (those ``ModelArg.models`` keeps), restored
+    (sha256-checked) into a temporary folder under ``workdir`` that is removed
+    afterwards; each keeps the bundle's path as ``ModelArg.bundle``. ``keep_first``: the
+    first bundle stays as it is (``pack`` adds the rest to it without re-encoding it)."""
     stage: Path | None = None
     out: list[ModelArg] = []
     kept_one = not keep_first
@@ -207,13 +251,15 @@ def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = Non
             if stage is None:
                 stage = Path(tempfile.mkdtemp(prefix=".tdedup-stage-", dir=workdir))
             dest = stage / str(i)
-            unpack(a.path, dest)
+            unpack(a.path, dest, models=a.models)
             with Bundle(a.path) as b:
-                for m, name in zip(b.manifest.models, names):
+                chosen = [m for m in b.manifest.models
+                          if a.models is None or m.name in a.models]
+                for m, name in zip(chosen, names):
                     folder = dest / model_folder(m.name)
                     single = len(m.files) == 1 and m.layout == m.files[0].kind
                     out.append(ModelArg(name, folder / m.files[0].path if single else folder,
-                                        m.hub))
+                                        m.hub, bundle=a.path))
         yield out
     finally:
         if stage is not None:

@@ -46,6 +46,10 @@ class ModelArg:
     path: Path
     #: Hub provenance of a cached revision (``hub_cache.HubRevision.provenance``).
     hub: dict | None = None
+    #: A bundle input: the names of its models to read (None: every model).
+    models: tuple[str, ...] | None = None
+    #: A model restored from a bundle: the bundle (``path`` is then a staging folder).
+    bundle: Path | None = None
 
 
 def parse_model_arg(arg: str) -> ModelArg:
