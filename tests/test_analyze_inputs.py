@@ -1,6 +1,7 @@
 """``tdedup analyze``'s inputs after the third QA pass: globs match the names models get
 (derived ones, a bundle's models) and paths; a folder that cannot be listed is reported;
-a bundle's model is reported at the bundle. (Split GGUF inputs: test_analyze_split.py.)"""
+a hub id missing from the cache is named; a bundle's model is reported at the bundle.
+(Split GGUF inputs: test_analyze_split.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from helpers.factory import make_gguf, make_safetensors, random_tensors
@@ -125,3 +125,20 @@ def test_an_unlistable_model_folder_is_an_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "scandir", scandir)
     one_error_line(run(root), str(root), "cannot list this folder: Permission denied")
+
+
+# -- 7: a hub id missing from the cache is named -----------------------------------------
+
+
+def test_a_hub_id_without_a_cache_names_the_argument(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(tmp_path / "no-cache")
+    try:
+        line = one_error_line(run("hf://nonexistent-org/x"), "hf://nonexistent-org/x:",
+                              "not in the Hugging Face cache", str(tmp_path / "no-cache"))
+    finally:
+        constants.HF_HUB_CACHE = old
+    assert line.index("hf://nonexistent-org/x") < line.index("no-cache")

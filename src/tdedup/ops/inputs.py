@@ -57,7 +57,7 @@ def expand_one(arg: str) -> list[ModelArg]:
         ident = hub_cache.parse_hub_id(text)
         if ident is None:
             raise UsageError(f"{text!r} is not a hub id (hf://org/name[@revision])")
-        return _hub_args(parsed.name, [hub_cache.resolve(*ident)])
+        return _hub_args(parsed.name, [hub_cache.resolve(*ident, given=text)])
     ident = hub_cache.parse_hub_id(text)
     if ident is not None and "/" in ident[0] and not os.path.lexists(text):
         # A bare org/name: a repo of the cache when no such path exists.

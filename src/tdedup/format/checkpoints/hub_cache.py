@@ -115,16 +115,24 @@ def parse_hub_id(text: str) -> tuple[str, str | None] | None:
     return (m["repo"], m["rev"]) if m else None
 
 
-def resolve(repo_id: str, rev: str | None, cache_dir: str | os.PathLike | None = None
-            ) -> HubRevision:
+def resolve(repo_id: str, rev: str | None, cache_dir: str | os.PathLike | None = None,
+            *, given: str | None = None) -> HubRevision:
     """The cached revision ``repo_id@rev`` (a ref name or a commit prefix; no ``rev``:
-    ``main``, or the only revision), offline."""
-    revisions = [r for r in scan(cache_dir) if r.repo_id == repo_id]
+    ``main``, or the only revision), offline. Errors name ``given``, the argument as the
+    user wrote it (``hf://org/name``), else ``repo_id[@rev]``, and say which cache was
+    looked in."""
+    spelled = given or (f"{repo_id}@{rev}" if rev else repo_id)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    missing_hint = "download it first (hf download); tdedup never goes online"
+    try:
+        cached = scan(folder)
+    except InputError as e:  # no cache at all: the argument is what the user looks for
+        raise InputError(f"not in the Hugging Face cache ({e.message})", path=spelled,
+                         hint=missing_hint) from None
+    revisions = [r for r in cached if r.repo_id == repo_id]
     if not revisions:
-        raise InputError(f"{repo_id} is not in the Hugging Face cache",
-                         path=cache_dir or default_cache_dir(),
-                         hint="download it first (hf download); tdedup "
-                              "never goes online")
+        raise InputError(f"not in the Hugging Face cache {folder}", path=spelled,
+                         hint=missing_hint)
     if rev is None:
         main = [r for r in revisions if "main" in r.refs]
         if main or len(revisions) == 1:
@@ -134,8 +142,8 @@ def resolve(repo_id: str, rev: str | None, cache_dir: str | os.PathLike | None =
     for r in revisions:
         if rev in r.refs or (len(rev) >= 4 and r.commit.startswith(rev)):
             return r
-    raise InputError(f"{repo_id}@{rev} is not in the Hugging Face cache (cached: "
-                     f"{', '.join(r.name for r in revisions)})")
+    raise InputError(f"revision {rev} is not in the Hugging Face cache (cached: "
+                     f"{', '.join(r.name for r in revisions)})", path=spelled)
 
 
 def blob_name(path: Path) -> str | None:
