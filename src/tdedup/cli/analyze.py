@@ -8,6 +8,7 @@ warnings and the threshold verdict go to stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from .._fs import forget_temp, fsync_dir, open_temp
 from ..errors import OutputError, UsageError, display_path
 from .common import (
     EXIT_THRESHOLD,
@@ -58,17 +60,45 @@ def warn_unread_weights(models: list[ModelSource]) -> None:
                  "tensors are read)")
 
 
+def check_markdown_target(target: str | None, args: Sequence[ModelArg]) -> None:
+    """Refuse, before any hashing, a Markdown file that cannot be written or that would
+    replace an input: one of the files given (any part of a split GGUF, a bundle) or a
+    file inside an input folder."""
+    if target in (None, "-"):
+        return
+    from ..ops.inputs import check_output_file, check_output_not_input, input_files
+
+    check_output_file(target)
+    if not Path(target).resolve().parent.is_dir():
+        raise OutputError("cannot write the Markdown report: no such folder",
+                          path=display_path(target))
+    check_output_not_input(target, input_files(args))
+
+
 def write_markdown(target: str, text: str) -> None:
-    """Write the Markdown report to a file, or to stdout for ``-``."""
+    """Write the Markdown report to stdout for ``-``, else to a file atomically, as every
+    output is written: a temporary name beside it, fsynced, renamed over it (a link is
+    followed: its target is written)."""
     if target == "-":
         sys.stdout.write(text)
         return
-    path = Path(target)
+    path = Path(os.path.realpath(target))
+    tmp = None
     try:
-        path.write_text(text, encoding="utf-8")
+        tmp, f = open_temp(path)
+        with f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        forget_temp(tmp)
     except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+            forget_temp(tmp)
         raise OutputError(f"cannot write the Markdown report: {e.strerror or e}",
-                          path=display_path(path)) from e
+                          path=display_path(target)) from e
+    fsync_dir(path.parent)
 
 
 def render_json(report: OverlapReport, drift: DriftReport | None = None,
@@ -187,10 +217,6 @@ def analyze(
     if as_json and markdown == "-":
         raise UsageError("--json and --markdown - both write to stdout; give --markdown a "
                          "file name")
-    if markdown not in (None, "-") and not Path(markdown).resolve().parent.is_dir():
-        # Fail before hashing gigabytes, not after.
-        raise OutputError("cannot write the Markdown report: no such folder",
-                          path=display_path(markdown))
     from ..analyzers.derivation import derivation_report
     from ..ops.inputs import expand_inputs, scan_args, staged_bundles
     from .analyze_render import (
@@ -210,6 +236,7 @@ def analyze(
     else:
         args = expand_inputs(paths, include=include or (), exclude=exclude or (),
                              bundle_models=True)
+    check_markdown_target(markdown, args)  # before hashing gigabytes, not after
     # Bundles among the inputs are restored for as long as their tensors are read.
     with staged_bundles(args) as staged:
         scanned, report = analyze_paths(staged, dask=dask, index=index, quiet=quiet)

@@ -163,6 +163,20 @@ def select(args: Sequence[ModelArg], include: Sequence[str], exclude: Sequence[s
     return out
 
 
+def input_files(args: Sequence[ModelArg]) -> list[Path]:
+    """The paths an output must not replace: each input's (a file, a folder, a bundle)
+    and every part of a split GGUF given by one of its parts."""
+    out = []
+    for a in args:
+        out.append(a.path)
+        m = SPLIT_RE.match(a.path.name)
+        if m and a.path.is_file():
+            n = int(m["n"])
+            out += [a.path.with_name(f"{m['stem']}-{i:05d}-of-{n:05d}.gguf")
+                    for i in range(1, n + 1)]
+    return out
+
+
 def check_new_output(output: str | os.PathLike, force: bool) -> None:
     """Refuse to replace an existing output unless ``force``."""
     out = check_output_file(output)  # no file name at all ('', '.', a folder): one line
