@@ -1,14 +1,18 @@
 """``tdedup analyze``'s outputs after the third QA pass: the Markdown file never replaces an
-input and is written atomically."""
+input and is written atomically; ``--min-dedup-ratio`` compares and prints the ratio JSON
+reports."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from helpers.factory import make_safetensors, make_split_gguf, random_tensors
+from tdedup.cli.analyze_render import exact_number
 from tdedup.cli.app import app
 
 runner = CliRunner()
@@ -88,3 +92,36 @@ def test_markdown_is_written_atomically(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     assert run(*pair, "-q", "--markdown", target).exit_code == 0
     assert target.read_text().startswith("## tdedup analyze")
+
+
+# -- 2: --min-dedup-ratio compares what JSON reports ------------------------------------
+
+
+@pytest.fixture
+def almost_two(tmp_path):
+    """Two models whose ratio is just below 2: 1.999955 in the JSON report."""
+    a = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    return (make_safetensors(tmp_path / "r1.safetensors", {"a": a}),
+            make_safetensors(tmp_path / "r2.safetensors",
+                             {"a": a, "e": np.ones(5, np.float32)}))
+
+
+def test_threshold_compares_the_reported_ratio(almost_two, tmp_path):
+    result = run(*almost_two, "--json", "-q")
+    ratio = json.loads(result.stdout)["dedup_ratio"]
+    assert 1.9999 < ratio < 2
+    text = repr(ratio)
+    assert run(*almost_two, "-q", "--json", "--min-dedup-ratio", text).exit_code == 0
+    md = tmp_path / "s.md"
+    result = run(*almost_two, "-q", "--json", "--min-dedup-ratio", "2", "--markdown", md)
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == f"tdedup: dedup ratio {text} is below --min-dedup-ratio 2"
+    assert f"**Failed**: dedup ratio {text}x < required 2x" in md.read_text()
+    run(*almost_two, "-q", "--min-dedup-ratio", text, "--markdown", md)
+    assert f"**Passed**: dedup ratio {text}x >= required {text}x" in md.read_text()
+
+
+def test_exact_number_keeps_every_digit():
+    assert exact_number(2.0) == "2" and exact_number(1.999955) == "1.999955"
+    assert exact_number(1.9999551) == "1.9999551" and exact_number(0.5) == "0.5"

@@ -220,11 +220,14 @@ def analyze(
     from ..analyzers.derivation import derivation_report
     from ..ops.inputs import expand_inputs, scan_args, staged_bundles
     from .analyze_render import (
+        below_threshold,
         derived_markdown,
         derived_table,
         drift_table,
+        exact_number,
         markdown_report,
         print_report,
+        reported_ratio,
     )
     if hf_cache:
         from ..format.checkpoints.hub_cache import default_cache_dir
@@ -268,7 +271,9 @@ def analyze(
         if n:
             hint(f"{n} tensor slots hold different bytes in different models; --drift "
                  "shows how far they drifted and what base-plus-delta storage would save")
-    if min_dedup_ratio is not None and report.dedup_ratio < min_dedup_ratio:
-        print(f"tdedup: dedup ratio {report.dedup_ratio:.3f} is below --min-dedup-ratio "
-              f"{min_dedup_ratio:g}", file=sys.stderr)
+    # The ratio as JSON reports it, compared and printed with all its digits: never
+    # "2.000 is below 2".
+    if min_dedup_ratio is not None and below_threshold(report, min_dedup_ratio):
+        print(f"tdedup: dedup ratio {exact_number(reported_ratio(report))} is below "
+              f"--min-dedup-ratio {exact_number(min_dedup_ratio)}", file=sys.stderr)
         raise typer.Exit(EXIT_THRESHOLD)

@@ -41,6 +41,28 @@ def _ratio(report: OverlapReport) -> str:
     return f"{report.dedup_ratio:.2f}x"
 
 
+#: Decimals of ``dedup_ratio`` in the JSON report (``OverlapReport.to_dict``): the value
+#: ``--min-dedup-ratio`` compares and its messages print.
+RATIO_DECIMALS = 6
+
+
+def reported_ratio(report: OverlapReport) -> float:
+    """The dedup ratio as the JSON report gives it (rounded to :data:`RATIO_DECIMALS`)."""
+    return round(report.dedup_ratio, RATIO_DECIMALS)
+
+
+def exact_number(x: float) -> str:
+    """``x`` with every digit it has (its shortest repr), no trailing ``.0``: a ratio and
+    a threshold printed side by side never look equal when they are not."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def below_threshold(report: OverlapReport, min_ratio: float) -> bool:
+    """Whether the reported ratio fails ``--min-dedup-ratio``."""
+    return reported_ratio(report) < min_ratio
+
+
 def totals_rows(report: OverlapReport) -> list[tuple[str, str]]:
     """(label, value) lines of the totals section."""
     return [
@@ -239,9 +261,10 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
     """The report as GitHub-flavoured Markdown, fit for a CI job summary."""
     out = ["## tdedup analyze", ""]
     if min_ratio is not None:
-        ok = report.dedup_ratio >= min_ratio
-        out += [f"**{'Passed' if ok else 'Failed'}**: dedup ratio {_ratio(report)} "
-                f"{'>=' if ok else '<'} required {min_ratio:g}x", ""]
+        ok = not below_threshold(report, min_ratio)
+        out += [f"**{'Passed' if ok else 'Failed'}**: dedup ratio "
+                f"{exact_number(reported_ratio(report))}x {'>=' if ok else '<'} required "
+                f"{exact_number(min_ratio)}x", ""]
     out += _md_table(["total", "value"], [[a, md_escape(b)] for a, b in totals_rows(report)], {1})
     out += ["", "### Models", ""]
     out += _md_table(
