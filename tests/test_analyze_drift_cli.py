@@ -34,7 +34,7 @@ def test_drift_json_markdown_and_table(bert_family, tmp_path):
     r = run(*models, "--drift", "--markdown", str(md))
     assert r.exit_code == 0, r.output
     assert "Drift of differing tensors" in r.stdout
-    assert "## Drift of differing tensors, by layer" in md.read_text()
+    assert "### Drift of differing tensors, by layer" in md.read_text()
 
 
 def test_hint_points_at_drift(bert_family):

@@ -1,6 +1,7 @@
 """``tdedup analyze``'s outputs after the third QA pass: the Markdown file never replaces an
 input and is written atomically; ``--min-dedup-ratio`` compares and prints the ratio JSON
-reports."""
+reports; Markdown and terminal output neutralise links and bidirectional controls; one
+percent convention; Markdown headings and the skipped entries."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers.factory import make_safetensors, make_split_gguf, random_tensors
-from tdedup.cli.analyze_render import exact_number
+from helpers.factory import make_gguf, make_safetensors, make_split_gguf, random_tensors
+from tdedup.analyzers.derivation import DerivableModel
+from tdedup.cli.analyze_render import (
+    derived_markdown,
+    derived_table,
+    exact_number,
+    md_escape,
+    safe_text,
+    share,
+)
 from tdedup.cli.app import app
 
 runner = CliRunner()
@@ -125,3 +134,76 @@ def test_threshold_compares_the_reported_ratio(almost_two, tmp_path):
 def test_exact_number_keeps_every_digit():
     assert exact_number(2.0) == "2" and exact_number(1.999955) == "1.999955"
     assert exact_number(1.9999551) == "1.9999551" and exact_number(0.5) == "0.5"
+
+
+# -- 6: Markdown and terminal escaping; headings; skipped -------------------------------
+
+LINK = "[link](https://evil.example)"
+BIDI = "good\u202egnp.exe"
+
+
+def test_markdown_escapes_links_references_and_bidi_controls():
+    assert md_escape(LINK) == "\\[link\\](https://evil.example)"
+    assert md_escape("![img](x)").startswith("!\\[img\\]")
+    assert md_escape("&#x202e;") == "\\&#x202e;"
+    assert md_escape(BIDI) == "good\\\\u202egnp.exe"  # rendered as the text \u202e
+    for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028":
+        assert ch not in md_escape(f"a{ch}b") and ch not in safe_text(f"a{ch}b")
+    assert safe_text("a\x1bb\u202ec") == "a\\x1bb\\u202ec"  # clean()'s escapes, extended
+    assert safe_text("naïve ü 模型") == "naïve ü 模型"  # letters are left alone
+
+
+def test_hostile_tensor_names_in_markdown_and_tables(tmp_path):
+    shared = random_tensors(0, {"x": (16, 16)})["x"]
+    names = {LINK: shared, BIDI: shared * 2}
+    a = make_safetensors(tmp_path / "a.safetensors", names)
+    b = make_safetensors(tmp_path / "b.safetensors", names)
+    md = tmp_path / "r.md"
+    result = run(a, b, "-q", "--markdown", md)
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert "[link](" not in text and "\\[link\\](https://evil.example)" in text
+    assert "\u202e" not in text and "\u202e" not in result.stdout
+    assert "good\\u202egnp.exe" in result.stdout.replace("\n", "")
+
+
+def test_markdown_section_levels_and_skipped_entries(tmp_path):
+    base = make_safetensors(tmp_path / "m" / "model.safetensors",
+                            random_tensors(0, {"x": (8, 8)}))
+    (tmp_path / "m" / ".git").mkdir()
+    make_safetensors(tmp_path / "n" / "model.safetensors",
+                     {"x": random_tensors(0, {"x": (8, 8)})["x"] * 1.0001})
+    md = tmp_path / "r.md"
+    result = run(f"a={base.parent}", f"b={tmp_path / 'n'}", "-q", "--drift", "--markdown", md)
+    assert result.exit_code == 0, result.output
+    lines = md.read_text().splitlines()
+    headings = [h for h in lines if h.startswith("#")]
+    assert headings[0] == "## tdedup analyze"
+    assert all(h.startswith("### ") for h in headings[1:]), headings
+    assert "### Drift of differing tensors, by layer" in headings
+    assert "### Skipped (not read)" in headings
+    assert "| a | .git/ (hidden folder) |" in lines
+
+
+# -- 7: one percent convention ----------------------------------------------------------
+
+
+def test_one_percent_convention():
+    assert share(0.999893) == ">99%" and share(0.999893, 1) == ">99.9%"
+    assert share(0.00001) == "<1%" and share(0.0004, 1) == "<0.1%"
+    assert share(1.0) == "100%" and share(0.0) == "0%" and share(0.5, 1) == "50.0%"
+    d = DerivableModel("q8", 1_000_000, 999_893, "f32", "Q8_0 quantization")
+    assert "| >99% |" in derived_markdown([d])
+    from rich.console import Console
+
+    console = Console(width=200, record=True, no_color=True)
+    console.print(derived_table([d]))
+    assert ">99%" in console.export_text() and "100.0%" not in console.export_text()
+    assert derived_markdown([d]).lstrip().startswith("### Derivable")
+
+
+def test_gguf_model_name_in_markdown(tmp_path):
+    """A model whose name comes from a GGUF path is escaped like any other string."""
+    g = make_gguf(tmp_path / "a_b.gguf", random_tensors(0, {"x": (32,)}))
+    result = run(g, "-q", "--markdown", "-")
+    assert result.exit_code == 0 and "| a\\_b |" in result.stdout

@@ -29,7 +29,6 @@ from .common import (
     human_bytes,
     stdout_console,
     warn,
-    warn_skipped,
 )
 
 if TYPE_CHECKING:
@@ -51,13 +50,26 @@ _UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".onnx", ".msg
 def warn_unread_weights(models: list[ModelSource]) -> None:
     """Warn, per model, about weight files in formats analyze does not read."""
     from ..format.checkpoints.records import FileKind
+    from .analyze_render import safe_text
     for m in models:
         unread = [f.rel_path for f in m.files
                   if f.kind is FileKind.OTHER and f.rel_path.lower().endswith(_UNREAD_WEIGHTS)]
         if unread:
             more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
-            warn(f"{m.name}: {unread[0]}{more} not analyzed (only safetensors and GGUF "
-                 "tensors are read)")
+            warn(safe_text(f"{m.name}: {unread[0]}{more} not analyzed (only safetensors "
+                           "and GGUF tensors are read)"))
+
+
+def warn_skipped(models: list[ModelSource]) -> None:
+    """One warning per model whose folder scan left entries out (hidden folders, folders
+    that cannot be listed, non-regular files, dangling links); the JSON and Markdown
+    reports list them all."""
+    from .analyze_render import safe_text
+    for m in models:
+        if m.skipped:
+            shown = ", ".join(m.skipped[:5])
+            more = f" and {len(m.skipped) - 5} more" if len(m.skipped) > 5 else ""
+            warn(safe_text(f"{m.name}: skipped {shown}{more}"))
 
 
 def check_markdown_target(target: str | None, args: Sequence[ModelArg]) -> None:
@@ -157,16 +169,16 @@ def differing_slots(scanned: ScannedModels) -> int:
 
 def drift_markdown(drift: DriftReport, max_rows: int = 60) -> str:
     """The drift section of the Markdown report: per-layer rows and the size estimate."""
-    from .analyze_render import md_escape
+    from .analyze_render import md_escape, share
 
-    lines = ["", "## Drift of differing tensors, by layer", "",
+    lines = ["", "### Drift of differing tensors, by layer", "",
              "| model | vs | layer | tensors | bytes changed | elements changed | rel. L2 |",
              "|---|---|---|---:|---:|---:|---:|"]
     for g in drift.layers[:max_rows]:
         rel = "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}"
         lines.append(f"| {md_escape(g.model)} | {md_escape(g.reference)} | "
                      f"{md_escape(g.layer)} | {g.tensors} | "
-                     f"{g.bytes_changed:.1%} | {g.elements_changed:.1%} | {rel} |")
+                     f"{share(g.bytes_changed, 1)} | {share(g.elements_changed, 1)} | {rel} |")
     e = drift.estimate
     if e:
         lines += ["", f"Estimated bundle tensors: {human_bytes(e['with_deltas_bytes'])} with "
@@ -263,7 +275,8 @@ def analyze(
         if derived:
             console.print(derived_table(derived))
     if markdown is not None:
-        text = markdown_report(report, top=top, min_ratio=min_dedup_ratio)
+        skipped = {m.name: list(m.skipped) for m in scanned.models if m.skipped}
+        text = markdown_report(report, top=top, min_ratio=min_dedup_ratio, skipped=skipped)
         write_markdown(markdown, text + (drift_markdown(drift_report) if drift_report else "")
                        + (derived_markdown(derived) if derived else ""))
     if not drift and not quiet:

@@ -4,10 +4,16 @@ Both renderings show the same sections (models, pair matrix, largest shared grou
 view mismatches, totals) from one :class:`OverlapReport`; the terminal shows the totals
 last, where they stay in view, Markdown first, where a CI summary is read from the top.
 The JSON form is ``OverlapReport.to_dict``.
+
+Every string from a file, path or manifest goes through :func:`safe_text` (rich) or
+:func:`md_escape` (Markdown): :func:`clean`'s escapes of control characters, plus the
+bidirectional controls (U+202E and the like) and line separators, which would reorder
+or break what a terminal or a Markdown viewer shows ("Trojan Source" names).
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -23,18 +29,36 @@ if TYPE_CHECKING:  # drift imports numpy and the delta planner: only --drift nee
 
 # Tensor names listed per group before "+N more": a group of 18 copies would not fit.
 _NAMES_SHOWN = 3
+# Bidirectional controls (embeddings, overrides, isolates, marks) and the line and
+# paragraph separators: shown as escapes like clean()'s control characters.
+_BIDI_CHARS = re.compile("[\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def safe_text(text: object) -> str:
+    """``clean(text)`` with bidirectional controls and line separators escaped too
+    (``\\u202e``): a name can neither reorder nor split the line it is printed on."""
+    return _BIDI_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", clean(text))
+
+
+def _plain(text: object, style: str = "") -> Text:
+    return plain(safe_text(text), style)
+
+
+def share(fraction: float, digits: int = 0) -> str:
+    """A fraction as a percent with ``digits`` decimals, never rounded to look like none
+    or all of it (``<1%``, ``>99%``; ``<0.1%``, ``>99.9%``): the one convention of every
+    table and of Markdown."""
+    pct, step = 100 * fraction, 10.0 ** -digits
+    if 0 < pct < step:
+        return f"<{step:.{digits}f}%"
+    if 100 - step < pct < 100:
+        return f">{100 - step:.{digits}f}%"
+    return f"{pct:.{digits}f}%"
 
 
 def _pct(part: int, whole: int) -> str:
-    """A share as a whole percent, never rounded to look like none or all of it."""
-    if not whole:
-        return "-"
-    pct = 100 * part / whole
-    if 0 < pct < 1:
-        return "<1%"
-    if 99 < pct < 100:
-        return ">99%"
-    return f"{pct:.0f}%"
+    """``part`` of ``whole`` as a whole percent (:func:`share`); ``-`` of nothing."""
+    return share(part / whole) if whole else "-"
 
 
 def _ratio(report: OverlapReport) -> str:
@@ -146,7 +170,7 @@ def print_pairs(report: OverlapReport, console: Console) -> None:
         table.add_column(col, justify=just, no_wrap=just == "right",
                          min_width=name_width if col == "model" else None)
     for shared, a, b in pairs[:PAIRS_SHOWN]:
-        table.add_row(plain(a), plain(b), human_bytes(shared), _pct(shared, sizes[a]),
+        table.add_row(_plain(a), _plain(b), human_bytes(shared), _pct(shared, sizes[a]),
                       _pct(shared, sizes[b]))
     more = f"; {len(pairs) - PAIRS_SHOWN} more not shown" if len(pairs) > PAIRS_SHOWN else ""
     _section(console, "Pairs of models that share bytes",
@@ -163,7 +187,7 @@ def layer_label(name: str, width: int = LAYER_WIDTH) -> str:
 
 def _section(console: Console, title: str, note: str = "") -> None:
     # A heading line rather than a table title: rich wraps titles to the table's width.
-    console.print(plain(title, "bold") + (plain(f"  ({note})", "dim") if note else Text()))
+    console.print(_plain(title, "bold") + (_plain(f"  ({note})", "dim") if note else Text()))
 
 
 def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> None:
@@ -172,7 +196,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     for label, value in totals_rows(report):
-        totals.add_row(plain(label), plain(value))
+        totals.add_row(_plain(label), _plain(value))
 
     models = Table(collapse_padding=True)
     name_width = min(NAME_WIDTH, max(len(m.name) for m in report.models)) if report.models else 5
@@ -184,7 +208,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                           min_width=name_width if col == "model" else None,
                           overflow="ellipsis" if col == "layout" else "fold")
     for i, m in enumerate(report.models, 1):
-        models.add_row(str(i), plain(m.name), plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
+        models.add_row(str(i), _plain(m.name), _plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
                        _pct(m.shared_bytes, m.tensor_bytes))
     _section(console, "Models")
@@ -205,7 +229,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                     continue
                 shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
                 cells.append(f"{pct}\n{human_bytes(shared)}" if shared else "·")
-            matrix.add_row(plain(f"#{i} {a.name}"), *cells)
+            matrix.add_row(_plain(f"#{i} {a.name}"), *cells)
         _section(console, "Shared bytes between models",
                  "row %: share of the row model's tensor bytes that the column model holds")
         console.print(matrix)
@@ -218,7 +242,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
-                           plain(group_names(g)))
+                           _plain(group_names(g)))
         _section(console, f"Largest shared tensors (top {len(shown)} of "
                           f"{sum(g.saved_bytes > 0 for g in report.groups)})")
         console.print(groups)
@@ -229,7 +253,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
         for col, just in (("hash", "left"), ("bytes", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
-            table.add_row(g.hash[:12], human_bytes(g.bytes), plain(view_list(g)))
+            table.add_row(g.hash[:12], human_bytes(g.bytes), _plain(view_list(g)))
         _section(console, "Byte-identical tensors stored as different dtypes or shapes")
         console.print(table)
     _section(console, "Totals")
@@ -239,11 +263,17 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
 # -- markdown -------------------------------------------------------------------------
 
 
-def md_escape(text: str) -> str:
+#: What would break a Markdown table cell or start formatting: a link or image
+#: (``[text](url)``), emphasis, code, HTML, a character reference (``&#x202e;``),
+#: strikethrough. The backslash first, so that the escapes added are not escaped again.
+_MD_SPECIAL = ("\\", "|", "*", "_", "`", "<", ">", "[", "]", "&", "~")
+
+
+def md_escape(text: object) -> str:
     """Escape what would break a Markdown table cell or start formatting (and control
-    characters, surrogates: see :func:`clean`)."""
-    text = clean(text)
-    for ch in ("\\", "|", "*", "_", "`", "<", ">"):
+    characters, surrogates, bidirectional controls: see :func:`safe_text`)."""
+    text = safe_text(text)
+    for ch in _MD_SPECIAL:
         text = text.replace(ch, "\\" + ch)
     return text
 
@@ -257,8 +287,10 @@ def _md_table(header: list[str], rows: list[list[str]], right: set[int]) -> list
 
 
 def markdown_report(report: OverlapReport, *, top: int = 10,
-                    min_ratio: float | None = None) -> str:
-    """The report as GitHub-flavoured Markdown, fit for a CI job summary."""
+                    min_ratio: float | None = None,
+                    skipped: dict[str, list[str]] | None = None) -> str:
+    """The report as GitHub-flavoured Markdown, fit for a CI job summary: a ``##`` title,
+    every section ``###`` below it (those of drift and derivation too)."""
     out = ["## tdedup analyze", ""]
     if min_ratio is not None:
         ok = not below_threshold(report, min_ratio)
@@ -300,6 +332,11 @@ def markdown_report(report: OverlapReport, *, top: int = 10,
         out += _md_table(["hash", "size", "views"],
                          [[f"`{g.hash[:12]}`", human_bytes(g.bytes), md_escape(view_list(g))]
                           for g in report.view_mismatches], {1})
+    if skipped:
+        out += ["", "### Skipped (not read)", ""]
+        out += _md_table(["model", "entry (why)"],
+                         [[md_escape(name), md_escape(entry)]
+                          for name, entries in skipped.items() for entry in entries], set())
     return "\n".join(out) + "\n"
 
 
@@ -326,9 +363,9 @@ def drift_table(report: DriftReport, *, max_rows: int = 60, width: int | None = 
         table.add_column(columns[i][0], **columns[i][1])
     for g in rows:
         planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        cells = [plain(g.model), plain(g.reference), plain(layer_label(g.layer)),
-                 str(g.tensors), human_bytes(g.bytes), f"{g.bytes_changed:.1%}",
-                 f"{g.elements_changed:.1%}",
+        cells = [_plain(g.model), _plain(g.reference), _plain(layer_label(g.layer)),
+                 str(g.tensors), human_bytes(g.bytes), share(g.bytes_changed, 1),
+                 share(g.elements_changed, 1),
                  "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes]
         table.add_row(*[cells[i] for i in keep])
     if len(report.layers) > max_rows:
@@ -351,15 +388,17 @@ def derived_table(rows: list[DerivableModel]) -> Table:
                     ("of its tensors", {"justify": "right"}), ("from", {}), ("by", {})):
         table.add_column(col, **kw)
     for d in rows:
-        table.add_row(plain(d.model), human_bytes(d.derivable_bytes), f"{d.fraction:.1%}",
-                      plain(d.base_model), plain(d.transform))
+        table.add_row(_plain(d.model), human_bytes(d.derivable_bytes),
+                      _pct(d.derivable_bytes, d.tensor_bytes),
+                      _plain(d.base_model), _plain(d.transform))
     return table
 
 
 def derived_markdown(rows: list[DerivableModel]) -> str:
     """The Markdown section of :func:`derived_table`."""
-    lines = ["", "## Derivable from another model", ""]
+    lines = ["", "### Derivable from another model", ""]
     lines += _md_table(["model", "derivable", "of its tensors", "from", "by"],
-                       [[md_escape(d.model), human_bytes(d.derivable_bytes), f"{d.fraction:.1%}",
+                       [[md_escape(d.model), human_bytes(d.derivable_bytes),
+                         _pct(d.derivable_bytes, d.tensor_bytes),
                          md_escape(d.base_model), md_escape(d.transform)] for d in rows], {1, 2})
     return "\n".join(lines) + "\n"

@@ -46,15 +46,17 @@ def scan_backends(dask: str | None, index: Path | None
 
 def report_counts(scanned: ScannedModels, index: Path | None) -> None:
     """On stderr: files that moved while hashed, and what the index saved."""
+    from .analyze_render import safe_text
+
     c = scanned.counts
     for path in c.changed:
-        warn(f"{path}: changed while it was hashed; the report covers the bytes read, "
-             "and the index does not record it")
+        warn(safe_text(f"{path}: changed while it was hashed; the report covers the bytes "
+                       "read, and the index does not record it"))
     if index is not None:
         total = c.hashed_files + c.indexed_files
-        print(f"index: {c.indexed_files} of {total} weight files taken from {index} "
-              f"({human_bytes(c.indexed_bytes)}), {c.hashed_files} hashed "
-              f"({human_bytes(c.hashed_bytes)})", file=sys.stderr)
+        print(safe_text(f"index: {c.indexed_files} of {total} weight files taken from "
+                        f"{index} ({human_bytes(c.indexed_bytes)}), {c.hashed_files} hashed "
+                        f"({human_bytes(c.hashed_bytes)})"), file=sys.stderr)
 
 
 @guarded
