@@ -19,10 +19,10 @@ from tdedup.cli.analyze_render import (
     derived_table,
     exact_number,
     md_escape,
-    safe_text,
     share,
 )
 from tdedup.cli.app import app
+from tdedup.cli.common import clean
 
 runner = CliRunner()
 
@@ -148,9 +148,9 @@ def test_markdown_escapes_links_references_and_bidi_controls():
     assert md_escape("&#x202e;") == "\\&#x202e;"
     assert md_escape(BIDI) == "good\\\\u202egnp.exe"  # rendered as the text \u202e
     for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c\u2028":
-        assert ch not in md_escape(f"a{ch}b") and ch not in safe_text(f"a{ch}b")
-    assert safe_text("a\x1bb\u202ec") == "a\\x1bb\\u202ec"  # clean()'s escapes, extended
-    assert safe_text("naïve ü 模型") == "naïve ü 模型"  # letters are left alone
+        assert ch not in md_escape(f"a{ch}b") and ch not in clean(f"a{ch}b")
+    assert clean("a\x1bb\u202ec") == "a\\x1bb\\u202ec"  # clean()'s escapes, extended
+    assert clean("naïve ü 模型") == "naïve ü 模型"  # letters are left alone
 
 
 def test_hostile_tensor_names_in_markdown_and_tables(tmp_path):

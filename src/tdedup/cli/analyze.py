@@ -29,6 +29,7 @@ from .common import (
     human_bytes,
     stdout_console,
     warn,
+    warn_skipped,
 )
 
 if TYPE_CHECKING:
@@ -50,26 +51,13 @@ _UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".onnx", ".msg
 def warn_unread_weights(models: list[ModelSource]) -> None:
     """Warn, per model, about weight files in formats analyze does not read."""
     from ..format.checkpoints.records import FileKind
-    from .analyze_render import safe_text
     for m in models:
         unread = [f.rel_path for f in m.files
                   if f.kind is FileKind.OTHER and f.rel_path.lower().endswith(_UNREAD_WEIGHTS)]
         if unread:
             more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
-            warn(safe_text(f"{m.name}: {unread[0]}{more} not analyzed (only safetensors "
-                           "and GGUF tensors are read)"))
-
-
-def warn_skipped(models: list[ModelSource]) -> None:
-    """One warning per model whose folder scan left entries out (hidden folders, folders
-    that cannot be listed, non-regular files, dangling links); the JSON and Markdown
-    reports list them all."""
-    from .analyze_render import safe_text
-    for m in models:
-        if m.skipped:
-            shown = ", ".join(m.skipped[:5])
-            more = f" and {len(m.skipped) - 5} more" if len(m.skipped) > 5 else ""
-            warn(safe_text(f"{m.name}: skipped {shown}{more}"))
+            warn(f"{m.name}: {unread[0]}{more} not analyzed (only safetensors and GGUF "
+                 "tensors are read)")
 
 
 def check_markdown_target(target: str | None, args: Sequence[ModelArg]) -> None:

@@ -5,7 +5,7 @@ view mismatches, totals) from one :class:`OverlapReport`; the terminal shows the
 last, where they stay in view, Markdown first, where a CI summary is read from the top.
 The JSON form is ``OverlapReport.to_dict``.
 
-Every string from a file, path or manifest goes through :func:`safe_text` (rich) or
+Every string from a file, path or manifest goes through ``common.clean`` (rich) or
 :func:`md_escape` (Markdown): :func:`clean`'s escapes of control characters, plus the
 bidirectional controls (U+202E and the like) and line separators, which would reorder
 or break what a terminal or a Markdown viewer shows ("Trojan Source" names).
@@ -13,7 +13,6 @@ or break what a terminal or a Markdown viewer shows ("Trojan Source" names).
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -29,19 +28,6 @@ if TYPE_CHECKING:  # drift imports numpy and the delta planner: only --drift nee
 
 # Tensor names listed per group before "+N more": a group of 18 copies would not fit.
 _NAMES_SHOWN = 3
-# Bidirectional controls (embeddings, overrides, isolates, marks) and the line and
-# paragraph separators: shown as escapes like clean()'s control characters.
-_BIDI_CHARS = re.compile("[\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
-
-
-def safe_text(text: object) -> str:
-    """``clean(text)`` with bidirectional controls and line separators escaped too
-    (``\\u202e``): a name can neither reorder nor split the line it is printed on."""
-    return _BIDI_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", clean(text))
-
-
-def _plain(text: object, style: str = "") -> Text:
-    return plain(safe_text(text), style)
 
 
 def share(fraction: float, digits: int = 0) -> str:
@@ -170,7 +156,7 @@ def print_pairs(report: OverlapReport, console: Console) -> None:
         table.add_column(col, justify=just, no_wrap=just == "right",
                          min_width=name_width if col == "model" else None)
     for shared, a, b in pairs[:PAIRS_SHOWN]:
-        table.add_row(_plain(a), _plain(b), human_bytes(shared), _pct(shared, sizes[a]),
+        table.add_row(plain(a), plain(b), human_bytes(shared), _pct(shared, sizes[a]),
                       _pct(shared, sizes[b]))
     more = f"; {len(pairs) - PAIRS_SHOWN} more not shown" if len(pairs) > PAIRS_SHOWN else ""
     _section(console, "Pairs of models that share bytes",
@@ -187,7 +173,7 @@ def layer_label(name: str, width: int = LAYER_WIDTH) -> str:
 
 def _section(console: Console, title: str, note: str = "") -> None:
     # A heading line rather than a table title: rich wraps titles to the table's width.
-    console.print(_plain(title, "bold") + (_plain(f"  ({note})", "dim") if note else Text()))
+    console.print(plain(title, "bold") + (plain(f"  ({note})", "dim") if note else Text()))
 
 
 def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> None:
@@ -196,7 +182,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     for label, value in totals_rows(report):
-        totals.add_row(_plain(label), _plain(value))
+        totals.add_row(plain(label), plain(value))
 
     models = Table(collapse_padding=True)
     name_width = min(NAME_WIDTH, max(len(m.name) for m in report.models)) if report.models else 5
@@ -208,7 +194,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                           min_width=name_width if col == "model" else None,
                           overflow="ellipsis" if col == "layout" else "fold")
     for i, m in enumerate(report.models, 1):
-        models.add_row(str(i), _plain(m.name), _plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
+        models.add_row(str(i), plain(m.name), plain(str(m.layout)), str(m.tensors), human_bytes(m.tensor_bytes),
                        human_bytes(m.shared_bytes), human_bytes(m.unique_bytes),
                        _pct(m.shared_bytes, m.tensor_bytes))
     _section(console, "Models")
@@ -229,7 +215,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
                     continue
                 shared, pct = _matrix_cell(report, a.name, b.name, a.tensor_bytes)
                 cells.append(f"{pct}\n{human_bytes(shared)}" if shared else "·")
-            matrix.add_row(_plain(f"#{i} {a.name}"), *cells)
+            matrix.add_row(plain(f"#{i} {a.name}"), *cells)
         _section(console, "Shared bytes between models",
                  "row %: share of the row model's tensor bytes that the column model holds")
         console.print(matrix)
@@ -242,7 +228,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
             groups.add_column(col, justify=just)
         for g in shown:
             groups.add_row(human_bytes(g.bytes), str(g.count), human_bytes(g.saved_bytes),
-                           _plain(group_names(g)))
+                           plain(group_names(g)))
         _section(console, f"Largest shared tensors (top {len(shown)} of "
                           f"{sum(g.saved_bytes > 0 for g in report.groups)})")
         console.print(groups)
@@ -253,7 +239,7 @@ def print_report(report: OverlapReport, console: Console, *, top: int = 10) -> N
         for col, just in (("hash", "left"), ("bytes", "right"), ("views", "left")):
             table.add_column(col, justify=just)
         for g in mismatches:
-            table.add_row(g.hash[:12], human_bytes(g.bytes), _plain(view_list(g)))
+            table.add_row(g.hash[:12], human_bytes(g.bytes), plain(view_list(g)))
         _section(console, "Byte-identical tensors stored as different dtypes or shapes")
         console.print(table)
     _section(console, "Totals")
@@ -271,8 +257,8 @@ _MD_SPECIAL = ("\\", "|", "*", "_", "`", "<", ">", "[", "]", "&", "~")
 
 def md_escape(text: object) -> str:
     """Escape what would break a Markdown table cell or start formatting (and control
-    characters, surrogates, bidirectional controls: see :func:`safe_text`)."""
-    text = safe_text(text)
+    characters, surrogates, bidirectional controls: see ``common.clean``)."""
+    text = clean(text)
     for ch in _MD_SPECIAL:
         text = text.replace(ch, "\\" + ch)
     return text
@@ -362,8 +348,8 @@ def drift_table(report: DriftReport, *, max_rows: int = 60, width: int | None = 
     for i in keep:
         table.add_column(columns[i][0], **columns[i][1])
     for g in rows:
-        planes = " ".join(f"{p:.0%}" for p in reversed(g.planes_changed))
-        cells = [_plain(g.model), _plain(g.reference), _plain(layer_label(g.layer)),
+        planes = " ".join(share(p) for p in reversed(g.planes_changed))
+        cells = [plain(g.model), plain(g.reference), plain(layer_label(g.layer)),
                  str(g.tensors), human_bytes(g.bytes), share(g.bytes_changed, 1),
                  share(g.elements_changed, 1),
                  "-" if g.rel_l2 is None else f"{g.rel_l2:.2e}", planes]
@@ -388,9 +374,9 @@ def derived_table(rows: list[DerivableModel]) -> Table:
                     ("of its tensors", {"justify": "right"}), ("from", {}), ("by", {})):
         table.add_column(col, **kw)
     for d in rows:
-        table.add_row(_plain(d.model), human_bytes(d.derivable_bytes),
+        table.add_row(plain(d.model), human_bytes(d.derivable_bytes),
                       _pct(d.derivable_bytes, d.tensor_bytes),
-                      _plain(d.base_model), _plain(d.transform))
+                      plain(d.base_model), plain(d.transform))
     return table
 
 

@@ -40,15 +40,19 @@ F = TypeVar("F", bound=Callable)
 
 # C0 and C1 controls, DEL, and lone surrogates (a file name that is not valid UTF-8).
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: Bidirectional controls and line separators: printed raw they reorder or split a line.
+_BIDI_CHARS = re.compile("[\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def clean(text: object) -> str:
     """``text`` with every control character and lone surrogate written as an escape
-    (``\\x1b``, ``\\udcff``): a name can neither move the cursor of a terminal nor make
-    printing fail on encoding."""
-    return _UNSAFE_CHARS.sub(lambda m: m.group().encode("unicode_escape",
-                                                        "backslashreplace").decode("ascii"),
-                             str(text))
+    (``\\x1b``, ``\\udcff``), and bidirectional controls and line separators too
+    (``\\u202e``): a name can neither move the cursor of a terminal, nor reorder or split
+    the line it is printed on, nor make printing fail on encoding."""
+    out = _UNSAFE_CHARS.sub(lambda m: m.group().encode("unicode_escape",
+                                                       "backslashreplace").decode("ascii"),
+                            str(text))
+    return _BIDI_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
 
 
 def plain(text: object, style: str = "") -> Text:
@@ -85,7 +89,9 @@ def warn(message: str) -> None:
 
 
 def warn_skipped(models) -> None:
-    """One warning per model whose folder scan left entries out (issue 14, cause 20)."""
+    """One warning per model whose folder scan left entries out (hidden folders, folders
+    that cannot be listed, non-regular files, dangling links; issue 14, cause 20); the
+    JSON and Markdown reports of analyze list them all."""
     for m in models:
         if m.skipped:
             shown = ", ".join(m.skipped[:5])

@@ -18,7 +18,15 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import Quiet, guarded, human_bytes, stderr_console, stdout_console, warn
+from .common import (
+    Quiet,
+    clean,
+    guarded,
+    human_bytes,
+    stderr_console,
+    stdout_console,
+    warn,
+)
 
 if TYPE_CHECKING:
     from ..analyzers.distributed import DaskRunner
@@ -46,15 +54,13 @@ def scan_backends(dask: str | None, index: Path | None
 
 def report_counts(scanned: ScannedModels, index: Path | None) -> None:
     """On stderr: files that moved while hashed, and what the index saved."""
-    from .analyze_render import safe_text
-
     c = scanned.counts
     for path in c.changed:
-        warn(safe_text(f"{path}: changed while it was hashed; the report covers the bytes "
-                       "read, and the index does not record it"))
+        warn(f"{path}: changed while it was hashed; the report covers the bytes read, and "
+             "the index does not record it")
     if index is not None:
         total = c.hashed_files + c.indexed_files
-        print(safe_text(f"index: {c.indexed_files} of {total} weight files taken from "
+        print(clean(f"index: {c.indexed_files} of {total} weight files taken from "
                         f"{index} ({human_bytes(c.indexed_bytes)}), {c.hashed_files} hashed "
                         f"({human_bytes(c.hashed_bytes)})"), file=sys.stderr)
 
