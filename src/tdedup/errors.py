@@ -83,6 +83,15 @@ class UsageError(TdedupError):
     """The arguments do not make sense together (duplicate model names, bad option)."""
 
 
+class AmbiguousNameError(UsageError):
+    """A name matches several things (a tensor name found in several files of one model);
+    ``candidates`` holds the qualified names that pick one each."""
+
+    def __init__(self, problem: str, *, candidates: tuple[str, ...] = (), **kw) -> None:
+        super().__init__(problem, **kw)
+        self.candidates = tuple(candidates)
+
+
 # -- bundles ------------------------------------------------------------------------
 
 class BundleError(TdedupError):

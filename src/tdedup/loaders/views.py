@@ -16,13 +16,13 @@ tensors in one folder) are the file path, a colon and the name.
 from __future__ import annotations
 
 import math
-import posixpath
 from typing import Any
 
 import numpy as np
 
 from ..errors import BundleFormatError, LoadError
 from ..format.bundle.manifest import FileEntry, ModelEntry, TensorEntry
+from ..format.bundle.reader import tensor_keys
 from ..format.checkpoints.records import shape_overflows
 from ..format.checkpoints.dtypes import (
     GgmlBlocks,
@@ -46,23 +46,10 @@ def quant_of(f: FileEntry, t: TensorEntry) -> GgmlBlocks | None:
 
 
 def state_keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
-    """State-dict key of each tensor of a model (see the module docstring)."""
-    out = []
-    for f in m.files:
-        folder = posixpath.dirname(f.path)
-        for t in f.tensors:
-            out.append((f"{folder}/{t.name}" if folder else t.name, f, t))
-    counts: dict[str, int] = {}
-    for key, _, _ in out:
-        counts[key] = counts.get(key, 0) + 1
-    keyed = [(f"{f.path}:{t.name}" if counts[key] > 1 else key, f, t) for key, f, t in out]
-    seen: set[str] = set()
-    for key, f, t in keyed:  # one file naming two tensors alike: a tensor would be lost
-        if key in seen:
-            raise BundleFormatError(f"model {m.name!r}: {f.path} has two tensors named "
-                                    f"{t.name!r}")
-        seen.add(key)
-    return keyed
+    """State-dict key of each tensor of a model (see the module docstring); the bundle
+    reader's :func:`~tdedup.format.bundle.reader.tensor_keys`, so that
+    ``Bundle.read_tensor`` takes the keys a load gives."""
+    return tensor_keys(m)
 
 
 def check_fits(t: TensorEntry, f: FileEntry, q, dt) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import posixpath
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..._fs import check_allocation, open_regular
 from ...errors import (
+    AmbiguousNameError,
     BundleError,
     BundleFormatError,
     IntegrityError,
@@ -69,6 +71,30 @@ READ_CHUNK = 8 << 20
 FOOTER_RESERVED = 16
 #: Python's parsed JSON takes at least this many times the text's bytes.
 JSON_MEMORY_FACTOR = 4
+
+
+def tensor_keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
+    """The key of each tensor of a model, as :func:`tdedup.load`'s state dicts have them:
+    the tensor's name, prefixed with the folder of its file within the model when that is
+    not the model's root (``unet/conv_in.weight``); names that would still collide (two
+    weight files with the same tensors in one folder) are the file's path, a colon and
+    the name (``q8_0.gguf:blk.0.attn_q.weight``)."""
+    out = []
+    for f in m.files:
+        folder = posixpath.dirname(f.path)
+        for t in f.tensors:
+            out.append((f"{folder}/{t.name}" if folder else t.name, f, t))
+    counts: dict[str, int] = {}
+    for key, _, _ in out:
+        counts[key] = counts.get(key, 0) + 1
+    keyed = [(f"{f.path}:{t.name}" if counts[key] > 1 else key, f, t) for key, f, t in out]
+    seen: set[str] = set()
+    for key, f, t in keyed:  # one file naming two tensors alike: a tensor would be lost
+        if key in seen:
+            raise BundleFormatError(f"model {m.name!r}: {f.path} has two tensors named "
+                                    f"{t.name!r}")
+        seen.add(key)
+    return keyed
 
 
 class Bundle:
@@ -387,10 +413,25 @@ class Bundle:
                 yield f, t
 
     def read_tensor(self, model: str, name: str, *, verify: bool = False):
-        """One tensor's stored bytes, decoding only the blobs it needs."""
-        for _, t in self.tensors(model):
-            if t.name == name:
+        """One tensor's stored bytes, decoding only the blobs it needs.
+
+        ``name``: the tensor's key as :func:`tdedup.load` gives it (:func:`tensor_keys`:
+        ``te2/w``, ``q8_0.gguf:blk.0.attn_q.weight``), or its bare name in its file when
+        only one file of the model has a tensor of that name (else
+        :class:`AmbiguousNameError`, listing the keys that pick one)."""
+        keyed = tensor_keys(self.model(model))
+        for key, _, t in keyed:
+            if key == name:
                 return self.read_blob(t.hash, verify=verify)
+        found = [(key, t) for key, _, t in keyed if t.name == name]
+        if len(found) == 1:
+            return self.read_blob(found[0][1].hash, verify=verify)
+        if found:
+            keys = tuple(key for key, _ in found)
+            raise AmbiguousNameError(
+                f"model {model!r} has {len(keys)} tensors named {name!r} "
+                f"(in {', '.join(keys)})", path=self.path, candidates=keys,
+                hint=f"name one by its key, e.g. read_tensor({model!r}, {keys[-1]!r})")
         raise ModelNotFoundError(f"model {model!r} has no tensor {name!r}", path=self.path)
 
     # -- lifetime -----------------------------------------------------------------------
