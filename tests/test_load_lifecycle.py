@@ -1,9 +1,13 @@
-"""Loaded models over time, on the CPU with tiny factory models: tensors read by the keys
-a load gives them.
+"""Loaded models over time, on the CPU with tiny factory models: a ``Registry``'s models
+loaded, replaced and unloaded (a name that is one model at a time, bundles rebuilt in
+place), what a selection of models means, and tensors read by the keys a load gives
+them.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,12 +17,114 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tdedup  # noqa: E402
-from tdedup.errors import AmbiguousNameError, ModelNotFoundError  # noqa: E402
+from tdedup.errors import (  # noqa: E402
+    AmbiguousNameError,
+    BundleChangedError,
+    ModelNotFoundError,
+    UsageError,
+)
 
 
 def pack(out: Path, sources: dict[str, Path], **kw) -> Path:
     tdedup.pack([f"{n}={p}" for n, p in sources.items()], out, **kw)
     return out
+
+
+@pytest.fixture(scope="module")
+def family_bundle(bert_family, tmp_path_factory) -> Path:
+    names = ("base", "finetune", "frozen")
+    return pack(tmp_path_factory.mktemp("lifecycle") / "fam.tdd",
+                {n: bert_family[n] for n in names})
+
+
+# -- one name, one model --------------------------------------------------------------
+
+@pytest.fixture
+def two_configs(bert_family, tmp_path) -> tuple[Path, Path]:
+    """v1.tdd and v2.tdd: model 'base' with the same tensors, config.json differing."""
+    relu = tmp_path / "relu"
+    shutil.copytree(bert_family["base"], relu)
+    config = json.loads((relu / "config.json").read_text())
+    config["hidden_act"] = "relu"
+    (relu / "config.json").write_text(json.dumps(config))
+    return (pack(tmp_path / "v1.tdd", {"base": bert_family["base"]}),
+            pack(tmp_path / "v2.tdd", {"base": relu}))
+
+
+def act(reg, name: str = "base") -> str:
+    return json.loads(reg.read_file(name, "config.json"))["hidden_act"]
+
+
+def test_a_resident_name_with_other_files_is_refused(two_configs, tmp_path):
+    v1, v2 = two_configs
+    reg = tdedup.Registry(device="cpu")
+    reg.load(v1, ["base"])
+    copy = shutil.copy(v1, tmp_path / "copy.tdd")
+    reg.load(copy, ["base"])  # the same model from another bundle: nothing to do
+    with pytest.raises(UsageError, match="unload it first") as e:
+        reg.load(v2, ["base"])
+    line = str(e.value)
+    assert "\n" not in line and "v1.tdd" in line and "v2.tdd" in line
+    assert "config.json" in line and "unload('base')" in e.value.hint
+    assert reg.record("base").path == v1 and act(reg) == "gelu"  # nothing mixed in
+    reg.unload("base")
+    reg.load(v2, ["base"])
+    assert act(reg) == "relu"
+
+
+def test_read_file_serves_the_loaded_bundle_not_one_rebuilt_at_its_path(two_configs,
+                                                                        tmp_path):
+    v1, v2 = two_configs
+    live = tmp_path / "live.tdd"
+    shutil.copy(v1, live)
+    reg = tdedup.Registry(device="cpu")
+    reg.load(live, ["base"])
+    os.replace(shutil.copy(v2, tmp_path / "next.tdd"), live)  # rebuilt, same path
+    with pytest.raises(BundleChangedError, match="replaced or rewritten") as e:
+        reg.read_file("base", "config.json")  # the loaded config is gone: never v2's
+    assert "load the model again" in e.value.hint
+    reg.unload("base")
+    reg.load(live, ["base"])
+    assert act(reg) == "relu"
+    # Rebuilt again once its file was read: the open file is the loaded one.
+    os.replace(shutil.copy(v1, tmp_path / "next.tdd"), live)
+    assert act(reg) == "relu"
+    reg.unload("base")
+    reg.load(live, ["base"])
+    assert act(reg) == "gelu"
+    # Rewritten with the same files (a repack): still served, checked by sha256.
+    loaded = tdedup.load(live, device="cpu")
+    os.replace(shutil.copy(v1, tmp_path / "next.tdd"), live)
+    assert act(loaded) == "gelu"
+    with pytest.raises(ModelNotFoundError, match="no file"):
+        loaded.read_file("base", "nope.json")
+
+
+def test_the_same_model_with_the_other_dequantize_is_named(tmp_path, gguf_family):
+    bundle = pack(tmp_path / "q.tdd", {"q8": gguf_family["q8_0"]})
+    reg = tdedup.Registry(device="cpu")
+    reg.load(bundle, ["q8"])
+    with pytest.raises(UsageError, match="resident already with dequantize=False") as e:
+        reg.load(bundle, ["q8"], dequantize=True)
+    assert "another model" not in str(e.value) and "unload('q8')" in e.value.hint
+    assert reg.load(bundle, ["q8"])["q8"] is reg["q8"]  # as it is: fine
+
+
+# -- selections -------------------------------------------------------------------------
+
+def test_an_empty_selection_loads_nothing_and_a_str_is_one_name(family_bundle):
+    empty = tdedup.load(family_bundle, device="cpu", models=[])
+    assert len(empty) == 0 and empty.stats.device_bytes == 0
+    reg = tdedup.Registry(device="cpu")
+    assert reg.load(family_bundle, []) == {} and len(reg) == 0
+    assert reg.stats.resident_bytes == 0
+    assert list(tdedup.load(family_bundle, device="cpu", models="frozen")) == ["frozen"]
+    assert list(reg.load(family_bundle, "base")) == ["base"] and list(reg) == ["base"]
+    for bad in (1, [1], b"base"):
+        with pytest.raises(UsageError, match="model name or a list"):
+            tdedup.load(family_bundle, device="cpu", models=bad)
+    assert set(tdedup.load(family_bundle, device="cpu", models=None)) == {
+        "base", "finetune", "frozen"}
 
 
 # -- tensors by key -------------------------------------------------------------------

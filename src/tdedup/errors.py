@@ -144,6 +144,11 @@ class LoadError(TdedupError):
     """Loading a bundle onto a torch device failed (missing extra, bad module)."""
 
 
+class BundleChangedError(LoadError):
+    """A loaded model's bundle file was replaced or rewritten since the model was loaded,
+    and no longer holds the file asked of it (load the model again)."""
+
+
 class ModuleMismatchError(LoadError):
     """A model's tensors do not fit a module: keys the module needs but the model lacks
     (``missing``), keys the module has no place for (``unexpected``), or tensors still on

@@ -4,10 +4,15 @@ blob resident once across every bundle loaded.
 Entries are keyed by blob hash (the BLAKE3 of the decoded bytes, which every manifest
 records), so identical content from two bundles is one storage. Loading a model places
 only the blobs not yet resident (a delta is decoded against its resident base); a model
-whose every blob is resident costs no memory and no decoding. Unloading a model frees
-every entry no resident model uses any more: each blob has a storage of its own, so its
-memory really goes back (device memory; on CPU, decoded blobs go back to the system and
-raw blobs are views of a private map of their bundle, unmapped with its last view).
+whose every blob is resident costs no memory and no decoding. A model is known by its
+name: loading a name that is resident again is free when it is the same model (same
+tensors, same files, same ``dequantize``), and refused otherwise (unload it first), so
+a resident model never mixes two bundles' tensors or files.
+
+Unloading a model frees every entry no resident model uses any more: each blob has a
+storage of its own, so its memory really goes back (device memory; on CPU, decoded blobs
+go back to the system and raw blobs are views of a private map of their bundle, unmapped
+with its last view).
 
 :func:`tdedup.load` is a :class:`Registry` used once, privately, so the two paths are one.
 Loads and unloads are serialized by one lock (each load decodes on every core): two
@@ -19,14 +24,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotLoadedError, UsageError
+from ..errors import ModelNotLoadedError, UsageError, display_path
 from ..format.bundle.constants import BlobEncoding
-from ..format.bundle.manifest import FileEntry, TensorEntry
+from ..format.bundle.manifest import FileEntry, ModelEntry, TensorEntry
 from ..format.bundle.reader import Bundle
 from .deps import require_torch
 from .placement import Placer, blob_order, default_workers, resolve_device
@@ -134,10 +139,12 @@ class Registry(Mapping, ModelAccess):
 
     # -- adding and dropping -----------------------------------------------------------
 
-    def load(self, bundle: str | os.PathLike, names: Sequence[str] | None = None, *,
+    def load(self, bundle: str | os.PathLike, names: Sequence[str] | str | None = None, *,
              dequantize: bool = False) -> dict[str, dict]:
-        """Make ``names`` (default: every model) of ``bundle`` resident, placing only
-        the blobs not resident yet; their state dicts."""
+        """Make ``names`` of ``bundle`` resident, placing only the blobs not resident
+        yet; their state dicts. ``names``: None for every model of the bundle; a name
+        or a sequence of names; an empty sequence loads nothing (a caller passing the
+        models still missing may pass none)."""
         loaded = self.place(bundle, names, dequantize=dequantize)
         return {n: loaded[n] for n in loaded}
 
@@ -156,15 +163,21 @@ class Registry(Mapping, ModelAccess):
                     del self._entries[key]
             return freed
 
-    def place(self, path: str | os.PathLike, names: Sequence[str] | None = None, *,
+    def place(self, path: str | os.PathLike, names: Sequence[str] | str | None = None, *,
               dequantize: bool = False, progress: Callable[[int, int], None] | None = None
               ) -> LoadedBundle:
         """:meth:`load`, returned as a :class:`LoadedBundle` whose stats are this call's
         (``device_bytes``: what it added to the resident set). ``progress(done, total)``
         is called with stored bytes as blobs are placed."""
         t0 = time.perf_counter()
+        wanted = None if names is None else selection(names)
         with self._lock, Bundle(path) as bundle:
-            wanted = list(dict.fromkeys(names)) if names else bundle.model_names
+            if wanted is None:
+                wanted = bundle.model_names
+            if not wanted:
+                return LoadedBundle(Path(path), self.device, {},
+                                    LoadStats(verified=self.verify,
+                                              seconds=time.perf_counter() - t0))
             chosen = [bundle.model(n) for n in wanted]
             if self.verify:  # bytes no tensor uses too, so a damaged bundle never loads
                 bundle.check_padding()
@@ -180,7 +193,7 @@ class Registry(Mapping, ModelAccess):
                 uses[m.name] = [Use(m.name, key, f, t,
                                     dequantize and quant_of(f, t) is not None)
                                 for key, f, t in state_keys(m)]
-            fresh = self._check_names(uses)
+            fresh = self._check_names(Path(path), chosen, uses)
             placed, stats = self._place(bundle, [u for n in fresh for u in uses[n]],
                                         progress)
             records = {n: self._models[n] for n in wanted if n not in fresh}
@@ -201,17 +214,41 @@ class Registry(Mapping, ModelAccess):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _check_names(self, uses: dict[str, list[Use]]) -> list[str]:
-        """The models not resident yet; a resident one must be the same model."""
+    def _check_names(self, path: Path, chosen: list[ModelEntry],
+                     uses: dict[str, list[Use]]) -> list[str]:
+        """The models not resident yet; a resident one must be the same model (same
+        tensors and files, loaded with the same ``dequantize``)."""
         fresh = []
-        for name, us in uses.items():
-            rec = self._models.get(name)
+        for m in chosen:
+            rec = self._models.get(m.name)
             if rec is None:
-                fresh.append(name)
-            elif rec.signature() != frozenset((u.key, u.tensor.hash, u.tensor.dtype,
-                                               tuple(u.tensor.shape), u.deq) for u in us):
-                raise UsageError(f"another model named {name!r} is resident (from "
-                                 f"{rec.path}); unload it first")
+                fresh.append(m.name)
+                continue
+            us = uses[m.name]
+            sig = frozenset((u.key, u.tensor.hash, u.tensor.dtype, tuple(u.tensor.shape),
+                             u.deq) for u in us)
+            files = frozenset((f.path, f.sha256) for f in m.files)
+            if sig == rec.signature() and files == rec.file_hashes():
+                continue
+            name, there = m.name, display_path(rec.path)
+            undo = f"unload({name!r})"
+            same_tensors = _bare(sig) == _bare(rec.signature())
+            if same_tensors and files == rec.file_hashes():  # only dequantize differs
+                was = any(i.dequantized for i in rec.info.values())
+                raise UsageError(
+                    f"model {name!r} is resident already with dequantize={was} (from "
+                    f"{there}); unload it first to load it with dequantize={not was}",
+                    path=path, models=(name,),
+                    hint=f"use it as it is, or {undo} and load it again")
+            if same_tensors:
+                other = dict.fromkeys(sorted(p for p, _ in files ^ rec.file_hashes()))
+                what = f"the same tensors but other files ({', '.join(other)})"
+            else:
+                what = "other tensors"
+            raise UsageError(
+                f"another model named {name!r} is resident (from {there}), with {what}; "
+                f"unload it first", path=path, models=(name,),
+                hint=f"{undo}, then load this one (a name is one model at a time)")
         return fresh
 
     def _place(self, bundle: Bundle, uses: list[Use], progress) -> tuple[dict, LoadStats]:
@@ -292,7 +329,27 @@ class Registry(Mapping, ModelAccess):
             info[u.key] = u.info()
             logical += tensor.nbytes
         return ModelRecord(name, path, state, info, list(bundle.model(name).files),
-                           frozenset(keys), logical)
+                           frozenset(keys), logical, bundle.identity)
 
 
-__all__ = ["DEQUANTIZED", "Entry", "Registry", "Use"]
+def _bare(signature: frozenset) -> frozenset:
+    """A signature without its dequantize flags."""
+    return frozenset(s[:4] for s in signature)
+
+
+def selection(names: Iterable[str] | str) -> list[str]:
+    """The model names a caller asked for, each once: a str is one name (not its
+    characters); anything else must be an iterable of str (empty: no model)."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        wanted = list(names)
+    except TypeError:
+        wanted = None
+    if wanted is None or not all(isinstance(n, str) for n in wanted):
+        raise UsageError(f"models must be a model name or a list of names, not {names!r}",
+                         hint="e.g. models=['base', 'ft'] (None: every model)")
+    return list(dict.fromkeys(wanted))
+
+
+__all__ = ["DEQUANTIZED", "Entry", "Registry", "Use", "selection"]

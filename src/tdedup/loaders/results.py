@@ -8,6 +8,7 @@ tensors), so the transformers and diffusers builders accept either.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import threading
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotLoadedError
+from ..errors import BundleChangedError, ModelNotFoundError, ModelNotLoadedError, TdedupError
 from ..format.bundle.manifest import FileEntry
-from ..format.bundle.reader import Bundle
+from ..format.bundle.reader import Bundle, file_identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,9 @@ class LoadStats:
 @dataclass(slots=True)
 class ModelRecord:
     """One loaded model: its state dict, each key's origin, its files, and the resident
-    entries (blob hashes, or dequantized copies) its tensors are views of."""
+    entries (blob hashes, or dequantized copies) its tensors are views of. ``identity``:
+    the bundle file's :func:`~tdedup.format.bundle.reader.file_identity` when it was
+    loaded (its files are read from that file, or from one holding the same files)."""
 
     name: str
     path: Path
@@ -79,12 +82,18 @@ class ModelRecord:
     files: list[FileEntry]
     entries: frozenset[str]
     logical_bytes: int
+    identity: tuple | None = None
 
     def signature(self) -> frozenset:
         """What the model *is* (keys, blobs, types, shapes): two records with the same
         signature are the same model, whichever bundle they came from."""
         return frozenset((k, i.blob, i.dtype, i.shape, i.dequantized)
                          for k, i in self.info.items())
+
+    def file_hashes(self) -> frozenset[tuple[str, str]]:
+        """``(path, sha256)`` of every file: two records with the same signature and the
+        same file hashes serve the same bytes for everything (configs included)."""
+        return frozenset((f.path, f.sha256) for f in self.files)
 
 
 _SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
@@ -127,13 +136,35 @@ class ModelAccess:
                 if posixpath.dirname(ti.file) == folder and weight_variant(ti.file) == variant}
 
     def read_file(self, model: str, path: str) -> bytes:
-        """An original file of ``model`` (config.json, tokenizer files), from the bundle."""
+        """An original file of ``model`` (config.json, tokenizer files): the one it was
+        loaded with, checked against its sha256. Read from the bundle the model was
+        loaded from; if that file has been replaced or rewritten since, the new one
+        serves only if it holds the very same file, else :class:`BundleChangedError`
+        (load the model again)."""
         rec = self.record(model)
+        want = next((f for f in rec.files if f.path == path), None)
+        if want is None:
+            raise ModelNotFoundError(f"model {model!r} has no file {path!r}", path=rec.path)
         with self._files_lock:
             bundle = self._bundles.get(rec.path)
-            if bundle is None:
-                bundle = self._bundles[rec.path] = Bundle(rec.path)
-            return bundle.read_file(model, path)
+            if bundle is None or (bundle.identity != rec.identity
+                                  and not _is_current(bundle)):
+                if bundle is not None:
+                    bundle.close()
+                    del self._bundles[rec.path]
+                try:
+                    bundle = Bundle(rec.path, mapped=False)
+                except TdedupError as e:
+                    raise _changed(rec, model, path, e.problem) from None
+                self._bundles[rec.path] = bundle
+            try:
+                found = next((f for f in bundle.model(model).files if f.path == path), None)
+            except ModelNotFoundError:
+                found = None
+            if found is None or found.sha256 != want.sha256:
+                raise _changed(rec, model, path, "it no longer holds that file")
+            return b"".join(bytes(c) for c in bundle.iter_file_checked(
+                found, f"{path} of model {model!r}"))
 
     def close(self) -> None:
         """Close the bundle files kept for :meth:`read_file`. Tensors stay valid."""
@@ -141,6 +172,22 @@ class ModelAccess:
             for bundle in self._bundles.values():
                 bundle.close()
             self._bundles.clear()
+
+
+def _is_current(bundle: Bundle) -> bool:
+    """Whether ``bundle`` is still the file at its path."""
+    try:
+        return file_identity(os.stat(bundle.path)) == bundle.identity
+    except OSError:
+        return False
+
+
+def _changed(rec: ModelRecord, model: str, path: str, why: str) -> BundleChangedError:
+    return BundleChangedError(f"cannot read {path} of model {model!r}: the bundle was "
+                              f"replaced or rewritten since the model was loaded ({why})",
+                              path=rec.path, models=(model,),
+                              hint="load the model again (a Registry: unload it, then "
+                                   "load it from the new bundle)")
 
 
 class LoadedBundle(Mapping, ModelAccess):

@@ -36,11 +36,15 @@ from .results import LoadedBundle, LoadStats, TensorInfo, weight_variant
 from .views import torch_dtype
 
 
-def load(path: str | os.PathLike, device: Any = "auto", models: Sequence[str] | None = None,
+def load(path: str | os.PathLike, device: Any = "auto",
+         models: Sequence[str] | str | None = None,
          verify: bool = True, *, dequantize: bool = False, workers: int | None = None,
          progress: Callable[[int, int], None] | None = None) -> LoadedBundle:
-    """Load the tensors of ``models`` (default: every model) of a bundle onto ``device``,
-    each distinct tensor once. See the module docstring for what comes back.
+    """Load the tensors of ``models`` of a bundle onto ``device``, each distinct tensor
+    once. See the module docstring for what comes back.
+
+    ``models``: None (the default) for every model; one name, or a sequence of names;
+    an empty sequence loads none (an empty :class:`LoadedBundle`).
 
     ``device``: ``"auto"`` (CUDA when available, else CPU), ``"cuda"`` (``"cuda:N"``) or
     ``"cpu"``. ``verify``: check every blob read against its stored checksum before any

@@ -73,6 +73,11 @@ FOOTER_RESERVED = 16
 JSON_MEMORY_FACTOR = 4
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same path: device, inode, size, mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def tensor_keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:
     """The key of each tensor of a model, as :func:`tdedup.load`'s state dicts have them:
     the tensor's name, prefixed with the folder of its file within the model when that is
@@ -108,7 +113,10 @@ class Bundle:
         self._mm: mmap.mmap | None = None
         self.view: memoryview | None = None
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            st = os.fstat(self._file.fileno())
+            self.size = st.st_size
+            #: The opened file's :func:`file_identity` (to notice it replaced later).
+            self.identity = file_identity(st)
             if self.size < HEADER_SIZE + FOOTER_SIZE:
                 raise BundleFormatError(f"truncated bundle ({self.size} bytes)")
             if mapped:
