@@ -87,6 +87,33 @@ def resolve_device(device: Any) -> Any:
     return dev
 
 
+_trim: list = []  # [malloc_trim or None], looked up once
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system: glibc's ``malloc_trim(0)``
+    (every arena, free pages inside them too). Blobs under :data:`ANON_MAP_MIN`, and
+    the decoders' temporaries, come from malloc, which keeps what is freed for later
+    allocations: without this, a process that unloaded every model kept hundreds of
+    MB it no longer used. False where there is no glibc (nothing to do, or nothing
+    that can be done)."""
+    if not _trim:
+        fn = None
+        try:
+            import ctypes
+
+            fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):  # pragma: no cover - no C library to ask
+            fn = None
+        _trim.append(fn)
+    if _trim[0] is None:
+        return False
+    _trim[0](0)
+    return True
+
+
 def default_workers() -> int:
     """Decoding threads: every core, up to 8 (past that, reading the file limits)."""
     return worker_threads()
@@ -99,17 +126,18 @@ def blob_order(bundle: Bundle, digests: Sequence[str], resident: Mapping[str, An
     depth (0: nothing to wait for). Largest first within a depth (the pool's longest
     jobs start first)."""
     depth: dict[str, int] = {}
-
-    def walk(h: str) -> int:
-        if h in resident:
-            return -1
-        if h not in depth:
-            rec = bundle.blob(h)
-            depth[h] = 0 if rec.base is None else walk(rec.base) + 1
-        return depth[h]
-
+    # Walked without recursion: a recursive closure is a reference cycle that kept the
+    # bundle's manifest alive until the next garbage collection.
     for h in digests:
-        walk(h)
+        chain: list[str] = []
+        cur: str | None = h
+        while cur is not None and cur not in resident and cur not in depth:
+            chain.append(cur)
+            cur = bundle.blob(cur).base
+        d = depth[cur] if cur is not None and cur in depth else -1
+        for c in reversed(chain):
+            d += 1
+            depth[c] = d
     recs = [bundle.blob(h) for h in depth]
     recs.sort(key=lambda r: (depth[r.hash], -r.decoded_length))
     return recs, depth
@@ -162,7 +190,8 @@ class Placer:
         self.done = 0
         self._done_lock = threading.Lock()
         self.blobs: dict[str, Any] = {}  # hash -> uint8 tensor of its decoded bytes
-        self.viewed: list[tuple[int, int]] = []  # byte ranges of the map that tensors view
+        # hash -> byte range of the map that a raw blob's tensor views
+        self.viewed: dict[str, tuple[int, int]] = {}
         with open(bundle.path, "rb") as f:
             if os.fstat(f.fileno()).st_size != bundle.size:
                 raise LoadError("the bundle changed while it was being opened",
@@ -318,7 +347,7 @@ class Placer:
             self.blobs[rec.hash] = torch.frombuffer(self.mm, dtype=torch.uint8,
                                                     count=rec.decoded_length,
                                                     offset=rec.offset)
-            self.viewed.append((rec.offset, rec.offset + rec.decoded_length))
+            self.viewed[rec.hash] = (rec.offset, rec.offset + rec.decoded_length)
             self.advance(rec)
             return
         # A crafted size must be one line before the allocation, not ENOMEM after it.
@@ -337,14 +366,23 @@ class Placer:
         self.blobs[rec.hash] = out
         self.advance(rec)
 
-    def drop_pages(self) -> None:
+    def drop_pages(self, keep: "set[str] | None" = None) -> None:
         """Drop from the process every page of the map that no tensor views (headers and
-        tables read while decoding): the page cache keeps them, the resident set not."""
+        tables read while decoding): the page cache keeps them, the resident set not.
+
+        ``keep``: the raw blobs whose views outlive the load (None: every one placed so
+        far). A raw blob placed only as a delta's base, or only to be dequantized, is
+        not kept once the deltas are finished: its pages go too, and it is forgotten
+        here (its tensor must not be read after this)."""
+        if keep is not None:
+            for h in [h for h in self.viewed if h not in keep]:
+                del self.viewed[h]
+                self.blobs.pop(h, None)
         if not (hasattr(self.mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")):
             return
         page = mmap.PAGESIZE
         cursor = 0
-        for start, end in sorted(self.viewed) + [(len(self.mm), len(self.mm))]:
+        for start, end in sorted(self.viewed.values()) + [(len(self.mm), len(self.mm))]:
             stop = start // page * page
             if stop > cursor:
                 self.mm.madvise(mmap.MADV_DONTNEED, cursor, stop - cursor)
@@ -412,4 +450,5 @@ __all__ = [
     "default_workers",
     "host_buffer",
     "resolve_device",
+    "trim_heap",
 ]

@@ -9,10 +9,16 @@ name: loading a name that is resident again is free when it is the same model (s
 tensors, same files, same ``dequantize``), and refused otherwise (unload it first), so
 a resident model never mixes two bundles' tensors or files.
 
-Unloading a model frees every entry no resident model uses any more: each blob has a
-storage of its own, so its memory really goes back (device memory; on CPU, decoded blobs
-go back to the system and raw blobs are views of a private map of their bundle, unmapped
-with its last view).
+Unloading a model frees every entry no resident model uses any more, and each blob has a
+storage of its own: its memory goes back once no other tensor (a model built from it, a
+state dict kept by the caller) refers to it. On CUDA it goes back to torch's caching
+allocator (``torch.cuda.empty_cache()`` hands it to the driver). On the CPU, decoded
+blobs of 1 MiB and more are anonymous maps, unmapped when freed; raw blobs are views of
+a private map of their bundle, whose pages are dropped with the last view (a blob placed
+only as a delta's base, or only to be dequantized, is dropped at the end of its load);
+smaller blobs and the decoders' temporaries come from malloc, whose free memory an
+unload hands back with ``malloc_trim`` where the C library is glibc (elsewhere the heap
+may keep it for reuse).
 
 :func:`tdedup.load` is a :class:`Registry` used once, privately, so the two paths are one.
 Loads and unloads are serialized by one lock (each load decodes on every core): two
@@ -34,7 +40,7 @@ from ..format.bundle.constants import BlobEncoding
 from ..format.bundle.manifest import FileEntry, ModelEntry, TensorEntry
 from ..format.bundle.reader import Bundle
 from .deps import require_torch
-from .placement import Placer, blob_order, default_workers, resolve_device
+from .placement import Placer, blob_order, default_workers, resolve_device, trim_heap
 from .results import (
     LoadedBundle,
     LoadStats,
@@ -150,7 +156,13 @@ class Registry(Mapping, ModelAccess):
 
     def unload(self, name: str) -> int:
         """Drop model ``name``; free every entry no resident model uses. Returns the
-        bytes freed."""
+        bytes freed (which go back to the system as the module docstring says)."""
+        freed = self._drop(name)
+        if freed:
+            trim_heap()
+        return freed
+
+    def _drop(self, name: str) -> int:
         with self._lock:
             rec = self.record(name)
             del self._models[name]
@@ -202,6 +214,8 @@ class Registry(Mapping, ModelAccess):
                     records[n] = self._record(Path(path), bundle, n, uses[n], placed)
             except BaseException:
                 self._forget(fresh)
+                del placed
+                trim_heap()
                 raise
             records = {n: records[n] for n in wanted}
             for n, rec in records.items():
@@ -273,7 +287,6 @@ class Registry(Mapping, ModelAccess):
             else:
                 placer.place_host(device_recs)
             placer.place_host([r for r in order if r.hash not in on_device])
-            placer.drop_pages()
         finally:
             placer.close()
         stats = LoadStats(distinct_blobs=len(order), verified=self.verify,
@@ -293,6 +306,10 @@ class Registry(Mapping, ModelAccess):
                 entries[key] = Entry(blob, len(blob), mapped)
                 stats.mapped_bytes += len(blob) if mapped else 0
             stats.device_bytes += entries[key].nbytes
+        # Raw blobs that only fed deltas or dequantization are not kept: the map's pages
+        # of every blob no entry views go now (they stayed while the deltas decoded).
+        placer.drop_pages(keep={u.tensor.hash for key, u in need.items()
+                                if entries[key].mapped})
         return entries, stats
 
     def _forget(self, names: list[str]) -> None:
