@@ -1,15 +1,17 @@
 """Loaded models over time, on the CPU with tiny factory models: a ``Registry``'s models
-loaded, replaced and unloaded (a name that is one model at a time, bundles rebuilt in
-place, memory given back), what a selection of models means, and tensors read by the
-keys a load gives them.
+loaded, converted, replaced and unloaded (conversions keyed by content, a name that is
+one model at a time, bundles rebuilt in place, memory given back), what a selection of
+models means, and tensors read by the keys a load gives them.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,55 @@ def family_bundle(bert_family, tmp_path_factory) -> Path:
     names = ("base", "finetune", "frozen")
     return pack(tmp_path_factory.mktemp("lifecycle") / "fam.tdd",
                 {n: bert_family[n] for n in names})
+
+
+# -- conversions (from_bundle's dtype= and device=) ------------------------------------
+
+def test_dtype_conversions_follow_content_not_addresses(family_bundle):
+    """Load, convert, unload in a loop: freed blobs' addresses are reused by the next
+    model, whose parameters must still be its own tensors converted (a cache keyed by
+    address gave later models a former model's tensors)."""
+    pytest.importorskip("transformers")
+    reg = tdedup.Registry(device="cpu")
+    for i in range(6):
+        name = ("finetune", "frozen", "base")[i % 3]
+        reg.load(family_bundle, [name])
+        model = tdedup.from_bundle(reg, name, dtype=torch.bfloat16)
+        params = model.state_dict()
+        checked = 0
+        for key, t in reg[name].items():
+            if key in params and t.is_floating_point():
+                assert torch.equal(params[key], t.to(torch.bfloat16)), (i, name, key)
+                checked += 1
+        assert checked > 20
+        del model, params
+        reg.unload(name)
+        gc.collect()
+
+
+def test_converted_tensors_are_shared_then_freed_with_the_models(family_bundle):
+    pytest.importorskip("transformers")
+    from tdedup.loaders.transformers import convert_state
+
+    reg = tdedup.Registry(device="cpu")
+    reg.load(family_bundle, ["base", "frozen"])
+    a = convert_state(reg, "base", reg["base"], torch.bfloat16, None)
+    b = convert_state(reg, "frozen", reg["frozen"], torch.bfloat16, None)
+    shared = [k for k, t in reg["base"].items()
+              if t.data_ptr() == reg["frozen"][k].data_ptr() and t.is_floating_point()]
+    assert shared and all(a[k] is b[k] and a[k].dtype == torch.bfloat16 for k in shared)
+    assert a["encoder.layer.1.output.dense.weight"] is not \
+        b["encoder.layer.1.output.dense.weight"]  # fine-tuned: another content
+    model = tdedup.from_bundle(reg, "base", dtype=torch.bfloat16)  # the same copies
+    assert model.embeddings.word_embeddings.weight.data_ptr() == \
+        a["embeddings.word_embeddings.weight"].data_ptr()
+    refs = [weakref.ref(t) for t in (*a.values(), *b.values())]
+    del a, b, model
+    reg.unload("base")
+    reg.unload("frozen")
+    gc.collect()
+    assert reg.stats.resident_bytes == 0
+    assert not [r for r in refs if r() is not None]  # no cache keeps them
 
 
 # -- one name, one model --------------------------------------------------------------

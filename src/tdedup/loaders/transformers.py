@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -95,30 +96,76 @@ def load_config(source, name: str, folder: str = "", config=None):
         return tf.AutoConfig.from_pretrained(extract_files(source, name, Path(tmp), folder))
 
 
-#: id(source) -> (weak reference to it, its converted tensors), so that models
-#: converted alike (``dtype=``, ``device=``) share the converted tensors too.
+class _Conversions:
+    """The converted tensors of one source, keyed by what they are converted from: the
+    blob (its hash) and the view of it, when the source says (``info``), else the
+    source's tensor object itself. Each lives while a source tensor it was made from
+    does: when a registry unloads the models of a blob, their converted copies go too
+    (the modules built from them keep what they use)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.items: dict[tuple, tuple[Any, set[int]]] = {}
+
+    def get(self, t, key: tuple, make) -> Any:
+        with self.lock:
+            item = self.items.get(key)
+            if item is None:
+                item = (make(), set())
+            if id(t) not in item[1]:
+                item[1].add(id(t))
+                weakref.finalize(t, self._release, key, id(t))
+            self.items[key] = item
+            return item[0]
+
+    def _release(self, key: tuple, ident: int) -> None:
+        with self.lock:
+            item = self.items.get(key)
+            if item is not None:
+                item[1].discard(ident)
+                if not item[1]:
+                    del self.items[key]
+
+
+#: id(source) -> (weak reference to it, its conversions), so that models converted
+#: alike (``dtype=``, ``device=``) share the converted tensors too.
 _CONVERTED: dict[int, tuple] = {}
+_CONVERTED_LOCK = threading.Lock()
 
 
-def _conversions(source) -> dict:
-    entry = _CONVERTED.get(id(source))
-    if entry is not None and entry[0]() is source:
-        return entry[1]
+def _conversions(source) -> _Conversions | None:
     key = id(source)
-    try:
-        ref = weakref.ref(source, lambda _: _CONVERTED.pop(key, None))
-    except TypeError:  # a source that takes no weak reference: nothing shared
+    with _CONVERTED_LOCK:
+        entry = _CONVERTED.get(key)
+        if entry is not None and entry[0]() is source:
+            return entry[1]
+        try:
+            ref = weakref.ref(source, lambda _: _CONVERTED.pop(key, None))
+        except TypeError:  # a source that takes no weak reference: nothing shared
+            return None
+        _CONVERTED[key] = (ref, _Conversions())
+        return _CONVERTED[key][1]
+
+
+def _origins(source, name: str) -> dict[int, tuple]:
+    """id of each of ``name``'s tensors -> (blob, dequantized), when the source says."""
+    info = getattr(source, "info", None)
+    if not callable(info):
         return {}
-    _CONVERTED[key] = (ref, {})
-    return _CONVERTED[key][1]
+    state = source[name]
+    return {id(state[k]): (i.blob, i.dequantized) for k, i in info(name).items()
+            if k in state}
 
 
-def _convert(source, state: dict, dtype, device) -> dict:
-    """``state`` with floating tensors in ``dtype`` and every tensor on ``device``; each
-    distinct tensor is converted once per source (the converted tensors are shared)."""
+def convert_state(source, name: str, state: dict, dtype, device) -> dict:
+    """``state`` (tensors of ``source``'s model ``name``) with floating tensors in
+    ``dtype`` and every tensor on ``device`` (None: left as they are); each distinct
+    tensor is converted once per source, and the converted tensors are shared by every
+    model converted alike."""
     if dtype is None and device is None:
         return state
     cache = _conversions(source)
+    origins = _origins(source, name) if cache is not None else {}
     out = {}
     for key, t in state.items():
         want = dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -126,11 +173,17 @@ def _convert(source, state: dict, dtype, device) -> dict:
         if t.dtype == want and t.device == where:
             out[key] = t
             continue
-        ck = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device),
-              want, str(where))
-        if ck not in cache:
-            cache[ck] = t.to(device=where, dtype=want)
-        out[key] = cache[ck]
+
+        def make(t=t, want=want, where=where):
+            return t.to(device=where, dtype=want)
+
+        if cache is None:
+            out[key] = make()
+            continue
+        origin = origins.get(id(t), ("object", id(t)))
+        ck = (*origin, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(),
+              str(t.device), want, str(where))
+        out[key] = cache.get(t, ck, make)
     return out
 
 
@@ -159,8 +212,8 @@ def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str
     if not state:
         raise LoadError(f"model {name!r} has no weights" + (f" in {folder}/" if folder else ""),
                         path=provider_path(source))
-    state = _convert(source, state, dtype, None if device in (None, "auto")
-                     else torch.device(device))
+    state = convert_state(source, name, state, dtype, None if device in (None, "auto")
+                          else torch.device(device))
     if dtype is not None:
         setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", dtype)
     tried = [resolve_class(cls)] if cls is not None else candidate_classes(cfg)
@@ -199,5 +252,5 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-__all__ = ["from_bundle", "build_empty", "candidate_classes", "load_config",
-           "resolve_class"]
+__all__ = ["from_bundle", "build_empty", "candidate_classes", "convert_state",
+           "load_config", "resolve_class"]
