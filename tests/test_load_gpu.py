@@ -151,3 +151,35 @@ def test_cuda_registry_unload_returns_device_memory(tmp_path, bert_family):
     gc.collect()
     assert torch.cuda.memory_allocated() == before
     assert_matches_safetensors(reg["frozen"], bert_family["frozen"] / "model.safetensors")
+
+
+def test_cuda_builders_copy_a_cpu_source_once(tmp_path, bert_family):
+    """A source loaded on the CPU, device="cuda": every builder's model is on the device
+    (sentence_transformer and pipelines returned CPU models), each distinct tensor copied
+    once per source and shared by the models that share it on the host."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("sentence_transformers")
+    from test_load_integrations import _tiny_sd_pair, _tiny_sentence_transformer
+
+    (tmp_path / "bert").mkdir()
+    st = _tiny_sentence_transformer(tmp_path, bert_family["base"])
+    loaded = tdedup.load(pack(tmp_path / "bert", {"base": bert_family["base"],
+                                                  "frozen": bert_family["frozen"],
+                                                  "st": st}), device="cpu")
+    a = tdedup.from_bundle(loaded, "base", device="cuda")
+    b = tdedup.from_bundle(loaded, "frozen", device="cuda")
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(p.is_cuda for p in [*pa.values(), *pb.values()])
+    shared = [k for k in pa if loaded["base"][k].data_ptr() == loaded["frozen"][k].data_ptr()]
+    assert shared and all(pa[k].data_ptr() == pb[k].data_ptr() for k in shared)
+    model = tdedup.sentence_transformer(loaded, "st", device="cuda")
+    assert model.device.type == "cuda" and all(p.is_cuda for p in model.parameters())
+
+    (tmp_path / "sd").mkdir()
+    sources = _tiny_sd_pair(tmp_path / "sd")
+    host = tdedup.load(pack(tmp_path / "sd", sources), device="cpu")
+    pipes = tdedup.pipelines(host, list(sources), device="cuda")
+    first, second = pipes["sd-a"], pipes["sd-b"]
+    assert first.text_encoder is second.text_encoder and first.vae is second.vae
+    assert all(p.is_cuda for p in [*first.unet.parameters(), *first.vae.parameters(),
+                                    *first.text_encoder.parameters()])

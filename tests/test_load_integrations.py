@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import tdedup  # noqa: E402
-from tdedup.errors import LoadError, ModuleMismatchError  # noqa: E402
+from tdedup.errors import LoadError, ModuleMismatchError, UsageError  # noqa: E402
 from tdedup.loaders.transformers import from_bundle  # noqa: E402
 
 
@@ -87,6 +87,105 @@ def test_from_bundle_path_class_and_errors(tmp_path, bert_family):
     with pytest.raises(ModuleMismatchError, match="no model class fits") as e:
         from_bundle(bundle, "base", device="cpu", config=config)
     assert "cls=" in e.value.hint
+
+
+def test_from_bundle_refusals_are_tdedup_errors(tmp_path, bert_family, diffusers_pipeline):
+    """A class for another config, something that is no model class, a device that is
+    no device or is not there, a folder that holds no transformers config: one
+    TdedupError each (they were AttributeError, AssertionError, RuntimeError and
+    ValueError from inside torch and transformers)."""
+    from transformers import LlamaForCausalLM
+
+    loaded = tdedup.load(pack(tmp_path, {"base": bert_family["base"],
+                                         "ddpm": diffusers_pipeline}), device="cpu")
+    with pytest.raises(LoadError, match="cannot build LlamaForCausalLM from its "
+                                        "BertConfig") as e:
+        from_bundle(loaded, "base", cls=LlamaForCausalLM)
+    assert "made for a LlamaConfig" in str(e.value) and "cls=" in e.value.hint
+    for bad in (int, "BertTokenizer", 3):
+        with pytest.raises(LoadError, match="is not a model class"):
+            from_bundle(loaded, "base", cls=bad)
+    with pytest.raises(UsageError, match="not a torch device: 'gpu'") as e:
+        from_bundle(loaded, "base", device="gpu")
+    assert "'cuda:N'" in e.value.hint
+    if not torch.cuda.is_available():  # as the path form says it
+        with pytest.raises(LoadError, match="CUDA is not available"):
+            from_bundle(loaded, "base", device="cuda")
+    pytest.importorskip("diffusers")
+    with pytest.raises(LoadError, match="unet/config.json is not a config transformers "
+                                        "can read") as e:
+        from_bundle(loaded, "ddpm", folder="unet")
+    assert "tdedup.pipelines" in e.value.hint and "tdedup-" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("builder", ["from_bundle", "sentence_transformer", "pipelines"])
+def test_device_is_honoured_alike_by_every_builder(tmp_path, bert_family, diffusers_pipeline,
+                                                  monkeypatch, builder):
+    """With a loaded source, ``device=`` other than "auto" moves the tensors there in the
+    three builders alike (sentence_transformer and pipelines left them where they were,
+    silently); one that is not there is refused by each."""
+    pytest.importorskip("diffusers")
+    from tdedup.loaders import transformers as lt
+
+    models = {"base": bert_family["base"], "ddpm": diffusers_pipeline}
+    if builder == "sentence_transformer":
+        pytest.importorskip("sentence_transformers")
+        models["st"] = _tiny_sentence_transformer(tmp_path, bert_family["base"])
+    loaded = tdedup.load(pack(tmp_path, models), device="cpu")
+    call = {"from_bundle": lambda d: from_bundle(loaded, "base", device=d),
+            "sentence_transformer": lambda d: tdedup.sentence_transformer(loaded, "st",
+                                                                          device=d),
+            "pipelines": lambda d: tdedup.pipelines(loaded, ["ddpm"], device=d)}[builder]
+    if not torch.cuda.is_available():
+        with pytest.raises(LoadError, match="CUDA is not available"):
+            call("cuda")
+    with pytest.raises(UsageError, match="not a torch device"):
+        call("gpu")
+    asked = []
+    original = lt.convert_state
+
+    def spy(source, name, state, dtype, device):
+        asked.append(device)
+        return original(source, name, state, dtype, device)
+
+    monkeypatch.setattr(lt, "convert_state", spy)
+    if builder == "pipelines":
+        from tdedup.loaders import diffusers as ld
+
+        monkeypatch.setattr(ld, "convert_state", spy)
+    model = call("cpu")
+    assert asked and all(d == torch.device("cpu") for d in asked)
+    if builder == "sentence_transformer":
+        from sentence_transformers import SentenceTransformer
+
+        ref = SentenceTransformer(str(models["st"]), device="cpu")
+        same_output(model.encode(["w1 w2 w3"]), ref.encode(["w1 w2 w3"]))
+
+
+def _tiny_sentence_transformer(root: Path, bert: Path) -> Path:
+    """A sentence-transformers folder (modules.json, a Transformer over the tiny BERT
+    with a word-piece tokenizer, mean pooling) saved by sentence-transformers."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Pooling, Transformer
+
+    source = root / "st-source"
+    shutil.copytree(bert, source)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(91)]
+    (source / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(source / "vocab.txt")).save_pretrained(source)
+    width = json.loads((source / "config.json").read_text())["hidden_size"]
+    model = SentenceTransformer(modules=[Transformer(str(source)), Pooling(width)],
+                                device="cpu")
+    model.save(str(root / "st"))
+    return root / "st"
 
 
 def test_tied_head_loads_and_private_keeps_the_tie(tmp_path):

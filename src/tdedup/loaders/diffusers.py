@@ -29,9 +29,10 @@ from .provider import (
     component_state,
     extract_files,
     provider_path,
+    target_device,
 )
 from .deps import require, require_torch
-from .transformers import build_empty
+from .transformers import build_empty, convert_state
 
 if TYPE_CHECKING:
     import os
@@ -74,10 +75,11 @@ def _component_key(cls, source, model: str, folder: str, state: dict) -> tuple:
 
 
 def _build_component(cls, source, model: str, folder: str, directory: Path,
-                     variant: str | None, built: dict):
+                     variant: str | None, built: dict, device):
     state = component_state(source, model, folder, variant)
     if not state:  # scheduler, tokenizer, feature extractor: small files only
         return cls.from_pretrained(directory)
+    state = convert_state(source, model, state, None, device)
     key = _component_key(cls, source, model, folder, state)
     if key in built:  # the same component in another pipeline: the same module object
         return built[key]
@@ -106,15 +108,18 @@ def pipelines(bundle_or_loaded: "ModelProvider | str | os.PathLike", names: Sequ
     pipeline that holds it.
 
     ``bundle_or_loaded``: a bundle path (``names`` loaded on ``device``) or a model
-    provider (:mod:`tdedup.loaders.provider`). ``pipeline_class``: default, the
+    provider (:mod:`tdedup.loaders.provider`); with a provider, ``device="auto"`` keeps
+    its tensors where they are and another device copies them there, once per source
+    (as :func:`tdedup.from_bundle` does). ``pipeline_class``: default, the
     ``_class_name`` of each ``model_index.json``. ``variant``: weight files of a variant
     (``"fp16"`` for ``*.fp16.safetensors``). Parameters have ``requires_grad=False``.
     """
     require_torch()
-    names = list(dict.fromkeys(names))
+    names = [names] if isinstance(names, str) else list(dict.fromkeys(names))
+    where = target_device(device)
     source = as_provider(bundle_or_loaded, names, device)
     built: dict = {}
-    return {n: _pipeline(source, n, pipeline_class, variant, built) for n in names}
+    return {n: _pipeline(source, n, pipeline_class, variant, built, where) for n in names}
 
 
 def pipeline_from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", model: str, *,
@@ -125,7 +130,8 @@ def pipeline_from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", 
                      pipeline_class=pipeline_class)[model]
 
 
-def _pipeline(source, model: str, pipeline_class, variant: str | None, built: dict):
+def _pipeline(source, model: str, pipeline_class, variant: str | None, built: dict,
+              device):
     diffusers = _diffusers()
     if "model_index.json" not in source.files(model):
         raise LoadError(f"model {model!r} is not a Diffusers pipeline (no model_index.json)",
@@ -153,7 +159,7 @@ def _pipeline(source, model: str, pipeline_class, variant: str | None, built: di
                 continue
             cls = component_class(library, class_name)
             components[name] = _build_component(cls, source, model, name, root / name,
-                                                variant, built)
+                                                variant, built, device)
     return pipeline_class(**components)
 
 

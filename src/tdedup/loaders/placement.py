@@ -74,8 +74,9 @@ def resolve_device(device: Any) -> Any:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"not a torch device: {device!r} ({e})") from None
+    except (RuntimeError, TypeError):
+        raise UsageError(f"not a torch device: {device!r}",
+                         hint="use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise LoadError("CUDA is not available here",

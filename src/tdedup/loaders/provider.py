@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import LoadError
+from .placement import resolve_device
 from .torch import load
 
 #: Weight file suffixes: files a provider serves as tensors, never extracted.
@@ -53,6 +54,15 @@ def as_provider(bundle_or_loaded, names: Sequence[str], device="auto",
         raise LoadError(f"not a bundle path nor a loaded bundle: {type(bundle_or_loaded).__name__}"
                         " (a provider needs [name], files(name) and read_file(name, path))")
     return bundle_or_loaded
+
+
+def target_device(device) -> Any:
+    """Where the integrations put a loaded source's tensors: None for ``"auto"`` (where
+    they are), else the device, checked as :func:`tdedup.load` checks it (a device that
+    is not there, or is no device, is one :class:`~tdedup.errors.TdedupError`)."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return None
+    return resolve_device(device)
 
 
 def provider_path(source) -> str | None:
@@ -101,4 +111,4 @@ def join(folder: str, path: str) -> str:
 
 
 __all__ = ["ModelProvider", "as_provider", "component_state", "extract_files", "has_file",
-           "provider_path", "WEIGHT_SUFFIXES"]
+           "provider_path", "target_device", "WEIGHT_SUFFIXES"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LoadError
-from .provider import as_provider, extract_files, provider_path
+from .provider import as_provider, extract_files, provider_path, target_device
 from .deps import require_torch
 from .transformers import from_bundle
 
@@ -58,7 +58,7 @@ def _module_class(ref: str):
         raise LoadError(f"cannot import the sentence-transformers module {ref!r}") from None
 
 
-def _bundle_transformer(base, source, name: str, folder: str, dtype):
+def _bundle_transformer(base, source, name: str, folder: str, dtype, device):
     """A subclass of ``base`` (sentence-transformers' ``Transformer``) whose model comes
     from the bundle instead of ``from_pretrained`` on a folder of weights."""
     tf = importlib.import_module("transformers")
@@ -72,7 +72,7 @@ def _bundle_transformer(base, source, name: str, folder: str, dtype):
         task = next((v for v in values if isinstance(v, str) and v in tasks),
                     "feature-extraction")
         return from_bundle(source, name, cls=tasks.get(task, tf.AutoModel), config=config,
-                           folder=folder, dtype=dtype)
+                           folder=folder, dtype=dtype, device=device)
 
     return type(base.__name__, (base,), {"_load_model": _load_model,
                                          "__module__": base.__module__})
@@ -95,10 +95,13 @@ def sentence_transformer(bundle_or_loaded: "ModelProvider | str | os.PathLike", 
     weights the bundle's shared tensors (``requires_grad=False``).
 
     ``bundle_or_loaded``: a bundle path (``name`` is loaded on ``device``) or a model
-    provider (:mod:`tdedup.loaders.provider`). ``dtype``: as :func:`tdedup.from_bundle`'s.
+    provider (:mod:`tdedup.loaders.provider`). ``device``, ``dtype``: as
+    :func:`tdedup.from_bundle`'s (with a loaded source, ``"auto"`` keeps the tensors where
+    they are, another device copies them there once per source).
     """
     require_torch()
     st = _sentence_transformers()  # before the provider: a missing extra fails first
+    where = target_device(device)
     source = as_provider(bundle_or_loaded, [name], device)
     if "modules.json" not in source.files(name):
         raise LoadError(f"model {name!r} is not a sentence-transformers folder (no modules.json)",
@@ -113,16 +116,17 @@ def sentence_transformer(bundle_or_loaded: "ModelProvider | str | os.PathLike", 
             cls = _module_class(entry["type"])
             folder = entry.get("path", "")
             if isinstance(cls, type) and issubclass(cls, transformer_base):
-                module = _load_module(_bundle_transformer(cls, source, name, folder, dtype),
-                                      root, folder)
+                module = _load_module(
+                    _bundle_transformer(cls, source, name, folder, dtype, where), root, folder)
                 module.__class__ = cls  # a plain Transformer from here on
             else:
                 module = _load_module(cls, root, folder)
             modules.append(module)
-    params = [p for m in modules for p in m.parameters()]
-    where = str(params[0].device) if params else "cpu"
+    if where is None:  # "auto": where the bundle's tensors are
+        params = [p for m in modules for p in m.parameters()]
+        where = params[0].device if params else "cpu"
     kwargs = {k: settings[k] for k in MODEL_SETTINGS if settings.get(k) is not None}
-    return st.SentenceTransformer(modules=modules, device=where, **kwargs).eval()
+    return st.SentenceTransformer(modules=modules, device=str(where), **kwargs).eval()
 
 
 __all__ = ["sentence_transformer"]

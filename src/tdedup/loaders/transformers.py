@@ -13,6 +13,7 @@ imported only when these functions are called (the ``transformers`` extra).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from .provider import (
     has_file,
     join,
     provider_path,
+    target_device,
 )
 from .deps import require, require_torch
 
@@ -47,13 +49,19 @@ def _transformers():
 
 
 def resolve_class(cls):
-    """``cls`` itself, or the transformers class of that name."""
+    """``cls`` itself, or the transformers class of that name; it must be a model class
+    (a ``torch.nn.Module``, or an Auto model class such as ``AutoModel``)."""
     tf = _transformers()
+    hint = "cls= takes a model class or the name of one, e.g. cls='BertModel'"
     if isinstance(cls, str):
         if not hasattr(tf, cls):
-            raise LoadError(f"transformers has no class {cls!r}", hint="cls= takes a model "
-                            "class or the name of one, e.g. cls='BertModel'")
-        return getattr(tf, cls)
+            raise LoadError(f"transformers has no class {cls!r}", hint=hint)
+        cls = getattr(tf, cls)
+    if not isinstance(cls, type) or not (issubclass(cls, torch.nn.Module)
+                                         or hasattr(cls, "_model_mapping")):
+        what = cls.__name__ if isinstance(cls, type) else repr(cls)
+        raise LoadError(f"{what} is not a model class (cls= wants a torch.nn.Module "
+                        "such as BertModel, or an Auto class such as AutoModel)", hint=hint)
     return cls
 
 
@@ -80,12 +88,12 @@ def build_empty(cls, config):
 
 def load_config(source, name: str, folder: str = "", config=None):
     """``config`` (a config object, or a folder or config.json path), else the model's
-    config.json from the source."""
+    config.json from the source; one :class:`LoadError` if transformers cannot read it."""
     tf = _transformers()
     if config is not None and not isinstance(config, (str, os.PathLike)):
         return config
     if config is not None:
-        return tf.AutoConfig.from_pretrained(Path(config))
+        return _read_config(tf, Path(config), name, str(config), source)
     where = join(folder, "config.json")
     if not has_file(source, name, where):
         raise LoadError(f"model {name!r} has no {where} in the bundle",
@@ -93,7 +101,27 @@ def load_config(source, name: str, folder: str = "", config=None):
                         hint="pass its config: from_bundle(..., config=AutoConfig or "
                              "a folder with config.json)")
     with tempfile.TemporaryDirectory(prefix="tdedup-") as tmp:
-        return tf.AutoConfig.from_pretrained(extract_files(source, name, Path(tmp), folder))
+        return _read_config(tf, extract_files(source, name, Path(tmp), folder), name,
+                            where, source)
+
+
+def _read_config(tf, folder: Path, name: str, where: str, source):
+    try:
+        return tf.AutoConfig.from_pretrained(folder)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError...
+        hint = "pass a transformers config: from_bundle(..., config=...)"
+        try:
+            raw = json.loads((folder / "config.json" if folder.is_dir() else folder)
+                             .read_text())
+        except (OSError, ValueError):
+            raw = None
+        if isinstance(raw, dict) and "_diffusers_version" in raw:
+            hint = (f"it is a Diffusers component ({raw.get('_class_name', '?')}): build "
+                    "its pipeline with tdedup.pipelines(...)")
+        raise LoadError(f"model {name!r}: {where} is not a config transformers can read "
+                        f"({_first_line(e).replace(str(folder), where)})",
+                        path=provider_path(source), models=(name,),
+                        hint=hint) from None
 
 
 class _Conversions:
@@ -200,26 +228,43 @@ def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str
     transformers MPNet says ``MPNetForMaskedLM`` but has no ``lm_head``).
     ``config``: a config object or path, for weights-only models (else config.json).
     ``device``: with a loaded source, ``"auto"`` keeps the tensors where they are; another
-    device copies them there (once per source). ``dtype``: floating tensors converted
+    device (``"cpu"``, ``"cuda[:N]"``; one that is not there is refused as the path form
+    refuses it) copies them there (once per source). ``dtype``: floating tensors converted
     (once per source, shared by every model converted alike). ``folder``: where the
     config and weights lie inside the model (a pipeline component, ``"text_encoder"``).
-    Parameters have ``requires_grad=False``; see :func:`tdedup.private`.
+    Parameters have ``requires_grad=False``; see :func:`tdedup.private`. Whatever goes
+    wrong (a class that cannot be built from the config, a config transformers cannot
+    read, a device that is not there) is one :class:`~tdedup.errors.TdedupError`.
     """
     require_torch()
+    where = target_device(device)
     source = as_provider(bundle_or_loaded, [name], device)
     cfg = load_config(source, name, folder, config)
     state = component_state(source, name, folder)
     if not state:
         raise LoadError(f"model {name!r} has no weights" + (f" in {folder}/" if folder else ""),
                         path=provider_path(source))
-    state = convert_state(source, name, state, dtype, None if device in (None, "auto")
-                          else torch.device(device))
+    state = convert_state(source, name, state, dtype, where)
     if dtype is not None:
         setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", dtype)
     tried = [resolve_class(cls)] if cls is not None else candidate_classes(cfg)
-    errors = []
+    errors: list[tuple[str, str]] = []  # (class, what went wrong)
+    mismatch: ModuleMismatchError | None = None
     for klass in tried:
-        module = build_empty(klass, cfg)
+        try:
+            module = build_empty(klass, cfg)
+        except Exception as e:  # a class for another config: AttributeError, ValueError...
+            made_for = getattr(klass, "config_class", None)
+            why = (f"it is made for a {made_for.__name__}" if isinstance(made_for, type)
+                   and not isinstance(cfg, made_for) else _first_line(e))
+            if cls is not None:
+                raise LoadError(f"model {name!r}: cannot build {klass.__name__} from its "
+                                f"{type(cfg).__name__} ({why})", path=provider_path(source),
+                                models=(name,), hint="pass a class made for its config "
+                                "(or leave cls= out to let from_bundle choose)") from None
+            errors.append((klass.__name__,
+                           f"cannot be built from its {type(cfg).__name__} ({why})"))
+            continue
         try:
             # Keys the class has no place for are left out, as from_pretrained does
             # (a base model from a checkpoint with a head); missing ones are refused.
@@ -232,20 +277,29 @@ def from_bundle(bundle_or_loaded: "ModelProvider | str | os.PathLike", name: str
                                           hint="pass a class the checkpoint has every "
                                           "parameter of as cls=, or leave cls= out to let "
                                           "from_bundle choose") from None
-            errors.append(e)
+            errors.append((e.module, f"lacks {_few(e.missing or e.on_meta)}"))
+            mismatch = e
             continue
         if errors:  # the config's architecture did not fit: say what was built instead
-            warnings.warn(f"model {name!r}: {errors[0].module} (its config's architecture) "
-                          f"lacks {_few(errors[0].missing or errors[0].on_meta)}; built "
-                          f"{type(module).__name__} instead (pass cls= to choose)",
-                          stacklevel=2)
+            warnings.warn(f"model {name!r}: {errors[0][0]} (its config's architecture) "
+                          f"{errors[0][1]}; built {type(module).__name__} instead (pass "
+                          "cls= to choose)", stacklevel=2)
         return module.eval()
-    tell = "; ".join(f"{e.module} lacks {_few(e.missing or e.on_meta)}" for e in errors)
-    raise ModuleMismatchError(
-        f"model {name!r}: no model class fits its tensors ({tell})", model=name,
-        module=errors[-1].module, missing=errors[-1].missing, on_meta=errors[-1].on_meta,
-        path=provider_path(source),
-        hint="pass the class the checkpoint was saved from: from_bundle(..., cls=...)")
+    tell = "; ".join(f"{klass} {what}" for klass, what in errors)
+    problem = f"model {name!r}: no model class fits its tensors ({tell})"
+    hint = "pass the class the checkpoint was saved from: from_bundle(..., cls=...)"
+    if mismatch is None:
+        raise LoadError(problem, path=provider_path(source), models=(name,), hint=hint)
+    raise ModuleMismatchError(problem, model=name, module=mismatch.module,
+                              missing=mismatch.missing, on_meta=mismatch.on_meta,
+                              path=provider_path(source), hint=hint)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its type and the start of its message."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _few(keys: list[str], n: int = 3) -> str:
