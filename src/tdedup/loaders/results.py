@@ -193,8 +193,14 @@ def _changed(rec: ModelRecord, model: str, path: str, why: str) -> BundleChanged
 class LoadedBundle(Mapping, ModelAccess):
     """Model name -> ``dict[str, torch.Tensor]`` state dict, plus :attr:`stats`.
 
-    Tensors shared by several models are the same tensor objects: writing into one model's
-    tensor in place changes every model that shares it (as with tied weights).
+    Tensors with the same content share one storage across models. Where they are also
+    declared alike (same dtype and shape, in the same kind of file) they are the same
+    tensor object; otherwise (the same F32 bytes in a safetensors and a GGUF file, or
+    declared with another dtype or shape) they are distinct tensor objects viewing that
+    one storage. Either way, writing into one model's tensor in place changes every
+    model that shares its storage (as with tied weights); :func:`tdedup.private` gives
+    a copy to change. A dequantized tensor is a float32 copy, shared by the models that
+    dequantize the same blocks (not with the blocks).
     """
 
     def __init__(self, path: Path, device, records: dict[str, ModelRecord],

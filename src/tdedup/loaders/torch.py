@@ -3,7 +3,8 @@
 Each distinct blob the requested models need is decoded and placed on the device once
 (:mod:`.placement`); every tensor of every model is a view of its blob's bytes, typed and
 shaped as the checkpoint declared it (:mod:`.views`), so tensors identical across models
-are *the same tensor*. ``load`` is a private :class:`~tdedup.loaders.registry.Registry`
+share one storage (the same tensor object where they are declared alike: see
+:class:`LoadedBundle`). ``load`` is a private :class:`~tdedup.loaders.registry.Registry`
 used once: the long-lived registry and this one-shot path are the same code.
 
 - ``device="auto"`` (the default): CUDA when available, else the CPU.
