@@ -143,13 +143,6 @@ class Manifest:
                 depth[c] = d
         return depth
 
-    def placement_order(self, digests: Iterable[str]) -> list[BlobRecord]:
-        """The blobs ``digests`` need, bases before their deltas (largest first within a
-        depth, so big decodes start early)."""
-        depth = self.with_bases(digests)
-        return sorted((self.blobs[h] for h in depth),
-                      key=lambda r: (depth[r.hash], -r.decoded_length))
-
     def blobs_of(self, models: Iterable[ModelEntry]) -> list[str]:
         """Every blob the models' files need (layouts, tensors, delta bases), each once."""
         return list(self.with_bases(
