@@ -85,7 +85,7 @@ def test_vocabularies_agree_with_gguf_py(vocab):
         assert_agrees(make_gguf(Path(d) / "v.gguf", tensors, vocab=vocab))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(vocab=st.lists(_token, min_size=32, max_size=300),
        window=st.integers(min_value=8, max_value=2048))
 def test_string_skip_at_every_window_size(vocab, window):
