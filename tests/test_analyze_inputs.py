@@ -14,27 +14,15 @@ from typer.testing import CliRunner
 
 from helpers.factory import make_gguf, make_safetensors, random_tensors
 from tdedup.cli.app import app
+from helpers.cli_checks import analyze, one_line
 
 runner = CliRunner()
 
 
-def run(*args, env: dict | None = None):
-    return runner.invoke(app, ["analyze", *map(str, args)],
-                         env={"NO_COLOR": "1", "COLUMNS": "200", **(env or {})})
-
-
 def names(*args) -> list[str]:
-    result = run("--json", "-q", *args)
+    result = analyze("--json", "-q", *args)
     assert result.exit_code == 0, result.output
     return [m["name"] for m in json.loads(result.stdout)["models"]]
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, lines
-    assert all(n in lines[0] for n in needles), lines
-    return lines[0]
 
 
 @pytest.fixture
@@ -67,18 +55,18 @@ def test_globs_match_a_bundles_models(inputs, tmp_path):
     assert names(bundle, "--exclude", "whole") == ["sdA"]
     assert names(bundle, "--include", "sdA") == ["sdA"]
     assert names(bundle, "--include", "fam.tdd") == ["sdA", "whole"]
-    one_error_line(run(bundle, "--include", "nothing"), "no models left")
+    one_line(analyze(bundle, "--include", "nothing"), "no models left")
     # pack takes a bundle whole: a glob that keeps part of it is refused, not ignored.
     r = runner.invoke(app, ["pack", str(bundle), str(inputs["my_model_ü"]), "--exclude",
                             "whole", "-o", str(tmp_path / "x.tdd")])
-    one_error_line(r, "fam.tdd", "leave out whole")
+    one_line(r, "fam.tdd", "leave out whole")
     assert not (tmp_path / "x.tdd").exists()
 
 
 def test_a_bundles_model_is_reported_at_the_bundle(inputs, tmp_path):
     bundle = tmp_path / "fam.tdd"
     runner.invoke(app, ["pack", str(inputs["sdA"]), str(inputs["whole"]), "-o", str(bundle)])
-    result = run("--json", "-q", bundle, inputs["my_model_ü"])
+    result = analyze("--json", "-q", bundle, inputs["my_model_ü"])
     models = json.loads(result.stdout)["models"]
     assert [m["path"] for m in models] == [str(bundle), str(bundle),
                                            str(inputs["my_model_ü"])]
@@ -103,7 +91,7 @@ def test_an_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
                 return real(path)
 
             monkeypatch.setattr(os, "scandir", scandir)
-        result = run("--json", "-q", f"m={root}")
+        result = analyze("--json", "-q", f"m={root}")
     finally:
         locked.chmod(0o755)
     assert result.exit_code == 0, result.output
@@ -124,7 +112,7 @@ def test_an_unlistable_model_folder_is_an_error(tmp_path, monkeypatch):
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    one_error_line(run(root), str(root), "cannot list this folder: Permission denied")
+    one_line(analyze(root), str(root), "cannot list this folder: Permission denied")
 
 
 # -- 7: a hub id missing from the cache is named -----------------------------------------
@@ -137,7 +125,7 @@ def test_a_hub_id_without_a_cache_names_the_argument(tmp_path):
     old = constants.HF_HUB_CACHE
     constants.HF_HUB_CACHE = str(tmp_path / "no-cache")
     try:
-        line = one_error_line(run("hf://nonexistent-org/x"), "hf://nonexistent-org/x:",
+        line = one_line(analyze("hf://nonexistent-org/x"), "hf://nonexistent-org/x:",
                               "not in the Hugging Face cache", str(tmp_path / "no-cache"))
     finally:
         constants.HF_HUB_CACHE = old

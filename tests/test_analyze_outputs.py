@@ -23,21 +23,9 @@ from tdedup.cli.analyze_render import (
 )
 from tdedup.cli.app import app
 from tdedup.cli.common import clean
+from helpers.cli_checks import analyze, one_line
 
 runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, ["analyze", *map(str, args)],
-                         env={"NO_COLOR": "1", "COLUMNS": "200"})
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, lines
-    assert all(n in lines[0] for n in needles), lines
-    return lines[0]
 
 
 @pytest.fixture
@@ -59,7 +47,7 @@ def test_markdown_onto_an_input_file_is_refused_before_hashing(pair, monkeypatch
         raise AssertionError("hashed before refusing")
 
     monkeypatch.setattr(scan, "hash_models", no_hashing)
-    one_error_line(run(victim, other, "-q", "--markdown", victim), "the output is the input")
+    one_line(analyze(victim, other, "-q", "--markdown", victim), "the output is the input")
     assert victim.read_bytes() == before
 
 
@@ -67,19 +55,19 @@ def test_markdown_inside_an_input_folder_a_split_part_or_a_bundle_is_refused(tmp
     folder = tmp_path / "folder"
     inside = make_safetensors(folder / "model.safetensors", random_tensors(1, {"x": (8,)}))
     before = inside.read_bytes()
-    one_error_line(run(folder, pair[1], "-q", "--markdown", inside), "inside the input folder")
-    one_error_line(run(folder, pair[1], "-q", "--markdown", folder / "new.md"),
+    one_line(analyze(folder, pair[1], "-q", "--markdown", inside), "inside the input folder")
+    one_line(analyze(folder, pair[1], "-q", "--markdown", folder / "new.md"),
                    "inside the input folder")
     assert inside.read_bytes() == before and not (folder / "new.md").exists()
     # Any part of a split GGUF given by another part.
     parts = make_split_gguf(tmp_path / "s.gguf", random_tensors(2, {"p": (32,), "q": (32,)}), 1)
     second = parts[1].read_bytes()
-    one_error_line(run(parts[0], "-q", "--markdown", parts[1]), "the output is the input")
+    one_line(analyze(parts[0], "-q", "--markdown", parts[1]), "the output is the input")
     assert parts[1].read_bytes() == second
     bundle = tmp_path / "b.tdd"
     assert runner.invoke(app, ["pack", str(pair[1]), "-o", str(bundle), "-q"]).exit_code == 0
-    one_error_line(run(bundle, "-q", "--markdown", bundle), "the output is the input")
-    one_error_line(run(pair[1], "-q", "--markdown", tmp_path), "must be a file name")
+    one_line(analyze(bundle, "-q", "--markdown", bundle), "the output is the input")
+    one_line(analyze(pair[1], "-q", "--markdown", tmp_path), "must be a file name")
 
 
 def test_markdown_is_written_atomically(pair, tmp_path, monkeypatch):
@@ -93,13 +81,13 @@ def test_markdown_is_written_atomically(pair, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    one_error_line(run(*pair, "-q", "--markdown", target), "report.md",
+    one_line(analyze(*pair, "-q", "--markdown", target), "report.md",
                    "No space left on device")
     assert target.read_text() == "old report\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["report.md", "victim.safetensors", "v2.safetensors"])
     monkeypatch.setattr(os, "replace", real_replace)
-    assert run(*pair, "-q", "--markdown", target).exit_code == 0
+    assert analyze(*pair, "-q", "--markdown", target).exit_code == 0
     assert target.read_text().startswith("## tdedup analyze")
 
 
@@ -116,18 +104,18 @@ def almost_two(tmp_path):
 
 
 def test_threshold_compares_the_reported_ratio(almost_two, tmp_path):
-    result = run(*almost_two, "--json", "-q")
+    result = analyze(*almost_two, "--json", "-q")
     ratio = json.loads(result.stdout)["dedup_ratio"]
     assert 1.9999 < ratio < 2
     text = repr(ratio)
-    assert run(*almost_two, "-q", "--json", "--min-dedup-ratio", text).exit_code == 0
+    assert analyze(*almost_two, "-q", "--json", "--min-dedup-ratio", text).exit_code == 0
     md = tmp_path / "s.md"
-    result = run(*almost_two, "-q", "--json", "--min-dedup-ratio", "2", "--markdown", md)
+    result = analyze(*almost_two, "-q", "--json", "--min-dedup-ratio", "2", "--markdown", md)
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line == f"tdedup: dedup ratio {text} is below --min-dedup-ratio 2"
     assert f"**Failed**: dedup ratio {text}x < required 2x" in md.read_text()
-    run(*almost_two, "-q", "--min-dedup-ratio", text, "--markdown", md)
+    analyze(*almost_two, "-q", "--min-dedup-ratio", text, "--markdown", md)
     assert f"**Passed**: dedup ratio {text}x >= required {text}x" in md.read_text()
 
 
@@ -159,7 +147,7 @@ def test_hostile_tensor_names_in_markdown_and_tables(tmp_path):
     a = make_safetensors(tmp_path / "a.safetensors", names)
     b = make_safetensors(tmp_path / "b.safetensors", names)
     md = tmp_path / "r.md"
-    result = run(a, b, "-q", "--markdown", md)
+    result = analyze(a, b, "-q", "--markdown", md)
     assert result.exit_code == 0, result.output
     text = md.read_text()
     assert "[link](" not in text and "\\[link\\](https://evil.example)" in text
@@ -174,7 +162,7 @@ def test_markdown_section_levels_and_skipped_entries(tmp_path):
     make_safetensors(tmp_path / "n" / "model.safetensors",
                      {"x": random_tensors(0, {"x": (8, 8)})["x"] * 1.0001})
     md = tmp_path / "r.md"
-    result = run(f"a={base.parent}", f"b={tmp_path / 'n'}", "-q", "--drift", "--markdown", md)
+    result = analyze(f"a={base.parent}", f"b={tmp_path / 'n'}", "-q", "--drift", "--markdown", md)
     assert result.exit_code == 0, result.output
     lines = md.read_text().splitlines()
     headings = [h for h in lines if h.startswith("#")]
@@ -205,5 +193,5 @@ def test_one_percent_convention():
 def test_gguf_model_name_in_markdown(tmp_path):
     """A model whose name comes from a GGUF path is escaped like any other string."""
     g = make_gguf(tmp_path / "a_b.gguf", random_tensors(0, {"x": (32,)}))
-    result = run(g, "-q", "--markdown", "-")
+    result = analyze(g, "-q", "--markdown", "-")
     assert result.exit_code == 0 and "| a\\_b |" in result.stdout

@@ -14,33 +14,20 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers.factory import make_split_gguf, random_tensors
-from tdedup.cli.app import app
 from tdedup.errors import CheckpointFormatError
 from tdedup.format.checkpoints.sources import open_models
+from helpers.cli_checks import analyze, one_line
 
 runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, ["analyze", *map(str, args)],
-                         env={"NO_COLOR": "1", "COLUMNS": "200"})
-
-
-def one_error_line(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, lines
-    assert all(n in lines[0] for n in needles), lines
-    return lines[0]
 
 
 def test_two_parts_of_one_split_are_the_same_input(tmp_path):
     parts = make_split_gguf(tmp_path / "split.gguf",
                             random_tensors(0, {"x": (32,), "y": (32,), "z": (64,)}), 2)
-    one_error_line(run(*parts[:2]), "the same input is given twice")
-    one_error_line(run(parts[0], parts[0].parent / ".." / parts[0].parent.name / parts[1].name),
+    one_line(analyze(*parts[:2]), "the same input is given twice")
+    one_line(analyze(parts[0], parts[0].parent / ".." / parts[0].parent.name / parts[1].name),
                    "the same input is given twice")
-    result = run("--json", "-q", parts[1])
+    result = analyze("--json", "-q", parts[1])
     assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["split"]
 
 
@@ -80,7 +67,7 @@ def test_inconsistent_splits_are_refused(tmp_path):
     first = _part(tmp_path / "dup-00001-of-00002.gguf", {"x": t["x"]},
                   {"split.no": 0, "split.count": 2})
     _part(tmp_path / "dup-00002-of-00002.gguf", {"x": t["y"]}, {"split.no": 1, "split.count": 2})
-    line = one_error_line(run(first), "dup-00002-of-00002.gguf", "'x'",
+    line = one_line(analyze(first), "dup-00002-of-00002.gguf", "'x'",
                           "dup-00001-of-00002.gguf")
     assert "also in" in line
 
@@ -96,5 +83,5 @@ def test_same_bytes_still_counted_once_per_model(tmp_path):
     """Sanity: a split given once still counts its tensors once."""
     parts = make_split_gguf(tmp_path / "s.gguf", {"a": np.ones(32, np.float32),
                                                   "b": np.zeros(32, np.float32)}, 1)
-    result = run("--json", "-q", parts[0])
+    result = analyze("--json", "-q", parts[0])
     assert json.loads(result.stdout)["models"][0]["tensors"] == 2

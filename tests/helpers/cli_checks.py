@@ -13,3 +13,13 @@ def one_line(result, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def analyze(*args, env: dict | None = None):
+    """``tdedup analyze ARGS`` through typer's CliRunner, wide and without colour."""
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    return CliRunner().invoke(app, ["analyze", *map(str, args)],
+                              env={"NO_COLOR": "1", "COLUMNS": "200", **(env or {})})
