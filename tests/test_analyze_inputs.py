@@ -75,6 +75,18 @@ def test_a_bundles_model_is_reported_at_the_bundle(inputs, tmp_path):
 # -- 5: a folder that cannot be listed is reported --------------------------------------
 
 
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """``os.scandir(folder)`` fails as it does without the permission (root lists all)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
 def test_an_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
     root = tmp_path / "m"
     make_safetensors(root / "model.safetensors", random_tensors(0, {"x": (8,)}))
@@ -83,14 +95,7 @@ def test_an_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
     locked.chmod(0)
     try:
         if os.geteuid() == 0:  # root lists anything: make the listing fail as it would
-            real = os.scandir
-
-            def scandir(path="."):
-                if os.fspath(path) == str(locked):
-                    raise PermissionError(13, "Permission denied", os.fspath(path))
-                return real(path)
-
-            monkeypatch.setattr(os, "scandir", scandir)
+            _unlistable(monkeypatch, locked)
         result = analyze("--json", "-q", f"m={root}")
     finally:
         locked.chmod(0o755)
@@ -104,14 +109,7 @@ def test_an_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
 def test_an_unlistable_model_folder_is_an_error(tmp_path, monkeypatch):
     root = tmp_path / "m"
     make_safetensors(root / "model.safetensors", random_tensors(0, {"x": (8,)}))
-    real = os.scandir
-
-    def scandir(path="."):
-        if os.fspath(path) == str(root):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    _unlistable(monkeypatch, root)
     one_line(analyze(root), str(root), "cannot list this folder: Permission denied")
 
 
