@@ -38,7 +38,7 @@ def good(tmp_path_factory) -> Path:
         "h": rng.standard_normal((40, 40)).astype(np.float16),       # rotated by 1
         "d": rng.standard_normal((20, 20)),                          # byte planes (F64)
         "ids": np.arange(200, dtype=np.int64) % 7,                    # zstd
-        "noise": rng.integers(0, 256, 3000, dtype=np.uint8),          # raw
+        "noise": rng.integers(0, 256, 6000, dtype=np.uint8),  # raw: incompressible, >= 4 KiB
         "empty": np.zeros(0, np.float32)})
     (model / "config.json").write_text('{"hidden_size": 40, "layers": ["a", "b", "c"]}' * 5)
     bundle = tmp / "good.tdd"

@@ -183,3 +183,79 @@ def test_an_empty_cache_folder_is_named(tmp_path):
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert lines[0].startswith(f"error: {tmp_path}") and "no cached model" in lines[0]
+
+
+def _packed_bert(tmp_path) -> Path:
+    bundle = tmp_path / "hub.tdd"
+    res = runner.invoke(app, ["pack", "hf://org/bert", "-o", str(bundle), "-q"])
+    assert res.exit_code == 0, res.output
+    return bundle
+
+
+def test_unpack_over_a_cache_replaces_a_corrupted_blob_of_the_same_size(default_cache,
+                                                                       tmp_path):
+    """An existing blob is kept only when its sha256 is the manifest's: one of the same
+    size with a flipped bit (an LFS blob named by sha256, a small one by git sha1) is
+    rewritten, so "every sha256 matches" is true of every file in the snapshot."""
+    bundle = _packed_bert(tmp_path)
+    target = tmp_path / "received"
+    res = runner.invoke(app, ["unpack", str(bundle), "--hf-cache", str(target), "-q"])
+    assert res.exit_code == 0, res.output
+    with tdedup.open_bundle(bundle) as b:
+        want = {f.info["hub_blob"]: f.sha256 for f in b.model("org/bert@main").files}
+    blobs = target / "models--org--bert" / "blobs"
+    lfs = next(n for n in want if len(n) == 64)
+    small = next(n for n in want if len(n) == 40)
+    for name in (lfs, small):
+        data = bytearray((blobs / name).read_bytes())
+        data[len(data) // 2] ^= 1
+        (blobs / name).write_bytes(data)
+    res = runner.invoke(app, ["unpack", str(bundle), "--hf-cache", str(target)])
+    assert res.exit_code == 0, res.output
+    assert "every sha256 matches" in res.stdout
+    for name, sha in want.items():
+        assert hashlib.sha256((blobs / name).read_bytes()).hexdigest() == sha, name
+    assert sorted(p.name for p in (target / "models--org--bert").iterdir()) == [
+        "blobs", "refs", "snapshots"]
+
+
+def test_a_killed_unpack_leaves_no_staging_the_hub_scanner_trips_over(default_cache,
+                                                                      tmp_path):
+    """SIGKILL mid-restore: the staging folder is inside the repo folder (where
+    scan_cache_dir does not look), and the next run removes it, not a live run's."""
+    import os
+    import subprocess
+    import sys
+
+    from tdedup._fs import open_temp
+
+    bundle = _packed_bert(tmp_path)
+    target = tmp_path / "received"
+    script = ("import os, signal, sys\n"
+              "from tdedup.ops.hub_unpack import unpack_to_cache\n"
+              "def progress(phase, n, total):\n"
+              "    if phase == 'restoring':\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "unpack_to_cache(sys.argv[1], sys.argv[2], progress=progress)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(bundle), str(target)],
+                         capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    repo = target / "models--org--bert"
+    assert [p.name for p in target.iterdir()] == [repo.name]
+    assert any(p.name.startswith(".tdedup-stage-") for p in repo.iterdir())
+    assert hub.scan_cache_dir(target).warnings == []
+    # A run in progress (this process holds its lock) keeps its folder.
+    live = repo / f".tdedup-stage-{os.getpid()}-0123abcd"
+    lock, f = open_temp(live)
+    live.mkdir()
+    try:
+        res = runner.invoke(app, ["unpack", str(bundle), "--hf-cache", str(target), "-q"])
+        assert res.exit_code == 0, res.output
+        left = sorted(p.name for p in repo.iterdir())
+        assert left == sorted([lock.name, live.name, "blobs", "refs", "snapshots"])
+    finally:
+        f.close()
+        live.rmdir()
+        lock.unlink()
+    info = hub.scan_cache_dir(target)
+    assert info.warnings == [] and [r.repo_id for r in info.repos] == ["org/bert"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,102 @@ def test_a_link_names_the_model_not_its_target(tmp_path):
     names = assign_names([ModelArg(None, snap / "model.safetensors"),
                           ModelArg(None, tmp_path / "q4.gguf"), ModelArg(None, tmp_path / "ft")])
     assert names == ["model", "q4", "ft"]
+
+
+# -- links out of the model folder, empty weight files --------------------------------
+
+def _linked_model(tmp_path):
+    """``m`` with links that stay inside it and links that leave it; ``sibling`` next to it."""
+    make_safetensors(tmp_path / "m" / "w.safetensors", random_tensors(0, {"x": (4,)}))
+    make_safetensors(tmp_path / "m" / "sub" / "v.safetensors", random_tensors(1, {"y": (3,)}))
+    make_safetensors(tmp_path / "sibling" / "s.safetensors", random_tensors(2, {"z": (5,)}))
+    (tmp_path / "outside.txt").write_text("not the model's")
+    m = tmp_path / "m"
+    os.symlink("..", m / "loop")  # would reach every sibling model
+    os.symlink(tmp_path / "outside.txt", m / "link")
+    os.symlink("../../sibling", m / "sub" / "up")
+    os.symlink("w.safetensors", m / "inner.safetensors")  # inside: followed
+    os.symlink("../w.safetensors", m / "sub" / "w2.safetensors")  # inside, up a level
+    return m
+
+
+def test_links_out_of_the_model_folder_are_skipped_and_said(tmp_path):
+    m = _linked_model(tmp_path)
+    (src,) = open_models([f"m={m}"])
+    assert [f.rel_path for f in src.files] == [
+        "inner.safetensors", "w.safetensors", "sub/v.safetensors", "sub/w2.safetensors"]
+    assert sorted(src.skipped) == ["link (link out of the model folder)",
+                                   "loop/ (link out of the model folder)",
+                                   "sub/up/ (link out of the model folder)"]
+    assert src.files[0].tensors[0].name == "x"  # an inside link's content is stored
+
+
+def test_a_model_given_as_a_link_to_a_folder(tmp_path):
+    m = _linked_model(tmp_path)
+    os.symlink(m, tmp_path / "alias")
+    (src,) = open_models([f"m={tmp_path / 'alias'}"])
+    assert [f.rel_path for f in src.files] == [
+        "inner.safetensors", "w.safetensors", "sub/v.safetensors", "sub/w2.safetensors"]
+    assert len(src.skipped) == 3
+
+
+def test_links_out_of_the_model_folder_warn_at_pack(tmp_path):
+    from typer.testing import CliRunner
+
+    from tdedup.cli.app import app
+
+    m = _linked_model(tmp_path)
+    res = CliRunner().invoke(app, ["pack", "--json", f"m={m}", "-o", str(tmp_path / "x.tdd")])
+    assert res.exit_code == 0, res.output
+    assert "link (link out of the model folder)" in json.loads(res.stdout)["skipped"]["m"]
+    assert "warning: m: skipped" in res.stderr and "link out of the model folder" in res.stderr
+    import tdedup
+
+    with tdedup.open_bundle(tmp_path / "x.tdd") as b:
+        paths = [f.path for f in b.model("m").files]
+    assert not any(p.startswith(("loop/", "link", "sub/up/")) for p in paths)
+
+
+def test_a_hub_snapshot_given_as_a_folder_follows_its_blob_links(tmp_path):
+    """Snapshot files are links into ../../blobs (and hub's blobs may link on into the
+    cache's shared store): those are the model; a link out of the cache is not."""
+    from helpers.hub_helpers import add_revision
+
+    src = tmp_path / "src"
+    make_safetensors(src / "model.safetensors", random_tensors(0, {"x": (4,)}))
+    make_safetensors(src / "unet" / "u.safetensors", random_tensors(1, {"u": (4,)}))
+    (src / "config.json").write_text("{}")
+    cache = tmp_path / "hub"
+    snap = add_revision(cache, "org/m", "c" * 40, src, ("main",))
+    # huggingface_hub's shared store: a repo blob links to <cache>/blobs/<xx>/<hash>.
+    blob = Path(os.path.realpath(snap / "config.json"))
+    store = cache / "blobs" / "ab" / ("ab" * 32)
+    store.parent.mkdir(parents=True)
+    blob.rename(store)
+    os.symlink(os.path.relpath(store, blob.parent), blob)
+    os.symlink("../../..", snap / "escape")
+    (m,) = open_models([f"m={snap}"])
+    assert [f.rel_path for f in m.files] == ["config.json", "model.safetensors",
+                                             "unet/u.safetensors"]
+    assert m.skipped == ["escape/ (link out of the model folder)"]
+    (unet,) = open_models([f"u={snap / 'unet'}"])  # a folder within a snapshot
+    assert [f.rel_path for f in unet.files] == ["u.safetensors"]
+
+
+def test_an_empty_safetensors_file_in_a_folder_is_kept_as_a_plain_file(tmp_path):
+    import tdedup
+
+    make_safetensors(tmp_path / "m" / "w.safetensors", random_tensors(0, {"x": (4,)}))
+    (tmp_path / "m" / "zero.safetensors").touch()
+    (tmp_path / "m" / "sub").mkdir()
+    (tmp_path / "m" / "sub" / "empty.gguf").touch()
+    (m,) = open_models([f"m={tmp_path / 'm'}"])
+    kinds = {f.rel_path: (f.kind, f.size) for f in m.files}
+    assert kinds["zero.safetensors"] == (FileKind.OTHER, 0)
+    assert kinds["sub/empty.gguf"] == (FileKind.OTHER, 0)
+    tdedup.pack([f"m={tmp_path / 'm'}"], tmp_path / "b.tdd")
+    tdedup.unpack(tmp_path / "b.tdd", tmp_path / "out")
+    for rel in ("w.safetensors", "zero.safetensors", "sub/empty.gguf"):
+        assert (tmp_path / "out" / "m" / rel).read_bytes() == (tmp_path / "m" / rel).read_bytes()
+    with pytest.raises(CheckpointFormatError, match="truncated"):  # given as the model itself
+        open_models([str(tmp_path / "m" / "zero.safetensors")])

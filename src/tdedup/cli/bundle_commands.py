@@ -100,8 +100,10 @@ def pack(
     speed = r.logical_bytes / r.seconds if r.seconds else 0
     out.print(plain(f"packed {counted(len(r.models), 'model')} into {r.path} "
                     f"({r.layout} layout)"))
-    out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle {human_bytes(r.bundle_bytes)}"
-              f"  ({r.ratio:.2f}x smaller)")
+    how = (f"{r.ratio:.2f}x smaller" if r.ratio >= 1 else
+           f"{1 / r.ratio:.2f}x larger: nothing shared, and the bundle's own bytes")
+    out.print(f"  logical {human_bytes(r.logical_bytes)} -> bundle "
+              f"{human_bytes(r.bundle_bytes)}  ({how})")
     out.print(f"  {r.seconds:.2f} s, {human_bytes(speed)}/s; blobs: "
               + ", ".join(f"{n} {k}" for k, n in sorted(r.encodings.items())))
 

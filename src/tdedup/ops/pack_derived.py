@@ -17,7 +17,7 @@ from ..analyzers.derivation import DeriveChoice, plan_derived
 from ..analyzers.scan import ScannedModels
 from ..analyzers.tensor_hashes import ContentKey
 from ..errors import TransformMismatch, UsageError
-from ..format.bundle.constants import BlobEncoding
+from ..format.bundle.constants import RAW_ALIGNMENT, BlobEncoding
 from ..format.bundle.manifest import MAX_ZSTD_RATIO
 from ..format.bundle.writer import BundleWriter
 from ..format.codecs import encode
@@ -101,8 +101,8 @@ class LayoutStore:
             against = encode(BlobEncoding.ZSTD_REF, layout, base=ref[1], level=self.level)
             if len(against) < len(stored) and n <= MAX_ZSTD_RATIO * len(against):
                 enc, stored, base = BlobEncoding.ZSTD_REF, against, ref[0]
-        if base is None and (self.raw_only or len(stored) >= n):
-            enc, stored = BlobEncoding.RAW, layout
+        if base is None and (self.raw_only or (len(stored) >= n and (n >= RAW_ALIGNMENT or not n))):
+            enc, stored = BlobEncoding.RAW, layout  # (a small one: zstd, see pack.MIN_RAW)
         self.writer.add_blob(digest, enc, stored, n, base=base)
         if base is None and kind not in self.refs and n:
             self.refs[kind] = (digest, layout)

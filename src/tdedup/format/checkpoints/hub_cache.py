@@ -146,6 +146,19 @@ def resolve(repo_id: str, rev: str | None, cache_dir: str | os.PathLike | None =
                      f"{', '.join(r.name for r in revisions)})", path=spelled)
 
 
+def link_roots(folder: Path) -> list[Path]:
+    """Folders outside ``folder`` that its links may lead into: for a hub snapshot (or a
+    folder within one, given as a plain path or as a cached revision), its repo's
+    ``blobs/`` and the cache's shared blob store (``<cache>/blobs``, where
+    huggingface_hub's repo blobs may themselves link); for any other folder, none."""
+    for p in (Path(os.path.abspath(folder)), Path(os.path.realpath(folder))):
+        for snapshot in (p, *p.parents):
+            repo = snapshot.parent.parent
+            if snapshot.parent.name == "snapshots" and is_repo_folder(repo):
+                return [repo / "blobs", repo.parent / "blobs"]
+    return []
+
+
 def blob_name(path: Path) -> str | None:
     """The cache blob a snapshot file's symlink points at (its etag), if it is one."""
     if not path.is_symlink():

@@ -6,8 +6,9 @@ A *model* is what one command-line argument names:
 - one part of a split GGUF (``name-00001-of-00003.gguf``): all its parts;
 - a folder: every file below it. ``.safetensors`` and ``.gguf`` files are indexed as
   weights; every other file (``config.json``, tokenizer files, ``model_index.json``,
-  ``model.safetensors.index.json``) is kept as an opaque file so that a bundle restores
-  the folder exactly. A sharded folder's index is checked against the shards present.
+  ``model.safetensors.index.json``, an empty ``.safetensors``) is kept as an opaque file
+  so that a bundle restores the folder exactly. A sharded folder's index is checked
+  against the shards present. Links are followed only while they stay inside the folder.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from ...errors import (
 from ..bundle.constants import MAGIC as BUNDLE_MAGIC
 from ..strict_json import loads_strict
 from .gguf_file import GGUF_MAGIC, SPLIT_RE, check_split, read_gguf
-from .hub_cache import blob_name
+from .hub_cache import blob_name, link_roots
 from .records import FileKind, ModelLayout, ModelSource, SourceFile, is_model_name
 from .safetensors import read_safetensors
 
 WEIGHT_SUFFIXES = {".safetensors": FileKind.SAFETENSORS, ".gguf": FileKind.GGUF}
+#: Why a folder scan leaves out a link whose target lies outside the model folder.
+OUT_LINK = "link out of the model folder"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +96,15 @@ def read_weight_file(path: Path, kind: FileKind, model: str, rel: str) -> Source
     return reader(path, model=model, rel_path=rel)
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path=path) from e
+
+
 def _other_file(path: Path, rel: str) -> SourceFile:
-    return SourceFile(rel, path, path.stat().st_size, FileKind.OTHER)
+    return SourceFile(rel, path, _size(path), FileKind.OTHER)
 
 
 def _split_parts(path: Path) -> list[Path] | None:
@@ -110,17 +120,28 @@ def _split_parts(path: Path) -> list[Path] | None:
 
 
 def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
-    """Every regular file below ``folder`` (symlinks followed), hidden folders and the
-    temporary files of interrupted tdedup writes skipped. What else is left out (hidden
-    folders, folders that cannot be listed, FIFOs, sockets, devices, dangling links) is
-    appended to ``skipped`` as ``"rel/path (why)"``; ``folder`` itself unlisted is an
-    error."""
+    """Every regular file below ``folder``, hidden folders and the temporary files of
+    interrupted tdedup writes skipped. Symlinks are followed only where their target
+    (resolved) stays inside ``folder`` (or, in a hub snapshot, the cache's blobs:
+    :func:`hub_cache.link_roots`): ``loop -> ..`` would pack every sibling model,
+    ``link -> /etc/hostname`` a file the user never meant to give. What else is left out
+    (hidden folders, links out of the model folder, folders that cannot be listed, FIFOs,
+    sockets, devices, dangling links) is appended to ``skipped`` as ``"rel/path (why)"``;
+    ``folder`` itself unlisted is an error."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
     skipped = skipped if skipped is not None else []
+    inside = [Path(os.path.realpath(r)) for r in (folder, *link_roots(folder))]
 
     def rel(p: Path) -> str:
         return p.relative_to(folder).as_posix()
+
+    def leaves(p: Path) -> bool:
+        """Whether ``p`` is a link whose target lies outside the model folder."""
+        if not p.is_symlink():
+            return False
+        target = Path(os.path.realpath(p))
+        return not any(target.is_relative_to(r) for r in inside)
 
     def unlisted(e: OSError) -> None:  # os.walk's default drops these silently
         where = Path(e.filename) if e.filename else folder
@@ -139,6 +160,9 @@ def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
         skipped.extend(f"{rel(Path(root) / d)}/ (hidden folder)" for d in sorted(dirs)
                        if d.startswith("."))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out_links = [d for d in dirs if leaves(Path(root) / d)]
+        skipped.extend(f"{rel(Path(root) / d)}/ ({OUT_LINK})" for d in out_links)
+        dirs[:] = [d for d in dirs if d not in out_links]
         for f in sorted(files):
             p = Path(root) / f
             if TEMP_NAME_RE.match(f):
@@ -151,7 +175,9 @@ def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
             except OSError as e:
                 skipped.append(f"{rel(p)} (cannot be read: {e.strerror or e})")
             else:
-                if regular:
+                if leaves(p):
+                    skipped.append(f"{rel(p)} ({OUT_LINK})")
+                elif regular:
                     out.append(p)
                 else:
                     skipped.append(f"{rel(p)} (not a regular file)")
@@ -244,6 +270,10 @@ def open_model(arg: ModelArg, name: str) -> ModelSource:
     for p in found:
         rel = p.relative_to(path).as_posix()
         weight_kind = WEIGHT_SUFFIXES.get(p.suffix.lower())
+        if weight_kind and _size(p) == 0:
+            # An empty placeholder (an interrupted save, a touch): no tensors to index, so
+            # it is kept byte for byte like any other file instead of failing the model.
+            weight_kind = None
         files.append(read_weight_file(p, weight_kind, name, rel) if weight_kind
                      else _other_file(p, rel))
     if not any(f.kind is not FileKind.OTHER for f in files):
