@@ -293,3 +293,82 @@ def test_counts_take_the_right_number(fam, tmp_path):
     res = runner.invoke(app, ["pack", f"base={fam['base']}", "-o", str(tmp_path / "x.tdd"),
                               "--dry-run"])
     assert "for 1 model," in _words(res), res.stdout
+
+
+def test_an_edit_in_place_follows_a_link_and_keeps_the_mode(fam, tmp_path):
+    """``add``/``remove`` over a link replace the file it names (the link stays a link),
+    with its permissions (a private bundle stayed world-readable: 0600 became 0644)."""
+    import os
+    import stat
+
+    target = tmp_path / "target.tdd"
+    tdedup.pack([f"base={fam['base']}"], target)
+    target.chmod(0o600)
+    alias = tmp_path / "alias.tdd"
+    alias.symlink_to(target.name)
+    tdedup.add(alias, [f"ft={fam['ft']}"])
+    assert alias.is_symlink() and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    with Bundle(target) as b:
+        assert b.model_names == ["base", "ft"]
+    tdedup.remove(alias, ["ft"])
+    assert alias.is_symlink() and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+
+
+def test_two_edits_at_once_never_drop_one(fam, tmp_path):
+    """A second ``add`` while one holds the bundle is refused at once; a bundle replaced
+    while an edit ran (by a tool that takes no lock) makes the edit fail, not publish a
+    bundle without the other's change."""
+    import fcntl
+    import shutil
+
+    from tdedup.errors import OutputError
+
+    b = tmp_path / "b.tdd"
+    tdedup.pack([f"base={fam['base']}"], b)
+    with open(b, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(OutputError, match="another tdedup is changing"):
+            tdedup.add(b, [f"ft={fam['ft']}"])
+    other = tmp_path / "other.tdd"
+    tdedup.pack([f"base={fam['base']}", f"copy={fam['copy']}"], other)
+
+    def replace_midway(phase, n, total, done=[]):
+        if phase == "hashing" and not done:
+            done.append(1)
+            shutil.copy(other, tmp_path / "swap.tdd")
+            (tmp_path / "swap.tdd").replace(b)
+    with pytest.raises(OutputError, match="changed by another process"):
+        tdedup.add(b, [f"ft={fam['ft']}"], progress=replace_midway)
+    with Bundle(b) as bb:
+        assert bb.model_names == ["base", "copy"]  # the other writer's bundle, intact
+
+
+def test_pack_never_replaces_an_output_that_appears_unless_forced(fam, tmp_path):
+    from tdedup.errors import OutputExistsError
+
+    out = tmp_path / "out.tdd"
+
+    def appear(phase, n, total, done=[]):
+        if phase == "packing" and not done:
+            done.append(1)
+            out.write_bytes(b"someone else's file")
+    with pytest.raises(OutputExistsError, match="appeared"):
+        tdedup.pack([f"base={fam['base']}"], out, force=False, progress=appear)
+    assert out.read_bytes() == b"someone else's file"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary
+    tdedup.pack([f"base={fam['base']}"], out)  # the library default replaces
+    with Bundle(out) as b:
+        assert b.model_names == ["base"]
+
+
+def test_summary_encodings_count_tensor_blobs_whoever_wrote_the_bundle(fam, tmp_path):
+    """``summary.encodings`` counts tensor blobs (spec §6.1); a bundle written by ``add``
+    counted every blob, layouts included."""
+    fresh, a = tmp_path / "fresh.tdd", tmp_path / "a.tdd"
+    tdedup.pack([f"base={fam['base']}", f"ft={fam['ft']}"], fresh)
+    tdedup.pack([f"base={fam['base']}"], a)
+    tdedup.add(a, [f"ft={fam['ft']}"])
+    for path in (fresh, a):
+        with Bundle(path) as b:
+            tensors = {t.hash for m in b.manifest.models for f in m.files for t in f.tensors}
+            assert sum(b.manifest.summary["encodings"].values()) == len(tensors), path

@@ -287,7 +287,9 @@ def open_regular(path: str | os.PathLike, what: str = "file",
     return fd
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime_ns): what tells a replaced or rewritten file from the
+    one opened or read earlier."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -305,7 +307,7 @@ class InputFile:
         self.path = Path(path)
         self.fd = open_regular(path)
         st = os.fstat(self.fd)
-        self.identity = _identity(st)
+        self.identity = file_identity(st)
         if expect_size is not None and st.st_size != expect_size:
             self.close()
             raise self.changed(f"its size is {st.st_size} bytes, {expect_size} when indexed")
@@ -355,9 +357,9 @@ class InputFile:
 
     def check_unchanged(self) -> None:
         """Raise if the file was replaced, resized or rewritten since it was opened."""
-        now = _identity(os.fstat(self.fd))
+        now = file_identity(os.fstat(self.fd))
         try:
-            at_path = _identity(os.stat(self.path))
+            at_path = file_identity(os.stat(self.path))
         except OSError:
             raise self.changed("it was removed or renamed") from None
         if at_path[:2] != self.identity[:2]:

@@ -78,12 +78,12 @@ def pack(
     check_new_output(output, force)
     if first is not None:
         _merge(args, output, level=level, delta=delta, derive=derive, layout=layout,
-               as_json=as_json,
+               force=force, as_json=as_json,
                quiet=quiet)
         return
     with phased_progress(quiet) as progress:
         r = pack_models(args, output, level=level, delta=delta, progress=progress,
-                        layout=layout or BundleLayout.COMPACT, derive=derive)
+                        layout=layout or BundleLayout.COMPACT, derive=derive, force=force)
     for name, entries in r.skipped.items():
         shown = ", ".join(entries[:5])
         warn(f"{name}: skipped {shown}" + (f" and {len(entries) - 5} more"
@@ -109,13 +109,13 @@ def pack(
 
 
 def _merge(args, output: Path, *, level: int, delta: str, derive: str,
-           layout: BundleLayout | None, as_json: bool, quiet: bool) -> None:
+           layout: BundleLayout | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Bundles among the inputs: see ``ops.add.merge``."""
     from ..ops.add import merge
 
     with phased_progress(quiet) as progress:
         r = merge(args, output, level=level, delta=delta, layout=layout, progress=progress,
-                  derive=derive)
+                  derive=derive, force=force)
     if as_json:
         print_json({"bundle": str(r.path), "layout": r.layout, "models": r.models,
                     "bundle_bytes": r.bundle_bytes, "copied_blobs": r.copied_blobs,

@@ -87,7 +87,7 @@ def add(
     with staged_bundles(args, Path(target).resolve().parent) as staged, \
             phased_progress(quiet) as progress:
         r = add_models(bundle, staged, output=output, level=level, delta=delta,
-                       derive=derive, progress=progress)
+                       derive=derive, progress=progress, force=force)
     _report(r, "added", as_json)
 
 
@@ -108,5 +108,6 @@ def remove(
         check_output_not_input(output, [bundle])
         check_new_output(output, force)
     with phased_progress(quiet) as progress:
-        r = remove_models(bundle, names, output=output, level=level, progress=progress)
+        r = remove_models(bundle, names, output=output, level=level, progress=progress,
+                          force=force)
     _report(r, "removed", as_json)

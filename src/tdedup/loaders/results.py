@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import BundleChangedError, ModelNotFoundError, ModelNotLoadedError, TdedupError
 from ..format.bundle.manifest import FileEntry
-from ..format.bundle.reader import Bundle, file_identity
+from .._fs import file_identity
+from ..format.bundle.reader import Bundle
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,14 @@ the old bundle stays valid until the new one replaces it.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from .._version import __version__
 from ..analyzers.delta_planning import plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
-from ..errors import UsageError, display_path
+from ..errors import OutputError, UsageError, display_path
 from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
@@ -83,9 +85,10 @@ def _renamed(models: list[ModelEntry], renames: Mapping[str, str] | None) -> lis
 def summary_of(manifest: Manifest) -> dict:
     """The manifest's ``summary`` object, recomputed from its models and blobs."""
     tensors = {t.hash: t.length for m in manifest.models for f in m.files for t in f.tensors}
-    counts: dict[str, int] = {}
-    for rec in manifest.blobs.values():
-        counts[rec.encoding.name.lower()] = counts.get(rec.encoding.name.lower(), 0) + 1
+    counts: dict[str, int] = {}  # of tensor blobs, as pack counts them (spec §6.1)
+    for h in tensors:
+        name = manifest.blobs[h].encoding.name.lower()
+        counts[name] = counts.get(name, 0) + 1
     return {"models": len(manifest.models),
             "logical_bytes": sum(m.file_bytes for m in manifest.models),
             "tensor_bytes": sum(m.tensor_bytes for m in manifest.models),
@@ -108,6 +111,29 @@ def _copy_blobs(writer: BundleWriter, bundle: Bundle, digests, progress) -> int:
     return len(recs)
 
 
+@contextmanager
+def _writer(b: Bundle, output: str | os.PathLike | None, force: bool
+            ) -> Iterator[BundleWriter]:
+    """The writer of an edit of ``b``. In place (no ``output``): the file a link names is
+    the one replaced, its permissions are kept, and the edit holds an exclusive lock on
+    the bundle and fails if another process replaced it meanwhile (two edits at once
+    would each drop the other's change). To ``output``: replaced only with ``force``."""
+    if output is not None:
+        with BundleWriter(output, alignment=b.manifest.alignment, replace=force) as w:
+            yield w
+        return
+    target = Path(os.path.realpath(b.path))
+    with open(target, "rb") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError("another tdedup is changing this bundle", path=b.path,
+                              hint="run the command again when it has finished") from None
+        with BundleWriter(target, alignment=b.manifest.alignment, expect=b.identity,
+                          mode=stat.S_IMODE(os.fstat(lock.fileno()).st_mode)) as w:
+            yield w
+
+
 def _finish(writer: BundleWriter, models: list[ModelEntry], level: int, layout: str) -> int:
     manifest = Manifest(models, {}, tool_version=__version__)
     manifest.blobs = writer.blobs
@@ -118,11 +144,12 @@ def _finish(writer: BundleWriter, models: list[ModelEntry], level: int, layout: 
 def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
            output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
            progress: ProgressFn | None = None,
-           renames: Mapping[str, str] | None = None) -> EditResult:
+           renames: Mapping[str, str] | None = None, force: bool = True) -> EditResult:
     """Drop models ``names`` and the blobs no other model needs; nothing is re-encoded.
     ``renames``: new names of kept models (old name -> new).
 
-    Writes ``output`` (default: over ``bundle_path``, atomically)."""
+    Writes ``output`` (replaced only with ``force``) or, by default, over ``bundle_path``
+    atomically (see ``_writer``)."""
     t0 = time.perf_counter()
     report = progress or (lambda phase, n, total: None)
     target = Path(output or bundle_path)
@@ -137,7 +164,7 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
                              path=bundle_path, hint="delete the file instead")
         b.check_padding()
         layout = layout_of(b.manifest)
-        with BundleWriter(target, alignment=b.manifest.alignment) as w:
+        with _writer(b, output, force) as w:
             copied = _copy_blobs(w, b, b.manifest.blobs_of(kept), report)
             kept = _renamed(kept, renames)
             size = _finish(w, kept, level, layout)
@@ -150,13 +177,15 @@ def remove(bundle_path: str | os.PathLike, names: Sequence[str], *,
 def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         output: str | os.PathLike | None = None, level: int = DEFAULT_LEVEL,
         delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
-        renames: Mapping[str, str] | None = None, derive: str = "auto") -> EditResult:
+        renames: Mapping[str, str] | None = None, derive: str = "auto",
+        force: bool = True) -> EditResult:
     """Add the models ``paths`` (``PATH`` or ``NAME=PATH``) to a bundle.
 
     The bundle's blobs are copied unchanged; new tensors are deduplicated against them and
     may be stored as deltas against them. ``renames``: new names of the bundle's models
-    (old name -> new). Writes ``output`` (default: over ``bundle_path``, atomically: the
-    old bundle stays valid until the rename)."""
+    (old name -> new). Writes ``output`` (replaced only with ``force``) or, by default,
+    over ``bundle_path`` atomically: the old bundle stays valid until the rename, and a
+    concurrent edit of it makes this one fail (see ``_writer``)."""
     if delta not in ("auto", "off"):
         raise UsageError(f"--delta must be 'auto' or 'off', not {delta!r}")
     pack_derived.plan(ScannedModels([], {}), derive)  # refuses a bad --derive up front
@@ -182,7 +211,7 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
         layout = layout_of(b.manifest)
         raw_only = layout == BundleLayout.SERVING.value
         b.check_padding()
-        w = stack.enter_context(BundleWriter(target, alignment=b.manifest.alignment))
+        w = stack.enter_context(_writer(b, output, force))
         # The old blobs are checked and kernel-copied beside the hashing and planning
         # (their checksums are what vouches for every base decoded below).
         copier = stack.enter_context(ThreadPoolExecutor(max_workers=1))
@@ -271,7 +300,8 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
 def merge(paths: Sequence[str | ModelArg], output: str | os.PathLike, *,
           level: int = DEFAULT_LEVEL,
           delta: str = "auto", layout: str | BundleLayout | None = None, workers: int = 2,
-          progress: ProgressFn | None = None, derive: str = "auto") -> EditResult:
+          progress: ProgressFn | None = None, derive: str = "auto",
+          force: bool = True) -> EditResult:
     """``pack`` of inputs among which are bundles: the first bundle is kept as it is (its
     blobs copied, its one model renamed when given as ``NAME=BUNDLE``), the other bundles'
     models are restored beside the output (sha256-checked) and added with the rest.
@@ -295,7 +325,7 @@ def merge(paths: Sequence[str | ModelArg], output: str | os.PathLike, *,
     with ExitStack() as stack:
         source = Path(first.path)
         if target != own and not rest and not renames:
-            c = convert(source, output, target, force=True, level=level, workers=workers,
+            c = convert(source, output, target, force=force, level=level, workers=workers,
                         progress=progress)
             return EditResult(output, names, [], c.copied, c.decoded + c.encoded,
                               c.bundle_bytes, time.perf_counter() - t0, target)
@@ -308,10 +338,10 @@ def merge(paths: Sequence[str | ModelArg], output: str | os.PathLike, *,
         staged = stack.enter_context(staged_bundles(rest, output.resolve().parent))
         if staged:
             r = add(source, staged, output=output, level=level, delta=delta, workers=workers,
-                    progress=progress, renames=renames, derive=derive)
+                    progress=progress, renames=renames, derive=derive, force=force)
         else:
             r = remove(source, [], output=output, level=level, progress=progress,
-                       renames=renames)
+                       renames=renames, force=force)
     r.seconds = time.perf_counter() - t0
     return r
 

@@ -125,7 +125,7 @@ def convert(bundle_path: str | os.PathLike, output: str | os.PathLike,
             return rec, enc, out, "encoded" if enc is not BlobEncoding.RAW else "copied"
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-                BundleWriter(output, alignment=b.manifest.alignment) as writer:
+                BundleWriter(output, alignment=b.manifest.alignment, replace=force) as writer:
             pending: list = []
             window = WINDOW_PER_WORKER * max(1, workers)
 

@@ -253,8 +253,8 @@ def encode_content(data, dtype: str, level: int, base_of: Callable[[ContentKey],
 
 def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DEFAULT_LEVEL,
          delta: str = "auto", workers: int = 2, progress: ProgressFn | None = None,
-         layout: str | BundleLayout = BundleLayout.COMPACT, derive: str = "auto"
-         ) -> PackResult:
+         layout: str | BundleLayout = BundleLayout.COMPACT, derive: str = "auto",
+         force: bool = True) -> PackResult:
     """Write a bundle holding every model in ``paths`` (``PATH`` or ``NAME=PATH``).
 
     Identical tensors are stored once, near-identical ones as base plus delta
@@ -262,7 +262,9 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
     ``derive="auto"``) as transform plus residual, the rest compressed losslessly at zstd
     ``level`` (``layout="compact"``) or kept raw and aligned for loads that map them
     (``layout="serving"``; the same deltas and derived blobs either way, see spec §10.1);
-    a file's non-tensor bytes against another file's when that is smaller.
+    a file's non-tensor bytes against another file's when that is smaller. An existing
+    ``output`` is replaced only with ``force`` (the CLI checks first; this also refuses a
+    file that appeared while the bundle was written).
     """
     t0 = time.perf_counter()
     layout = parse_layout(layout)
@@ -291,7 +293,7 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
         derived = pack_derived.plan(scanned, derive)
         no_delta = pack_derived.delta_exclusions(derived)
 
-        with BundleWriter(output) as writer:
+        with BundleWriter(output, replace=force) as writer:
 
             def source(h: HashedTensor) -> bytes:
                 """A tensor's bytes, read again and checked against the hash pass 1 gave

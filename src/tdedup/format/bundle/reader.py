@@ -27,7 +27,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from ..._fs import check_allocation, open_regular
+from ..._fs import check_allocation, file_identity, open_regular
 from ...errors import (
     AmbiguousNameError,
     BundleError,
@@ -71,11 +71,6 @@ READ_CHUNK = 8 << 20
 FOOTER_RESERVED = 16
 #: Python's parsed JSON takes at least this many times the text's bytes.
 JSON_MEMORY_FACTOR = 4
-
-
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What tells one file from another at the same path: device, inode, size, mtime."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def tensor_keys(m: ModelEntry) -> list[tuple[str, FileEntry, TensorEntry]]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import blake3
 
-from ..._fs import forget_temp, fsync_dir, open_temp, remove_stale_temps
-from ...errors import BundleError, OutputError
+from ..._fs import file_identity, forget_temp, fsync_dir, open_temp, remove_stale_temps
+from ...errors import BundleError, OutputError, OutputExistsError
 from ..codecs.zstd import zstd_compress
 from .constants import (
     BLOB_ALIGNMENT,
@@ -38,10 +38,20 @@ _ZEROS = bytes(RAW_ALIGNMENT)
 
 class BundleWriter:
     """Append blobs, then :meth:`finish` with the manifest. Use as a context manager:
-    leaving the block with an exception removes the temporary file."""
+    leaving the block with an exception removes the temporary file.
 
-    def __init__(self, target: str | os.PathLike, *, alignment: int = RAW_ALIGNMENT) -> None:
+    How the finished bundle takes the target's name: ``replace=False`` never replaces a
+    file (one that appeared while the bundle was written makes :meth:`finish` fail);
+    ``expect``, the identity (``_fs.file_identity``) the target had when the caller read
+    it, makes :meth:`finish` fail if another process replaced it meanwhile (an ``add``
+    racing another ``add`` would drop that one's model); ``mode`` sets the permissions
+    (an edit in place keeps the bundle's own)."""
+
+    def __init__(self, target: str | os.PathLike, *, alignment: int = RAW_ALIGNMENT,
+                 replace: bool = True, expect: tuple | None = None,
+                 mode: int | None = None) -> None:
         self.target = Path(target)
+        self.replace, self.expect, self.mode = replace, expect, mode
         self.alignment = alignment
         self.blobs: dict[str, BlobRecord] = {}
         remove_stale_temps(self.target.parent, {self.target.name})
@@ -146,18 +156,45 @@ class BundleWriter:
                                        len(raw), blake3.blake3(stored).digest())
         self._write(body + blake3.blake3(body).digest()[:FOOTER_CHECK_SIZE])
         try:
+            if self.mode is not None:
+                os.fchmod(self.f.fileno(), self.mode)
             self.f.flush()
             os.fsync(self.f.fileno())
             self.f.close()
-            os.replace(self.tmp, self.target)
+            self._publish()
             forget_temp(self.tmp)
         except OSError as e:
             self.abort()
             raise OutputError(f"finishing the bundle failed: {e.strerror or e}",
                               path=self.target) from e
+        except OutputError:
+            self.abort()
+            raise
         fsync_dir(self.target.parent)
         self.finished = True
         return self.pos
+
+    def _publish(self) -> None:
+        """The temporary file takes the target's name (see the class docstring)."""
+        if not self.replace:
+            try:
+                os.link(self.tmp, self.target)  # atomic, and never over an existing file
+            except FileExistsError:
+                raise OutputExistsError("the output appeared while the bundle was being "
+                                        "written; it was left as it is", path=self.target,
+                                        hint="pass --force to replace it") from None
+            self.tmp.unlink()
+            return
+        if self.expect is not None:
+            try:
+                now = file_identity(os.stat(self.target))
+            except FileNotFoundError:
+                now = None
+            if now != self.expect:
+                raise OutputError("the bundle was changed by another process while this one "
+                                  "was written (another add or remove?); it was left as it is",
+                                  path=self.target, hint="run the command again")
+        os.replace(self.tmp, self.target)
 
     def abort(self) -> None:
         """Drop the temporary file; the target is untouched."""
@@ -171,3 +208,4 @@ class BundleWriter:
             pass
         forget_temp(self.tmp)
         self.finished = True
+
