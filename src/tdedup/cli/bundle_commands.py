@@ -303,7 +303,9 @@ def inspect(
     t = Table(title="models")
     for col in ("model", "layout", "files", "tensors", "file bytes", "shared tensor bytes",
                 "delta tensors"):
-        t.add_column(col, justify="left" if col in ("model", "layout") else "right")
+        # A name is never cut (org/name@main and org/name@v1 looked alike): it wraps.
+        t.add_column(col, justify="left" if col in ("model", "layout") else "right",
+                     overflow="fold" if col == "model" else "ellipsis")
     for m in info["models"]:
         t.add_row(plain(m["name"]), plain(m["layout"]), str(m["files"]), str(m["tensors"]),
                   human_bytes(m["file_bytes"]), human_bytes(m["shared_tensor_bytes"]),
