@@ -181,3 +181,12 @@ def test_cli_second_run_hashes_nothing_and_stats(family, tmp_path):
     missing = runner.invoke(app, ["index", str(tmp_path / "nope.db"), "--stats"])
     assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
     assert "nope.db: no such index" in missing.stderr
+
+
+def test_an_index_in_a_folder_that_does_not_exist_yet_is_created(tmp_path):
+    """``--index ~/.cache/tdedup/tensors.db`` on a machine without that folder: "created
+    when missing" covers its folder (it failed: unable to open database file)."""
+    path = tmp_path / "not" / "yet" / "tensors.db"
+    with TensorIndex(path):
+        pass
+    assert path.is_file()

@@ -82,9 +82,11 @@ class TensorIndex:
         if not create and not self.path.is_file():
             raise InputError("no such index", path=self.path)
         try:
+            if create:  # "created when missing", its folder too (~/.cache/tdedup/...)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                        isolation_level=None)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise OutputError(f"cannot open the index: {e}", path=self.path) from e
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -27,7 +27,7 @@ def verify(bundle_path: str | os.PathLike, *, files: bool = True,
     """Check a bundle completely: structure, padding, every blob's checksum and hash, and
     (``files``) every original file's sha256 as it would be restored.
 
-    Blobs, then files, are checked side by side on ``workers`` threads (every core by
+    Blobs, then files, are checked side by side on ``workers`` threads (every core, up to 8, by
     default: zstd, numpy, blake3 and sha256 release the GIL); when several fail, the
     error is the first in the manifest's order, as one thread would have found it."""
     t0 = time.perf_counter()
