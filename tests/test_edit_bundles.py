@@ -12,6 +12,7 @@ import filecmp
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -372,3 +373,26 @@ def test_summary_encodings_count_tensor_blobs_whoever_wrote_the_bundle(fam, tmp_
         with Bundle(path) as b:
             tensors = {t.hash for m in b.manifest.models for f in m.files for t in f.tensors}
             assert sum(b.manifest.summary["encodings"].values()) == len(tensors), path
+
+
+@pytest.mark.parametrize("layout", ["compact", "serving"])
+def test_a_merge_that_renames_a_model_to_free_its_name(tmp_path, layout):
+    """``pack old=A.tdd B.tdd`` where A's and B's model are both ``x``: the new ``x`` and
+    the bundle's ``x`` (renamed ``old``) were one model to the planners, which read the
+    new tensors' offsets out of the bundle: a corrupt bundle, and exit 0."""
+    from helpers.factory import make_safetensors
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 64)) * 0.05).astype(np.float32)  # 16 KB: raw in serving
+    d1 = make_safetensors(tmp_path / "d1" / "model.safetensors", {"w": w, "b": w[0].copy()})
+    d2 = make_safetensors(tmp_path / "d2" / "model.safetensors",
+                          {"w": w + np.float32(1e-3), "b": w[0] * np.float32(2)})
+    a, b, out = tmp_path / "a.tdd", tmp_path / "b.tdd", tmp_path / "o.tdd"
+    tdedup.pack([f"x={d1}"], a, layout=layout)
+    tdedup.pack([f"x={d2}"], b, layout=layout)
+    res = runner.invoke(app, ["pack", f"old={a}", str(b), "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    tdedup.verify(out)
+    tdedup.unpack(out, tmp_path / "out")
+    assert (tmp_path / "out" / "x" / "model.safetensors").read_bytes() == d2.read_bytes()
+    assert (tmp_path / "out" / "old" / "model.safetensors").read_bytes() == d1.read_bytes()

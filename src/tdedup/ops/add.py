@@ -35,7 +35,7 @@ from .._version import __version__
 from ..analyzers.delta_planning import plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
 from ..analyzers.tensor_hashes import HashedTensor
-from ..errors import OutputError, UsageError, display_path
+from ..errors import IntegrityError, OutputError, UsageError, display_path
 from ..format.bundle.constants import DEFAULT_LEVEL, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
@@ -263,12 +263,21 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                 views[path] = stack.enter_context(mapped(path))
             return views[path]
 
+        checked: set[str] = set()
+
         def source(h: HashedTensor):
             """A tensor's bytes: the bundle's (and decoded bases) from their maps, a new
-            file's read again and checked against the hash it was planned with."""
+            file's read again; each checked against the hash it was planned with (a
+            bundle's content once)."""
             path, off, length = scanned.locate(h)
             if path not in inputs:
-                return view_of(path)[off:off + length]
+                data = view_of(path)[off:off + length]
+                if h.digest not in checked:
+                    if hash_bytes(data) != h.digest:
+                        raise IntegrityError(f"tensor {h.record.name!r} does not have the "
+                                             "bytes its hash names", path=bundle_path)
+                    checked.add(h.digest)
+                return data
             data = inputs[path].read(off, length)
             if hash_bytes(data) != h.digest:
                 raise inputs[path].changed(f"tensor {h.record.name!r} no longer has the "

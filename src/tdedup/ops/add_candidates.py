@@ -50,6 +50,13 @@ DECODED = "#decoded"
 Want = Callable[[ModelEntry, FileEntry, TensorEntry], bool]
 
 
+def candidate_name(name: str) -> str:
+    """The name a bundle's model goes by among the planners' models. Never a model name
+    (those hold no ``:``), so a new model may take a bundle model's name (a merge that
+    renames it) without the planners reading one's tensors for the other's."""
+    return f"bundle:{name}"
+
+
 def windowed(pool: ThreadPoolExecutor, fn, items, window: int = WINDOW):
     """``pool.map(fn, items)`` in order, with at most ``window`` results held ahead."""
     pending: list = []
@@ -76,10 +83,10 @@ def bundle_sources(b: Bundle) -> list[ModelSource]:
         files = []
         for f in m.files:
             sf = SourceFile(f.path, b.path, f.size, _kind(f), info=dict(f.info))
-            sf.tensors = [TensorRecord(m.name, f.path, t.name, t.dtype, tuple(t.shape),
-                                       t.offset, t.length) for t in f.tensors]
+            sf.tensors = [TensorRecord(candidate_name(m.name), f.path, t.name, t.dtype,
+                                       tuple(t.shape), t.offset, t.length) for t in f.tensors]
             files.append(sf)
-        out.append(ModelSource(m.name, b.path, ModelLayout.FOLDER, files))
+        out.append(ModelSource(candidate_name(m.name), b.path, ModelLayout.FOLDER, files))
     return out
 
 
@@ -93,7 +100,8 @@ def derivation_bases(b: Bundle, new_models: list[ModelSource],
                math.prod(h.record.shape)) for h in new}
     return {(m.name, f.path, t.name) for m in b.manifest.models for f in m.files
             for t in f.tensors
-            if (canon.get((m.name, f.path, t.name)), math.prod(t.shape)) in groups}
+            if (canon.get((candidate_name(m.name), f.path, t.name)), math.prod(t.shape))
+            in groups}
 
 
 def bundle_candidates(b: Bundle, want: Want, make_spill: Callable[[int], Path],
@@ -124,7 +132,8 @@ def bundle_candidates(b: Bundle, want: Want, make_spill: Callable[[int], Path],
             placed[digest] = (spill, pos)
             pos += memoryview(data).nbytes
     files: dict[tuple[str, str, bool], SourceFile] = {}
-    hashed: dict[str, list[HashedTensor]] = {m.name: [] for m in b.manifest.models}
+    hashed: dict[str, list[HashedTensor]] = {candidate_name(m.name): []
+                                             for m in b.manifest.models}
     for m, f, t in picked:
         path, off = placed[t.hash]
         decoded = path != b.path
@@ -133,10 +142,11 @@ def bundle_candidates(b: Bundle, want: Want, make_spill: Callable[[int], Path],
             sf = files[(m.name, f.path, decoded)] = SourceFile(
                 f.path + DECODED if decoded else f.path, spill if decoded else b.path,
                 pos if decoded else b.size, _kind(f), info=dict(f.info))
-        r = TensorRecord(m.name, sf.rel_path, t.name, t.dtype, tuple(t.shape), off, t.length)
+        r = TensorRecord(candidate_name(m.name), sf.rel_path, t.name, t.dtype, tuple(t.shape),
+                         off, t.length)
         sf.tensors.append(r)
-        hashed[m.name].append(HashedTensor(r, t.hash))
-    models = [ModelSource(m.name, b.path, ModelLayout.FOLDER,
+        hashed[candidate_name(m.name)].append(HashedTensor(r, t.hash))
+    models = [ModelSource(candidate_name(m.name), b.path, ModelLayout.FOLDER,
                           [sf for (name, _, _), sf in files.items() if name == m.name])
               for m in b.manifest.models]
     return models, hashed
