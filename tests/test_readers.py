@@ -242,27 +242,34 @@ def test_a_link_names_the_model_not_its_target(tmp_path):
 # -- links out of the model folder, empty weight files --------------------------------
 
 def _linked_model(tmp_path):
-    """``m`` with links that stay inside it and links that leave it; ``sibling`` next to it."""
+    """``m`` with links that stay inside it and links that leave it; ``sibling`` next to
+    it, and a weight file in a shared store outside it."""
     make_safetensors(tmp_path / "m" / "w.safetensors", random_tensors(0, {"x": (4,)}))
     make_safetensors(tmp_path / "m" / "sub" / "v.safetensors", random_tensors(1, {"y": (3,)}))
     make_safetensors(tmp_path / "sibling" / "s.safetensors", random_tensors(2, {"z": (5,)}))
     (tmp_path / "outside.txt").write_text("not the model's")
     m = tmp_path / "m"
     os.symlink("..", m / "loop")  # would reach every sibling model
-    os.symlink(tmp_path / "outside.txt", m / "link")
+    os.symlink(tmp_path / "outside.txt", m / "link")  # a file: followed wherever it is
+    make_safetensors(tmp_path / "store" / "big.safetensors", random_tensors(3, {"q": (6,)}))
+    os.symlink(tmp_path / "store" / "big.safetensors", m / "model.safetensors")
     os.symlink("../../sibling", m / "sub" / "up")
     os.symlink("w.safetensors", m / "inner.safetensors")  # inside: followed
     os.symlink("../w.safetensors", m / "sub" / "w2.safetensors")  # inside, up a level
     return m
 
 
-def test_links_out_of_the_model_folder_are_skipped_and_said(tmp_path):
+FILES = ["inner.safetensors", "link", "model.safetensors", "w.safetensors",
+         "sub/v.safetensors", "sub/w2.safetensors"]
+
+
+def test_folder_links_out_of_the_model_folder_are_skipped_and_said(tmp_path):
+    """A folder link out of the model (``loop -> ..``) would pack every sibling model; a
+    file link anywhere is the model's file (weights in a shared store)."""
     m = _linked_model(tmp_path)
     (src,) = open_models([f"m={m}"])
-    assert [f.rel_path for f in src.files] == [
-        "inner.safetensors", "w.safetensors", "sub/v.safetensors", "sub/w2.safetensors"]
-    assert sorted(src.skipped) == ["link (link out of the model folder)",
-                                   "loop/ (link out of the model folder)",
+    assert [f.rel_path for f in src.files] == FILES
+    assert sorted(src.skipped) == ["loop/ (link out of the model folder)",
                                    "sub/up/ (link out of the model folder)"]
     assert src.files[0].tensors[0].name == "x"  # an inside link's content is stored
 
@@ -271,9 +278,8 @@ def test_a_model_given_as_a_link_to_a_folder(tmp_path):
     m = _linked_model(tmp_path)
     os.symlink(m, tmp_path / "alias")
     (src,) = open_models([f"m={tmp_path / 'alias'}"])
-    assert [f.rel_path for f in src.files] == [
-        "inner.safetensors", "w.safetensors", "sub/v.safetensors", "sub/w2.safetensors"]
-    assert len(src.skipped) == 3
+    assert [f.rel_path for f in src.files] == FILES
+    assert len(src.skipped) == 2
 
 
 def test_links_out_of_the_model_folder_warn_at_pack(tmp_path):
@@ -284,13 +290,14 @@ def test_links_out_of_the_model_folder_warn_at_pack(tmp_path):
     m = _linked_model(tmp_path)
     res = CliRunner().invoke(app, ["pack", "--json", f"m={m}", "-o", str(tmp_path / "x.tdd")])
     assert res.exit_code == 0, res.output
-    assert "link (link out of the model folder)" in json.loads(res.stdout)["skipped"]["m"]
+    assert "loop/ (link out of the model folder)" in json.loads(res.stdout)["skipped"]["m"]
     assert "warning: m: skipped" in res.stderr and "link out of the model folder" in res.stderr
     import tdedup
 
     with tdedup.open_bundle(tmp_path / "x.tdd") as b:
         paths = [f.path for f in b.model("m").files]
-    assert not any(p.startswith(("loop/", "link", "sub/up/")) for p in paths)
+    assert not any(p.startswith(("loop/", "sub/up/")) for p in paths)
+    assert "model.safetensors" in paths  # the weights in the shared store
 
 
 def test_a_hub_snapshot_given_as_a_folder_follows_its_blob_links(tmp_path):

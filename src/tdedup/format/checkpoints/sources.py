@@ -121,12 +121,13 @@ def _split_parts(path: Path) -> list[Path] | None:
 
 def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
     """Every regular file below ``folder``, hidden folders and the temporary files of
-    interrupted tdedup writes skipped. Symlinks are followed only where their target
-    (resolved) stays inside ``folder`` (or, in a hub snapshot, the cache's blobs:
-    :func:`hub_cache.link_roots`): ``loop -> ..`` would pack every sibling model,
-    ``link -> /etc/hostname`` a file the user never meant to give. What else is left out
-    (hidden folders, links out of the model folder, folders that cannot be listed, FIFOs,
-    sockets, devices, dangling links) is appended to ``skipped`` as ``"rel/path (why)"``;
+    interrupted tdedup writes skipped. A link to a file is followed wherever it points
+    (weights linked into a shared store, as ``hf download --local-dir`` once made them, are
+    the model's weights); a link to a folder only where its target (resolved) stays inside
+    ``folder`` (or, in a hub snapshot, the cache's blobs: :func:`hub_cache.link_roots`):
+    ``loop -> ..`` would pack every sibling model. What else is left out (hidden folders,
+    folder links out of the model folder, folders that cannot be listed, FIFOs, sockets,
+    devices, dangling links) is appended to ``skipped`` as ``"rel/path (why)"``;
     ``folder`` itself unlisted is an error."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()  # followed links could otherwise loop forever
@@ -175,9 +176,7 @@ def _walk(folder: Path, skipped: list[str] | None = None) -> list[Path]:
             except OSError as e:
                 skipped.append(f"{rel(p)} (cannot be read: {e.strerror or e})")
             else:
-                if leaves(p):
-                    skipped.append(f"{rel(p)} ({OUT_LINK})")
-                elif regular:
+                if regular:
                     out.append(p)
                 else:
                     skipped.append(f"{rel(p)} (not a regular file)")
