@@ -396,3 +396,50 @@ def test_a_merge_that_renames_a_model_to_free_its_name(tmp_path, layout):
     tdedup.unpack(out, tmp_path / "out")
     assert (tmp_path / "out" / "x" / "model.safetensors").read_bytes() == d2.read_bytes()
     assert (tmp_path / "out" / "old" / "model.safetensors").read_bytes() == d1.read_bytes()
+
+
+def test_a_killed_merges_relaid_copy_is_removed_by_the_next(fam, tmp_path):
+    """A merge into another layout copies its first bundle beside the output first; a
+    merge killed then left that copy (a whole bundle) for good."""
+    import subprocess
+    import sys
+
+    a, out = tmp_path / "a.tdd", tmp_path / "out.tdd"
+    tdedup.pack([f"base={fam['base']}"], a)
+    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
+                    "from tdedup._fs import open_temp; "
+                    "open_temp(Path(sys.argv[1]))[1].write(b'x' * 100); os._exit(9)",
+                    str(out.with_name(out.name + ".relaid"))], check=False)
+    assert [p for p in tmp_path.iterdir() if ".relaid" in p.name]
+    tdedup.merge([str(a), f"ft={fam['ft']}"], out, layout="serving")
+    assert not [p for p in tmp_path.iterdir() if ".relaid" in p.name]
+
+
+def test_no_clobber_publishing_without_hard_links(fam, tmp_path, monkeypatch):
+    """File systems without hard links (vfat, exFAT, some network mounts) refuse
+    ``os.link``: the bundle is still published, never over a file that is there."""
+    import errno
+    import os
+
+    from tdedup.errors import OutputExistsError
+
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "v.tdd"
+    tdedup.pack([f"base={fam['base']}"], out, force=False)
+    tdedup.verify(out)
+
+    def appear(phase, n, total, done=[]):
+        if phase == "packing" and not done:
+            done.append(1)
+            (tmp_path / "w.tdd").write_bytes(b"theirs")
+    with pytest.raises(OutputExistsError):
+        tdedup.pack([f"base={fam['base']}"], tmp_path / "w.tdd", force=False, progress=appear)
+    assert (tmp_path / "w.tdd").read_bytes() == b"theirs"
+
+
+def test_a_dangling_link_as_output_is_refused_before_packing(fam, tmp_path):
+    (tmp_path / "dang.tdd").symlink_to(tmp_path / "missing" / "x.tdd")
+    res = runner.invoke(app, ["pack", str(fam["base"]), "-o", str(tmp_path / "dang.tdd")])
+    assert res.exit_code == 2 and "a link to a missing file" in res.stderr, res.output

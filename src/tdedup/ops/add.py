@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._fs import InputFile, mapped, open_temp
+from .._fs import InputFile, mapped, open_temp, remove_stale_temps
 from .._version import __version__
 from ..analyzers.delta_planning import plan_deltas
 from ..analyzers.scan import ScannedModels, hash_models
@@ -339,7 +339,9 @@ def merge(paths: Sequence[str | ModelArg], output: str | os.PathLike, *,
             return EditResult(output, names, [], c.copied, c.decoded + c.encoded,
                               c.bundle_bytes, time.perf_counter() - t0, target)
         if target != own:
-            source, f = open_temp(output.with_name(output.name + ".relaid"))
+            relaid = output.with_name(output.name + ".relaid")
+            remove_stale_temps(relaid.parent, {relaid.name})  # a killed merge's copy
+            source, f = open_temp(relaid)
             f.close()
             stack.callback(source.unlink, missing_ok=True)
             convert(first.path, source, target, force=True, level=level, workers=workers,

@@ -180,8 +180,10 @@ def input_files(args: Sequence[ModelArg]) -> list[Path]:
 def check_new_output(output: str | os.PathLike, force: bool) -> None:
     """Refuse to replace an existing output unless ``force``."""
     out = check_output_file(output)  # no file name at all ('', '.', a folder): one line
-    if out.exists() and not force:
-        raise OutputExistsError("the output exists", path=output,
+    if os.path.lexists(out) and not force:
+        dangling = out.is_symlink() and not out.exists()
+        raise OutputExistsError("the output exists" + (" (a link to a missing file)"
+                                                       if dangling else ""), path=output,
                                 hint="pass --force to replace it")
 
 

@@ -9,6 +9,7 @@ renamed over the target, so an interrupted write never leaves a file at the targ
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -177,12 +178,23 @@ class BundleWriter:
     def _publish(self) -> None:
         """The temporary file takes the target's name (see the class docstring)."""
         if not self.replace:
+            appeared = OutputExistsError("the output appeared while the bundle was being "
+                                         "written; it was left as it is", path=self.target,
+                                         hint="pass --force to replace it")
             try:
                 os.link(self.tmp, self.target)  # atomic, and never over an existing file
             except FileExistsError:
-                raise OutputExistsError("the output appeared while the bundle was being "
-                                        "written; it was left as it is", path=self.target,
-                                        hint="pass --force to replace it") from None
+                raise appeared from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                                   errno.EMLINK, errno.ENOSYS):
+                    raise
+                # No hard links here (vfat, exFAT, some network and FUSE file systems):
+                # check, then rename (a file appearing in between is replaced).
+                if os.path.lexists(self.target):
+                    raise appeared from None
+                os.replace(self.tmp, self.target)
+                return
             self.tmp.unlink()
             return
         if self.expect is not None:
