@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers.factory import make_split_gguf, random_tensors
+from helpers.factory import make_gguf, make_split_gguf, random_tensors
 from tdedup.errors import CheckpointFormatError
 from tdedup.format.checkpoints.sources import open_models
 from helpers.cli_checks import analyze, one_line
@@ -32,18 +32,7 @@ def test_two_parts_of_one_split_are_the_same_input(tmp_path):
 
 
 def _part(path: Path, tensors: dict, keys: dict[str, int] | None) -> Path:
-    import gguf
-
-    w = gguf.GGUFWriter(path, "llama")
-    for k, v in (keys or {}).items():
-        w.add_uint16(k, v)
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return make_gguf(path, tensors, uint16=keys)
 
 
 def test_inconsistent_splits_are_refused(tmp_path):

@@ -67,13 +67,14 @@ DEFAULT_VOCAB = (["", "\x00", "\x00" * 9, "a", "é", "\u2581the"]
 
 def make_gguf(path: str | Path, tensors: Mapping[str, np.ndarray], arch: str = "llama",
               quantize: Mapping[str, object] | None = None, *, name: str | None = None,
-              vocab: list[str] | None = None, alignment: int | None = None) -> Path:
+              vocab: list[str] | None = None, alignment: int | None = None,
+              uint16: Mapping[str, int] | None = None) -> Path:
     """Write a GGUF file with ``gguf.GGUFWriter``; returns the path.
 
     ``quantize`` maps tensor names to a ``gguf.GGMLQuantizationType`` (e.g. ``Q8_0``):
     those tensors are quantized with ``gguf.quants.quantize`` and stored as raw blocks.
     ``vocab`` adds a ``tokenizer.ggml.tokens`` string array (``DEFAULT_VOCAB`` exercises
-    the header parser's string skipping).
+    the header parser's string skipping); ``uint16``, keys of that type (``split.no``).
     """
     import gguf
 
@@ -87,6 +88,8 @@ def make_gguf(path: str | Path, tensors: Mapping[str, np.ndarray], arch: str = "
     if vocab is not None:
         w.add_token_list(vocab)
         w.add_token_scores([float(i) for i in range(len(vocab))])
+    for key, value in (uint16 or {}).items():
+        w.add_uint16(key, value)
     _gguf_writer_add(w, tensors, quantize)
     _gguf_writer_finish(w)
     return path
