@@ -11,7 +11,6 @@ naming the file. Only the bytes a sample needs are read, as the map only faulted
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +20,13 @@ from .scan import ScannedModels
 from .tensor_hashes import HashedTensor
 
 
-#: Bytes of recent row samples kept for reuse (the derivation planner tests one base's
-#: sample, a few kB, against several contents and chains); larger samples are not kept.
-ROW_CACHE_BYTES = 8 << 20
-
-
 class TensorBytes:
     """Reads tensors of ``scanned`` through one :class:`InputFile` per file (a context).
-    A whole tensor is a fresh, writeable uint8 copy; rows are read-only (recent ones are
-    reused)."""
+    Every array returned is a fresh uint8 copy."""
 
     def __init__(self, scanned: ScannedModels) -> None:
         self.scanned = scanned
         self._files: dict[Path, InputFile] = {}
-        self._rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._cached = 0
 
     def __enter__(self) -> TensorBytes:
         return self
@@ -65,22 +56,6 @@ class TensorBytes:
         at once."""
         path, off, length = self.scanned.locate(h)
         idx = np.asarray(index, dtype=np.int64).reshape(-1)
-        key = (path, off, row_bytes, idx.tobytes())
-        got = self._rows.get(key)
-        if got is not None:
-            self._rows.move_to_end(key)
-            return got
-        got = self._read_rows(path, off, length, row_bytes, idx)
-        got.flags.writeable = False
-        if got.nbytes <= ROW_CACHE_BYTES // 16:
-            self._rows[key] = got
-            self._cached += got.nbytes
-            while self._cached > ROW_CACHE_BYTES:
-                self._cached -= self._rows.popitem(last=False)[1].nbytes
-        return got
-
-    def _read_rows(self, path: Path, off: int, length: int, row_bytes: int,
-                   idx: np.ndarray) -> np.ndarray:
         ordered = idx.size < 2 or bool((idx[1:] > idx[:-1]).all())
         wanted = idx if ordered else np.unique(idx)
         if row_bytes <= 0 or length % row_bytes or (
