@@ -66,7 +66,7 @@ def make_tiny_family(root: Path, *, seed: int = 0, empty: bool = False) -> dict[
         "emb.weight": (np.round(rng.standard_normal((16, 8)) * 4) / 4).astype(np.float32),
         "ln.bias": np.zeros(64, np.float16),
         "pos_ids": np.arange(12, dtype=np.int64),
-        "noise": rng.integers(0, 256, 4096, dtype=np.uint8),  # raw from 4 KiB (pack.MIN_RAW)
+        "noise": rng.integers(0, 256, 4096, dtype=np.uint8),  # raw from 4 KiB (raw_worth_its_alignment)
     }
     if empty:  # an empty tensor makes an empty raw blob: 4 KB more padding
         tensors["empty"] = np.zeros((0, 4), np.float32)

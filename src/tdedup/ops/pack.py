@@ -33,7 +33,7 @@ from ..analyzers.scan import ScannedModels, hash_models, index_models
 from ..analyzers.derivation import DeriveChoice
 from ..analyzers.tensor_hashes import ContentKey, HashedTensor
 from ..errors import UsageError
-from ..format.bundle.constants import RAW_ALIGNMENT, BlobEncoding, BundleLayout
+from ..format.bundle.constants import BlobEncoding, BundleLayout
 from ..format.bundle.hashing import hash_bytes
 from ..format.bundle.manifest import FileEntry, Manifest, ModelEntry, TensorEntry
 from ..format.bundle.writer import BundleWriter
@@ -47,10 +47,7 @@ from . import ProgressFn, check_output_file, check_output_not_input, pack_derive
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
-# ...and only from this size: a raw blob starts at a multiple of RAW_ALIGNMENT (4 KiB), a
-# compressed one of 64 bytes, so a small raw blob costs up to 4 KiB of padding (a tiny
-# pipeline's biases: a third of its bundle was padding).
-MIN_RAW = RAW_ALIGNMENT
+# (and only if ``pack_derived.raw_worth_its_alignment``).
 # Below this size, trying every encoding in full is cheaper than guessing.
 SMALL_BLOB = 1 << 20
 # Skip a content's own encodings when the planner estimates its delta below this share
@@ -95,7 +92,7 @@ def choose_encoding(data, width: int, level: int, *, base=None,
     blobs. The planner's delta against ``base`` is tried when given, and the content's own
     encodings are skipped when the planner's estimates put the delta far ahead. Raw is
     kept unless compression saves at least ``MIN_SAVING``, so incompressible blobs stay
-    mmap-able; blobs under ``MIN_RAW`` are never kept raw (the alignment would cost more).
+    mmap-able; blobs under 4 KiB are never kept raw (``raw_worth_its_alignment``).
     With ``rotate`` (F32, BF16, F16) the byte planes are those of each element rotated by
     the bits that compress a sample best (``best_rotation``: one (ROTATED_BYTEPLANE_ZSTD)
     or more (ROTATEDN_BYTEPLANE_ZSTD); smaller than ZipNN's byte grouping on the corpus);
@@ -124,7 +121,8 @@ def choose_encoding(data, width: int, level: int, *, base=None,
             stored = zstd_compress(data, level)
             candidates.append((len(stored), BlobEncoding.ZSTD, stored, False))
     size, enc, stored, used_base = min(candidates, key=lambda c: c[0])
-    if size > n * (1 - MIN_SAVING) and not (used_base and size < n) and (n >= MIN_RAW or not n):
+    if size > n * (1 - MIN_SAVING) and not (used_base and size < n) \
+            and pack_derived.raw_worth_its_alignment(n):
         return BlobEncoding.RAW, data, False
     return enc, stored, used_base
 

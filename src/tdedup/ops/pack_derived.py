@@ -23,6 +23,14 @@ from ..format.bundle.writer import BundleWriter
 from ..format.codecs import encode
 from ..format.codecs.zstd import zstd_compress
 
+def raw_worth_its_alignment(n: int) -> bool:
+    """Whether an ``n``-byte blob may stay raw: a raw blob starts at a multiple of
+    ``RAW_ALIGNMENT`` (4 KiB), a compressed one of 64 bytes, so a smaller raw blob costs up
+    to 4 KiB of padding (a tiny pipeline's biases: a third of its bundle was padding). An
+    empty one costs nothing either way and stays raw."""
+    return n >= RAW_ALIGNMENT or not n
+
+
 #: A derived blob at most this share of its tensor is kept without trying the others.
 DERIVED_CLEAR_WIN = 0.02
 
@@ -101,8 +109,8 @@ class LayoutStore:
             against = encode(BlobEncoding.ZSTD_REF, layout, base=ref[1], level=self.level)
             if len(against) < len(stored) and n <= MAX_ZSTD_RATIO * len(against):
                 enc, stored, base = BlobEncoding.ZSTD_REF, against, ref[0]
-        if base is None and (self.raw_only or (len(stored) >= n and (n >= RAW_ALIGNMENT or not n))):
-            enc, stored = BlobEncoding.RAW, layout  # (a small one: zstd, see pack.MIN_RAW)
+        if base is None and (self.raw_only or (len(stored) >= n and raw_worth_its_alignment(n))):
+            enc, stored = BlobEncoding.RAW, layout
         self.writer.add_blob(digest, enc, stored, n, base=base)
         if base is None and kind not in self.refs and n:
             self.refs[kind] = (digest, layout)
