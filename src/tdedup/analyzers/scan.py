@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import TdedupError
 from ..format.checkpoints.records import ModelSource, SourceFile
 from ..format.checkpoints.sources import ModelArg, open_models
+from .screen import Screen, screen_files
 from .tensor_hashes import ContentKey, HashedTensor
 from .work_units import FileStamp, HashUnit, UnitDigests, UnitRunner, hash_here, plan_units
 
@@ -33,6 +34,7 @@ class HashCounts:
     hashed_bytes: int = 0
     indexed_files: int = 0  # taken from the index, not read
     indexed_bytes: int = 0
+    screened_bytes: int = 0  # set apart by the screen (analyze): never read in full
     changed: list[str] = field(default_factory=list)  # moved while hashed: not recorded
 
 
@@ -76,25 +78,57 @@ def index_models(paths: Sequence[str | ModelArg]) -> list[ModelSource]:
     return open_models(list(paths))
 
 
+def screen_models(models: list[ModelSource]) -> Screen:
+    """Screen every tensor of ``models`` (:mod:`.screen`) before :func:`hash_models`."""
+    return screen_files([f for m in models for f in m.weight_files])
+
+
 def hash_models(models: list[ModelSource],
                 progress: Callable[[int], None] | None = None, *,
                 index: TensorIndex | None = None,
-                runner: UnitRunner | None = None) -> ScannedModels:
+                runner: UnitRunner | None = None,
+                screen: Screen | None = None) -> ScannedModels:
     """Hash every tensor of every model (the expensive, streaming pass).
 
     ``index``: reuse the digests of files it holds under their current stamp, and record
     every file hashed here that held still. ``runner``: where units run (a Dask cluster,
-    :func:`.distributed.dask_runner`); this process by default.
+    :func:`.distributed.dask_runner`); this process by default. ``screen``
+    (:func:`screen_models`, never with an index): hash only the tensors it left
+    undecided; the others keep the screen's digests (placeholders for the ones it set
+    apart: what ``analyze`` needs, not what ``pack`` needs).
     """
+    if screen is not None and index is not None:
+        raise ValueError("an index records true digests only: screen without one")
     files = [f for m in models for f in m.weight_files]
     digests: list[list[str] | None] = [None] * len(files)
     counts = HashCounts()
     todo: list[HashUnit] = []
     owner: list[int] = []  # file number of each unit
+    # The tensors of each file to hash (all of them unless screened).
+    wanted = (screen.undecided if screen is not None
+              else [list(range(len(f.tensors))) for f in files])
+
+    def complete(n: int, found: list[str]) -> list[str] | None:
+        """File ``n``'s digests: ``found`` for its wanted tensors, the screen's for the
+        rest (None if ``found`` does not fit: never a wrong report)."""
+        if len(found) != len(wanted[n]):
+            return None
+        if screen is None:
+            return found
+        out = list(screen.digests[n])
+        for i, d in zip(wanted[n], found):
+            out[i] = d
+        return out
+
+    skipped = [0] * len(files)  # tensor bytes the screen decided, per file
     for n, f in enumerate(files):
-        ranges = [(t.offset, t.length) for t in f.tensors]
+        ranges = [(f.tensors[i].offset, f.tensors[i].length) for i in wanted[n]]
+        skipped[n] = f.tensor_bytes - sum(length for _, length in ranges)
+        counts.screened_bytes += skipped[n]
+        if progress and skipped[n]:
+            progress(skipped[n])
         if not ranges:
-            digests[n] = []
+            digests[n] = complete(n, [])
             continue
         path = os.path.realpath(f.abs_path)
         stamp = FileStamp.of(path)
@@ -119,10 +153,10 @@ def hash_models(models: list[ModelSource],
             continue
         done = [r for _, r in sorted(parts.pop(n).items())]
         found = [d for r in done for d in r.digests]
-        digests[n] = found
+        digests[n] = complete(n, found)
         f = files[n]
         counts.hashed_files += 1
-        counts.hashed_bytes += f.tensor_bytes
+        counts.hashed_bytes += f.tensor_bytes - skipped[n]
         if any(r.changed for r in done):
             counts.changed.append(str(f.abs_path))
         elif index is not None and all(r.recordable for r in done):

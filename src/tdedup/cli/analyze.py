@@ -132,15 +132,18 @@ def analyze_paths(paths: Sequence[str | ModelArg], *, dask: str | None = None,
     """Index, hash (with a progress bar on stderr) and compare the given models; on a
     Dask cluster and through an incremental index when asked."""
     from ..analyzers.overlap import compute_overlap
-    from ..analyzers.scan import hash_models, index_models
+    from ..analyzers.scan import hash_models, index_models, screen_models
     from .index import report_counts, scan_backends
     models = index_models(paths)
     warn_unread_weights(models)
     warn_skipped(models)
+    # The report needs classes of equal tensors, not every digest: tensors no other can
+    # equal are set apart without being read in full (an index keeps true digests only).
+    screen = screen_models(models) if index is None else None
     with scan_backends(dask, index) as (idx, runner), \
             byte_progress("hashing", sum(m.tensor_bytes for m in models),
                           quiet=quiet) as advance:
-        scanned = hash_models(models, advance, index=idx, runner=runner)
+        scanned = hash_models(models, advance, index=idx, runner=runner, screen=screen)
     report_counts(scanned, index)
     return scanned, compute_overlap(scanned.models, scanned.hashed)
 
