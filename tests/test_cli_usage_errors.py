@@ -18,7 +18,7 @@ CASES = [
     (["pack", "base/"], ("missing option", "--output"), "pack"),
     (["pack", "base/", "-o", "x.tdd", "--layout", "fast"], ("--layout", "'fast'"), "pack"),
     (["pack", "base/", "-o", "x.tdd", "--level", "99"], ("--level", "22"), "pack"),
-    (["pack", "base/", "-o", "x.tdd", "--level", "abc"], ("--level", "integer"), "pack"),
+    (["pack", "base/", "-o", "x.tdd", "--level", "abc"], ("--level", "'abc'"), "pack"),
     (["pack", "base/", "-o"], ("'-o'", "requires an argument"), "pack"),  # no context
     (["pack"], ("missing argument", "paths"), "pack"),
     (["verify"], ("missing argument", "bundle"), "verify"),
