@@ -11,6 +11,7 @@ naming the file. Only the bytes a sample needs are read, as the map only faulted
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ class TensorBytes:
     def __init__(self, scanned: ScannedModels) -> None:
         self.scanned = scanned
         self._files: dict[Path, InputFile] = {}
+        self._paths: dict[tuple[str, str], Path] = {}
 
     def __enter__(self) -> TensorBytes:
         return self
@@ -44,7 +46,7 @@ class TensorBytes:
 
     def __call__(self, h: HashedTensor) -> np.ndarray:
         """The whole tensor."""
-        path, off, length = self.scanned.locate(h)
+        path, off, length = self._locate(h)
         out = np.empty(length, dtype=np.uint8)
         if length:
             self._file(path).read_into(out.data, off)
@@ -54,19 +56,58 @@ class TensorBytes:
         """Rows ``index`` (any order, repeats allowed) of the tensor read as rows of
         ``row_bytes`` bytes: a ``(len(index), row_bytes)`` array. Consecutive rows are read
         at once."""
-        path, off, length = self.scanned.locate(h)
-        idx = np.asarray(index, dtype=np.int64).reshape(-1)
-        ordered = idx.size < 2 or bool((idx[1:] > idx[:-1]).all())
-        wanted = idx if ordered else np.unique(idx)
+        path, off, length = self._locate(h)
+        key = tuple(index.tolist() if isinstance(index, np.ndarray) else index)
+        runs, back, lo, hi = (_row_plan(key) if len(key) <= _PLANNED_ROWS
+                              else _row_plan.__wrapped__(key))
         if row_bytes <= 0 or length % row_bytes or (
-                wanted.size and (wanted[0] < 0 or wanted[-1] >= length // row_bytes)):
+                runs and (lo < 0 or hi >= length // row_bytes)):
             raise ValueError(f"rows of {row_bytes} bytes out of a {length}-byte tensor")
-        buf = np.empty((len(wanted), row_bytes), dtype=np.uint8)
-        if wanted.size:
+        n = sum(count for _, _, count in runs)
+        buf = np.empty((n, row_bytes), dtype=np.uint8)
+        if runs:
             f = self._file(path)
             flat = buf.reshape(-1).data
-            breaks = (np.flatnonzero(wanted[1:] != wanted[:-1] + 1) + 1).tolist()
-            first = wanted[[0, *breaks]].tolist()
-            for a, b, row in zip([0, *breaks], [*breaks, len(wanted)], first):
-                f.read_into(flat[a * row_bytes:b * row_bytes], off + row * row_bytes)
-        return buf if ordered else buf[np.searchsorted(wanted, idx)]
+            for first, at, count in runs:
+                f.read_into(flat[at * row_bytes:(at + count) * row_bytes],
+                            off + first * row_bytes)
+        return buf if back is None else buf[back]
+
+    def _locate(self, h: HashedTensor) -> tuple[Path, int, int]:
+        """(path, offset, length) of ``h``, the file's path looked up once per file."""
+        r = h.record
+        path = self._paths.get((r.model, r.file))
+        if path is None:
+            path = self._paths[r.model, r.file] = self.scanned.source_file(r.model, r.file).abs_path
+        return path, r.offset, r.length
+
+
+#: Longer indexes are planned afresh each time (a cached plan keeps its index).
+_PLANNED_ROWS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_plan(index: tuple[int, ...]
+              ) -> tuple[tuple[tuple[int, int, int], ...], np.ndarray | None, int, int]:
+    """How to read rows ``index``: runs of consecutive distinct rows in increasing order
+    as ``(first row, place in the buffer, count)``; the order to take the buffer's rows
+    back in (None when ``index`` is increasing already); the lowest and highest row.
+    The samples a report takes repeat (the same rows of every tensor of one shape), so
+    the plan is worked out once per index."""
+    if not index:
+        return (), None, 0, -1
+    ordered = all(a < b for a, b in zip(index, index[1:]))
+    wanted = index if ordered else tuple(sorted(set(index)))
+    runs = []
+    start = at = 0
+    for i in range(1, len(wanted) + 1):
+        if i == len(wanted) or wanted[i] != wanted[i - 1] + 1:
+            runs.append((wanted[start], at, i - start))
+            at += i - start
+            start = i
+    back = None
+    if not ordered:
+        place = {row: i for i, row in enumerate(wanted)}
+        back = np.array([place[row] for row in index], dtype=np.intp)
+        back.flags.writeable = False
+    return tuple(runs), back, wanted[0], wanted[-1]
