@@ -222,16 +222,6 @@ def analyze(
                          "file name")
     from ..analyzers.derivation import derivation_report
     from ..ops.inputs import expand_inputs, scan_args, staged_bundles
-    from .analyze_render import (
-        below_threshold,
-        derived_markdown,
-        derived_table,
-        drift_table,
-        exact_number,
-        markdown_report,
-        print_report,
-        reported_ratio,
-    )
     if hf_cache:
         from ..format.checkpoints.hub_cache import default_cache_dir
         roots = paths or [str(default_cache_dir())]
@@ -259,6 +249,7 @@ def analyze(
     if as_json:
         sys.stdout.write(render_json(report, drift_report, scanned.models, derived))
     elif markdown != "-":
+        from .analyze_render import derived_table, drift_table, print_report
         console = stdout_console()
         print_report(report, console, top=top)
         if drift_report is not None:
@@ -266,6 +257,7 @@ def analyze(
         if derived:
             console.print(derived_table(derived))
     if markdown is not None:
+        from .analyze_render import derived_markdown, markdown_report
         skipped = {m.name: list(m.skipped) for m in scanned.models if m.skipped}
         text = markdown_report(report, top=top, min_ratio=min_dedup_ratio, skipped=skipped)
         write_markdown(markdown, text + (drift_markdown(drift_report) if drift_report else "")
@@ -275,9 +267,12 @@ def analyze(
         if n:
             hint(f"{n} tensor slots hold different bytes in different models; --drift "
                  "shows how far they drifted and what base-plus-delta storage would save")
+    if min_dedup_ratio is None:
+        return
     # The ratio as JSON reports it, compared and printed with all its digits: never
     # "2.000 is below 2".
-    if min_dedup_ratio is not None and below_threshold(report, min_dedup_ratio):
+    from .analyze_render import below_threshold, exact_number, reported_ratio
+    if below_threshold(report, min_dedup_ratio):
         print(f"tdedup: dedup ratio {exact_number(reported_ratio(report))} is below "
               f"--min-dedup-ratio {exact_number(min_dedup_ratio)}", file=sys.stderr)
         raise typer.Exit(EXIT_THRESHOLD)

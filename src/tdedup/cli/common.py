@@ -23,15 +23,20 @@ import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup  # loaded by ``import typer`` already: no start-up cost
-from rich.text import Text
 
 from .._fs import remove_own_temps
 from ..errors import TdedupError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+# rich is imported by the functions that draw with it (15 ms of start-up): a command
+# whose output is JSON or plain lines on a pipe never needs it.
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 
@@ -57,6 +62,7 @@ def clean(text: object) -> str:
 
 def plain(text: object, style: str = "") -> Text:
     """An untrusted string as rich ``Text``: printed as it is, never read as markup."""
+    from rich.text import Text
     return Text(clean(text), style=style)
 
 
@@ -64,23 +70,37 @@ def _no_color() -> bool:
     return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
-class _Console(Console):
-    def on_broken_pipe(self) -> None:
-        # rich exits 1 here; hand it to ``guarded`` so that every output path (rich or
-        # print) ends the same way when the reader of stdout goes away.
-        raise BrokenPipeError
-
-
 def stdout_console() -> Console:
     """Console for data (tables, JSON): stdout. Created per call so tests can capture it."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 here; hand it to ``guarded`` so that every output path (rich
+            # or print) ends the same way when the reader of stdout goes away.
+            raise BrokenPipeError
+
     return _Console(file=sys.stdout, no_color=_no_color(), soft_wrap=False, markup=False,
                     emoji=False)
 
 
 def stderr_console() -> Console:
     """Console for progress, warnings and hints: stderr."""
+    from rich.console import Console
     return Console(file=sys.stderr, no_color=_no_color(), stderr=True, markup=False,
                    emoji=False)
+
+
+#: What makes rich draw on a file that is not a terminal (``Console.is_terminal``).
+_TERMINAL_ENV = ("FORCE_TERMINAL", "TTY_COMPATIBLE", "FORCE_COLOR")
+
+
+def _may_be_terminal() -> bool:
+    """False only where rich would say stderr is not a terminal: without rich."""
+    try:
+        return sys.stderr.isatty() or any(k in os.environ for k in _TERMINAL_ENV)
+    except ValueError:  # closed
+        return False
 
 
 def warn(message: str) -> None:
@@ -255,8 +275,11 @@ def phased_progress(quiet: bool = False) -> Iterator[Callable[[str, int, int], N
 
     Hidden when stderr is not a terminal or ``quiet`` is set, so logs and pipes stay clean.
     """
+    if quiet or not _may_be_terminal():
+        yield lambda phase, n, total: None
+        return
     console = stderr_console()
-    if quiet or not console.is_terminal:
+    if not console.is_terminal:
         yield lambda phase, n, total: None
         return
     # Imported here: ``--help`` and ``--version`` draw no bar (5 ms of start-up).

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from ..errors import UsageError
 from .common import (
@@ -45,6 +44,7 @@ def scan_backends(dask: str | None, index: Path | None
         runner = None
         if dask is not None:
             from ..analyzers.distributed import dask_runner
+            from rich.markup import escape
             with stderr_console().status(f"connecting to Dask ({escape(dask)})"):
                 runner = stack.enter_context(dask_runner(dask))
             print(f"dask: hashing on {runner.address} ({runner.workers} workers)",
@@ -76,6 +76,7 @@ def index_command(
     quiet: Quiet = False,  # every command takes -q; this one draws no progress bar
 ) -> None:
     """Inspect an incremental tensor-hash index (docs/SCALE.md)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from ..analyzers.index import TensorIndex

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import TdedupError
 from .common import counted, guarded, human_bytes, phased_progress, plain, stdout_console
@@ -77,6 +76,7 @@ def load(
                           "verified": s.verified, "seconds": round(s.seconds, 4),
                           "gb_per_s": round(s.gb_per_s, 3)}, indent=2))
         return
+    from rich.table import Table
     out = stdout_console()
     t = Table(title=None, caption="with sharing: what each model adds to the ones above it")
     t.add_column("model")
