@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 def scan_backends(dask: str | None, index: Path | None
                   ) -> Iterator[tuple[TensorIndex | None, DaskRunner | None]]:
     """The index (``--index``) and the Dask runner (``--dask``) a scan uses, if given."""
-    from ..analyzers.index import TensorIndex
-
     with ExitStack() as stack:
-        idx = stack.enter_context(TensorIndex(index)) if index is not None else None
+        idx = None
+        if index is not None:
+            from ..analyzers.index import TensorIndex
+            idx = stack.enter_context(TensorIndex(index))
         runner = None
         if dask is not None:
             from ..analyzers.distributed import dask_runner

@@ -22,14 +22,12 @@ from pathlib import Path
 
 from ..errors import InputError, OutputExistsError, UsageError
 from ..format.bundle.constants import MAGIC
-from ..format.bundle.reader import Bundle
 from ..format.checkpoints import hub_cache
 from ..format.checkpoints.gguf_file import SPLIT_RE
 from ..format.checkpoints.records import model_folder
 from ..format.checkpoints.sources import ModelArg, assign_names, default_name, parse_model_arg
 from . import check_output_file
 from . import check_output_not_input  # noqa: F401 (the CLI's one import place)
-from .unpack import unpack
 
 
 def is_bundle(path: Path) -> bool:
@@ -192,6 +190,7 @@ def bundle_names(arg: ModelArg) -> list[str]:
     or ``NAME`` for the one model of a bundle given as ``NAME=BUNDLE``."""
     if arg.name is None and arg.models is not None:
         return list(arg.models)
+    from ..format.bundle.reader import Bundle
     with Bundle(arg.path, mapped=False) as b:
         names = list(b.model_names)
     if arg.name is None:
@@ -232,6 +231,7 @@ def _clash(name: str, origin: ModelArg, holder: Path) -> UsageError:
     if not is_bundle(origin.path):
         return UsageError(f"its model would be named {name!r}, as a model of {holder} is",
                           path=origin.path, hint="give it another name as NAME=PATH")
+    from ..format.bundle.reader import Bundle
     with Bundle(origin.path, mapped=False) as b:
         count = len(b.model_names)
     if count == 1:
@@ -267,6 +267,8 @@ def staged_bundles(args: list[ModelArg], workdir: str | os.PathLike | None = Non
             if stage is None:
                 stage = Path(tempfile.mkdtemp(prefix=".tdedup-stage-", dir=workdir))
             dest = stage / str(i)
+            from ..format.bundle.reader import Bundle
+            from .unpack import unpack
             unpack(a.path, dest, models=a.models)
             with Bundle(a.path) as b:
                 chosen = [m for m in b.manifest.models
