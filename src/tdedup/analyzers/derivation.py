@@ -105,26 +105,35 @@ class DeriveChoice:
         return " then ".join(t.describe() for t in self.chain)
 
 
-def _gguf_archs(scanned: ScannedModels) -> dict[str, int]:
-    """Architecture -> block count, from the GGUF files of the set."""
-    archs: dict[str, int] = {}
+def _gguf_archs(scanned: ScannedModels) -> dict[str, tuple[int, set[int]]]:
+    """Architecture -> (block count, element counts of its tensors), from the GGUF files
+    of the set."""
+    archs: dict[str, tuple[int, set[int]]] = {}
     for m in scanned.models:
         for f in m.files:
             arch = f.info.get("general.architecture") if f.kind is FileKind.GGUF else None
             if isinstance(arch, str):
                 blocks = [int(b.group(1)) + 1 for t in f.tensors if (b := _BLK.match(t.name))]
-                archs[arch] = max(archs.get(arch, 0), max(blocks, default=0))
+                known, sizes = archs.get(arch, (0, set()))
+                sizes.update(_numel(t.shape) for t in f.tensors)
+                archs[arch] = (max(known, max(blocks, default=0)), sizes)
     return archs
 
 
 def canonical_names(scanned: ScannedModels) -> dict[tuple[str, str, str], str]:
-    """(model, file, tensor) -> llama.cpp's name where gguf-py maps it, else its own."""
+    """(model, file, tensor) -> llama.cpp's name where gguf-py maps it, else its own.
+
+    A name map is built only for an architecture some of whose GGUF tensors have the
+    element count of a tensor in another format: a name it gives could join no group
+    otherwise (groups are by name and element count), and a 30-block map takes ~6 ms."""
     import gguf
 
+    other = {_numel(t.shape) for m in scanned.models for f in m.files
+             if f.kind is not FileKind.GGUF for t in f.tensors}
     maps = []
-    for arch, blocks in _gguf_archs(scanned).items():
+    for arch, (blocks, sizes) in _gguf_archs(scanned).items():
         ident = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
-        if ident is not None:
+        if ident is not None and not sizes.isdisjoint(other):
             try:
                 maps.append(gguf.get_tensor_name_map(ident, blocks))
             except (KeyError, ValueError):
