@@ -126,3 +126,23 @@ def test_a_file_truncated_before_the_screen_is_one_error(tmp_path: Path) -> None
         f.truncate(b.stat().st_size - 100)
     with pytest.raises(InputError, match="shrank"):
         screen_models(models)
+
+
+def test_one_file_given_twice_is_read_once(tmp_path: Path) -> None:
+    """Hub cache revisions that share a blob, or a model given under two names: their
+    bytes are one file's, hashed once, whatever name or link leads to it."""
+    rng = np.random.default_rng(1)
+    a = make_safetensors(tmp_path / "a.safetensors",
+                         {"w": rng.standard_normal(SAMPLED_FROM).astype(np.float32),
+                          "b": rng.standard_normal(10).astype(np.float32)})
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(a)
+    alone = hash_models(index_models([f"x={a}"]))
+    models = index_models([f"x={a}", f"y={link}", f"z={a}"])
+    for screen in (None, screen_models(models)):
+        scanned = hash_models(models, screen=screen)
+        assert scanned.counts.hashed_bytes == alone.tensor_bytes
+        assert scanned.counts.same_file_bytes == 2 * alone.tensor_bytes
+        for name in "xyz":
+            assert ([h.digest for h in scanned.hashed[name]]
+                    == [h.digest for h in alone.hashed["x"]])

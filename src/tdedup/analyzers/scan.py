@@ -35,6 +35,7 @@ class HashCounts:
     indexed_files: int = 0  # taken from the index, not read
     indexed_bytes: int = 0
     screened_bytes: int = 0  # set apart by the screen (analyze): never read in full
+    same_file_bytes: int = 0  # of a file given again (same real path): read once
     changed: list[str] = field(default_factory=list)  # moved while hashed: not recorded
 
 
@@ -121,6 +122,8 @@ def hash_models(models: list[ModelSource],
         return out
 
     skipped = [0] * len(files)  # tensor bytes the screen decided, per file
+    first_of: dict[tuple[str, tuple[tuple[int, int], ...]], int] = {}
+    alias: dict[int, int] = {}  # file -> the first file with its real path and ranges
     for n, f in enumerate(files):
         ranges = [(f.tensors[i].offset, f.tensors[i].length) for i in wanted[n]]
         skipped[n] = f.tensor_bytes - sum(length for _, length in ranges)
@@ -131,6 +134,15 @@ def hash_models(models: list[ModelSource],
             digests[n] = complete(n, [])
             continue
         path = os.path.realpath(f.abs_path)
+        # One file given twice (hub cache revisions sharing a blob, a model under two
+        # names) is read once.
+        n0 = first_of.setdefault((path, tuple(ranges)), n)
+        if n0 != n:
+            alias[n] = n0
+            counts.same_file_bytes += f.tensor_bytes - skipped[n]
+            if progress:
+                progress(f.tensor_bytes - skipped[n])
+            continue
         stamp = FileStamp.of(path)
         known = index.lookup(path, stamp, ranges) if index is not None else None
         if known is not None:
@@ -162,6 +174,10 @@ def hash_models(models: list[ModelSource],
         elif index is not None and all(r.recordable for r in done):
             index.record(todo[u].path, todo[u].stamp,
                          [(t.offset, t.length) for t in f.tensors], found)
+
+    for n, n0 in alias.items():
+        got0 = digests[n0]
+        digests[n] = None if got0 is None else complete(n, [got0[i] for i in wanted[n0]])
 
     hashed: dict[str, list[HashedTensor]] = {}
     n = 0
