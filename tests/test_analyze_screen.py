@@ -10,6 +10,7 @@ are the same.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -146,3 +147,56 @@ def test_one_file_given_twice_is_read_once(tmp_path: Path) -> None:
         for name in "xyz":
             assert ([h.digest for h in scanned.hashed[name]]
                     == [h.digest for h in alone.hashed["x"]])
+
+
+def _analyze_after_screen(monkeypatch, args: list[str], then) -> object:
+    """``tdedup analyze --json ARGS`` with ``then()`` run right after the screen."""
+    from typer.testing import CliRunner
+
+    import tdedup.analyzers.scan as scan
+    from tdedup.cli.app import app
+
+    screen = scan.screen_models
+
+    def screen_then(models):
+        got = screen(models)
+        then()
+        return got
+
+    monkeypatch.setattr(scan, "screen_models", screen_then)
+    return CliRunner().invoke(app, ["analyze", "--json", *args])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_file_rewritten_after_the_screen_is_told(tmp_path: Path, monkeypatch,
+                                                   shared: bool) -> None:
+    """The screen's decisions are of the bytes it saw: a file rewritten in place after it
+    (same size, same inode) is reported as changed, whether the hash pass reads it
+    (``shared``: a tensor of it is undecided) or the screen decided all of it."""
+    rng = np.random.default_rng(2)
+    x, y, z, w = (rng.standard_normal(SAMPLED_FROM // 4).astype(np.float32) for _ in range(4))
+    a = make_safetensors(tmp_path / "a.safetensors", {"t1": x, "t2": y})
+    b = make_safetensors(tmp_path / "b.safetensors", {"t1": x if shared else z, "t2": z})
+    new = make_safetensors(tmp_path / "new.safetensors", {"t1": w, "t2": y}).read_bytes()
+
+    def rewrite() -> None:
+        with open(b, "r+b") as f:
+            f.write(new)
+
+    res = _analyze_after_screen(monkeypatch, [str(a), str(b)], rewrite)
+    assert res.exit_code == 0, res.output
+    assert f"{b}: changed while it was hashed" in res.stderr
+
+
+def test_a_file_cut_short_after_indexing_is_one_error(tmp_path: Path, monkeypatch) -> None:
+    """A tensor the screen sets apart is never read; the file holding it, truncated after
+    its header was read, is still one error, as the read would have been."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(SAMPLED_FROM // 4).astype(np.float32)
+    a = make_safetensors(tmp_path / "a.safetensors", {"t1": x})
+    b = make_safetensors(tmp_path / "b.safetensors",
+                         {"t1": x, "zz": rng.standard_normal(77_777).astype(np.float32)})
+    res = _analyze_after_screen(monkeypatch, [str(a), str(b)],
+                                lambda: os.truncate(b, b.stat().st_size - 100_000))
+    assert res.exit_code == 2
+    assert "shrank" in res.stderr and str(b) in res.stderr

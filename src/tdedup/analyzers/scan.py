@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import TdedupError
+from ..errors import InputError, TdedupError
 from ..format.checkpoints.records import ModelSource, SourceFile
 from ..format.checkpoints.sources import ModelArg, open_models
 from .screen import Screen, screen_files
@@ -79,6 +79,20 @@ def index_models(paths: Sequence[str | ModelArg]) -> list[ModelSource]:
     return open_models(list(paths))
 
 
+def _check_unchanged(f: SourceFile, stamp: FileStamp, counts: HashCounts, *,
+                     told: bool) -> None:
+    """A screened file after the hash pass: shrunk below its tensors, one error (the
+    screen left tensors of it unread, whose reads would have failed); otherwise, if the
+    hash pass did not read it (``told``: it did, and ``hash_unit`` compared its stamps),
+    changed since the screen is a warning that the report covers the bytes read."""
+    now = FileStamp.of(os.path.realpath(f.abs_path))
+    if now.size < max(t.offset + t.length for t in f.tensors):
+        raise InputError(f"changed while tdedup was reading it (it shrank to {now.size} "
+                         "bytes); try again once it is no longer being written", path=f.abs_path)
+    if now != stamp and not told:
+        counts.changed.append(str(f.abs_path))
+
+
 def screen_models(models: list[ModelSource]) -> Screen:
     """Screen every tensor of ``models`` (:mod:`.screen`) before :func:`hash_models`."""
     return screen_files([f for m in models for f in m.weight_files])
@@ -122,6 +136,7 @@ def hash_models(models: list[ModelSource],
         return out
 
     skipped = [0] * len(files)  # tensor bytes the screen decided, per file
+    decided_alone: set[int] = set()  # files the screen decided without the hash pass
     first_of: dict[tuple[str, tuple[tuple[int, int], ...]], int] = {}
     alias: dict[int, int] = {}  # file -> the first file with its real path and ranges
     for n, f in enumerate(files):
@@ -132,6 +147,8 @@ def hash_models(models: list[ModelSource],
             progress(skipped[n])
         if not ranges:
             digests[n] = complete(n, [])
+            if f.tensors and screen is not None:
+                decided_alone.add(n)
             continue
         path = os.path.realpath(f.abs_path)
         # One file given twice (hub cache revisions sharing a blob, a model under two
@@ -143,7 +160,8 @@ def hash_models(models: list[ModelSource],
             if progress:
                 progress(f.tensor_bytes - skipped[n])
             continue
-        stamp = FileStamp.of(path)
+        # Screened: the stamp the screen saw, so that a change after it is told.
+        stamp = (screen.stamps[n] if screen is not None else None) or FileStamp.of(path)
         known = index.lookup(path, stamp, ranges) if index is not None else None
         if known is not None:
             digests[n] = known
@@ -175,6 +193,9 @@ def hash_models(models: list[ModelSource],
             index.record(todo[u].path, todo[u].stamp,
                          [(t.offset, t.length) for t in f.tensors], found)
 
+    for n, seen in enumerate(screen.stamps if screen is not None else ()):
+        if seen is not None:
+            _check_unchanged(files[n], seen, counts, told=n not in decided_alone)
     for n, n0 in alias.items():
         got0 = digests[n0]
         digests[n] = None if got0 is None else complete(n, [got0[i] for i in wanted[n0]])

@@ -23,6 +23,7 @@ does); fine-tunes, other precisions and lone shapes are set apart.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from .._fs import InputFile
 from ..format.bundle.hashing import hash_bytes
 from ..format.checkpoints.records import SourceFile
+from .work_units import FileStamp
 
 #: Bytes read at each of the three sampled places of a tensor.
 SAMPLE_BYTES = 4096
@@ -52,11 +54,15 @@ class Screen:
 
     ``digests[n][i]`` is tensor ``i`` of file ``n``'s placeholder (set apart) or, until
     it is hashed in full, what the screen knows of it; ``undecided[n]`` lists the
-    tensors still to hash, in file order.
+    tensors still to hash, in file order; ``stamps[n]`` is the file's stamp (of its real
+    path) taken before the screen read it, None for a file without tensors. The hash
+    pass plans with these stamps, so that a file changed after the screen is told
+    (:func:`.scan.hash_models`).
     """
 
     digests: list[list[str]]
     undecided: list[list[int]]
+    stamps: list[FileStamp | None]
 
 
 def screen_files(files: Sequence[SourceFile]) -> Screen:
@@ -64,7 +70,9 @@ def screen_files(files: Sequence[SourceFile]) -> Screen:
     equal one in any file, its own included)."""
     lengths = Counter(t.length for f in files for t in f.tensors)
     digests: list[list[str]] = []
+    stamps: list[FileStamp | None] = []
     for n, f in enumerate(files):
+        stamps.append(FileStamp.of(os.path.realpath(f.abs_path)) if f.tensors else None)
         got = []
         src: InputFile | None = None
         try:
@@ -97,4 +105,4 @@ def screen_files(files: Sequence[SourceFile]) -> Screen:
             elif ds[i].startswith(SAMPLED_PREFIX):
                 ds[i] = f"{DISTINCT_PREFIX}{n}.{i}"
         undecided.append(keep)
-    return Screen(digests, undecided)
+    return Screen(digests, undecided, stamps)
