@@ -146,3 +146,17 @@ def test_same_input_twice_names_both(models, tmp_path):
     res = run(["analyze", a, a.replace("/", "//", 1)])
     assert res.exit_code == 2
     assert a in res.stderr and a.replace("/", "//", 1) in res.stderr
+
+
+def test_runs_with_stderr_closed(tmp_path):
+    """Run from cron or a daemon with fd 2 closed (``sys.stderr`` is None): the report
+    still comes out, as it did while rich decided whether to draw a bar."""
+    import subprocess
+    import sys
+
+    a = make_safetensors(tmp_path / "a.safetensors", {"w": np.ones((64, 64), np.float32)})
+    b = make_safetensors(tmp_path / "b.safetensors", {"w": np.zeros((64, 64), np.float32)})
+    res = subprocess.run(["sh", "-c", 'exec "$0" -m tdedup analyze --json "$1" "$2" 2>&-',
+                          sys.executable, str(a), str(b)], capture_output=True, text=True)
+    assert res.returncode == 0
+    assert json.loads(res.stdout)["models"][0]["name"] == "a"

@@ -6,6 +6,8 @@ itself on import, so this file is the list of what the CLI offers.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -55,4 +57,8 @@ app.command()(demo.demo)
 
 def main() -> None:
     """Console-script entry point."""
+    if sys.stderr is None:
+        # Started with fd 2 closed (cron, a daemon): print(file=None) would write
+        # warnings and hints into stdout, into the JSON a script reads.
+        sys.stderr = open(os.devnull, "w")
     app()

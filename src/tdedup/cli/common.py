@@ -96,9 +96,11 @@ _TERMINAL_ENV = ("FORCE_TERMINAL", "TTY_COMPATIBLE", "FORCE_COLOR")
 
 
 def _may_be_terminal() -> bool:
-    """False only where rich would say stderr is not a terminal: without rich."""
+    """False only where rich would say stderr is not a terminal: without rich. (Run
+    with fd 2 closed, ``sys.stderr`` is None.)"""
+    isatty = getattr(sys.stderr, "isatty", None)
     try:
-        return sys.stderr.isatty() or any(k in os.environ for k in _TERMINAL_ENV)
+        return bool(isatty and isatty()) or any(k in os.environ for k in _TERMINAL_ENV)
     except ValueError:  # closed
         return False
 
