@@ -526,3 +526,29 @@ def test_serving_layout_keeps_the_same_derived_blobs_and_converts(ladder, tmp_pa
     for arg in ladder:
         name, path = arg.split("=", 1)
         assert _sha(tmp_path / "out" / name / Path(path).name) == _sha(Path(path))
+
+
+def test_names_join_across_conventions_whatever_the_gguf_holds(tmp_path):
+    """gguf-py's name map also joins two safetensors checkpoints named by different
+    conventions (HF's ``model.layers.0.self_attn.q_proj`` and Meta's
+    ``layers.0.attention.wq``): an F16 cast is found across them with a llama GGUF in the
+    set whatever that GGUF's sizes (a rule that built maps only for GGUF sizes lost it),
+    and with the map cut to the blocks the names can hold."""
+    from helpers.factory import make_gguf, make_safetensors
+    from tdedup.analyzers.derivation import derivation_report
+
+    rng = np.random.default_rng(5)
+    q, k = (rng.standard_normal((128, 128)).astype(np.float32) for _ in range(2))
+    hf = make_safetensors(tmp_path / "hf.safetensors",
+                          {"model.layers.1.self_attn.q_proj.weight": q,
+                           "model.layers.1.self_attn.k_proj.weight": k})
+    meta = make_safetensors(tmp_path / "meta.safetensors",
+                            {"layers.1.attention.wq.weight": q.astype(np.float16),
+                             "layers.1.attention.wk.weight": k.astype(np.float16)})
+    other = make_gguf(tmp_path / "other.gguf", {
+        f"blk.{b}.attn_q.weight": rng.standard_normal((32, 32)).astype(np.float32)
+        for b in range(4)}, arch="llama")
+    scanned = hash_models(index_models([f"hf={hf}", f"meta={meta}", f"other={other}"]))
+    got = [d.to_dict() for d in derivation_report(scanned)]
+    assert [(d["model"], d["base_model"], d["transform"], d["fraction"]) for d in got] == [
+        ("meta", "hf", "cast to F16", 1.0)]
