@@ -144,6 +144,7 @@ def test_one_file_given_twice_is_read_once(tmp_path: Path) -> None:
         scanned = hash_models(models, screen=screen)
         assert scanned.counts.hashed_bytes == alone.tensor_bytes
         assert scanned.counts.same_file_bytes == 2 * alone.tensor_bytes
+        assert scanned.counts.hashed_files == 3  # `--index` says "0 of 3 weight files"
         for name in "xyz":
             assert ([h.digest for h in scanned.hashed[name]]
                     == [h.digest for h in alone.hashed["x"]])

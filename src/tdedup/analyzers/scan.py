@@ -137,6 +137,7 @@ def hash_models(models: list[ModelSource],
 
     skipped = [0] * len(files)  # tensor bytes the screen decided, per file
     decided_alone: set[int] = set()  # files the screen decided without the hash pass
+    indexed: set[int] = set()  # files whose digests the index gave
     first_of: dict[tuple[str, tuple[tuple[int, int], ...]], int] = {}
     alias: dict[int, int] = {}  # file -> the first file with its real path and ranges
     for n, f in enumerate(files):
@@ -165,6 +166,7 @@ def hash_models(models: list[ModelSource],
         known = index.lookup(path, stamp, ranges) if index is not None else None
         if known is not None:
             digests[n] = known
+            indexed.add(n)
             counts.indexed_files += 1
             counts.indexed_bytes += f.tensor_bytes
             if progress:
@@ -199,6 +201,11 @@ def hash_models(models: list[ModelSource],
     for n, n0 in alias.items():
         got0 = digests[n0]
         digests[n] = None if got0 is None else complete(n, [got0[i] for i in wanted[n0]])
+        # Counted as its first occurrence was (its bytes as same_file_bytes).
+        if n0 in indexed:
+            counts.indexed_files += 1
+        elif n0 not in decided_alone:
+            counts.hashed_files += 1
 
     hashed: dict[str, list[HashedTensor]] = {}
     n = 0
