@@ -57,7 +57,7 @@ class TensorBytes:
         ``row_bytes`` bytes: a ``(len(index), row_bytes)`` array. Consecutive rows are read
         at once."""
         path, off, length = self._locate(h)
-        key = tuple(index.tolist() if isinstance(index, np.ndarray) else index)
+        key = tuple(index.reshape(-1).tolist() if isinstance(index, np.ndarray) else index)
         runs, back, lo, hi = (_row_plan(key) if len(key) <= _PLANNED_ROWS
                               else _row_plan.__wrapped__(key))
         if row_bytes <= 0 or length % row_bytes or (
