@@ -69,6 +69,8 @@ def screen_files(files: Sequence[SourceFile]) -> Screen:
     """Screen the tensors of ``files`` (all of a scan's weight files, since a tensor may
     equal one in any file, its own included)."""
     lengths = Counter(t.length for f in files for t in f.tensors)
+    sample = bytearray(3 * SAMPLE_BYTES)  # one buffer for every tensor's three places
+    places = [memoryview(sample)[k * SAMPLE_BYTES:(k + 1) * SAMPLE_BYTES] for k in range(3)]
     digests: list[list[str]] = []
     stamps: list[FileStamp | None] = []
     for n, f in enumerate(files):
@@ -85,8 +87,9 @@ def screen_files(files: Sequence[SourceFile]) -> Screen:
                     continue
                 src = src or InputFile(f.abs_path)
                 mid = t.offset + (t.length - SAMPLE_BYTES) // 2
-                sample = b"".join(src.read(at, SAMPLE_BYTES) for at in
-                                  (t.offset, mid, t.offset + t.length - SAMPLE_BYTES))
+                for place, at in zip(places, (t.offset, mid,
+                                              t.offset + t.length - SAMPLE_BYTES)):
+                    src.read_into(place, at)
                 got.append(SAMPLED_PREFIX + hash_bytes(sample))
         finally:
             if src is not None:
