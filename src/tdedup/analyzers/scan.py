@@ -136,7 +136,6 @@ def hash_models(models: list[ModelSource],
         return out
 
     skipped = [0] * len(files)  # tensor bytes the screen decided, per file
-    decided_alone: set[int] = set()  # files the screen decided without the hash pass
     indexed: set[int] = set()  # files whose digests the index gave
     first_of: dict[tuple[str, tuple[tuple[int, int], ...]], int] = {}
     alias: dict[int, int] = {}  # file -> the first file with its real path and ranges
@@ -148,8 +147,6 @@ def hash_models(models: list[ModelSource],
             progress(skipped[n])
         if not ranges:
             digests[n] = complete(n, [])
-            if f.tensors and screen is not None:
-                decided_alone.add(n)
             continue
         path = os.path.realpath(f.abs_path)
         # One file given twice (hub cache revisions sharing a blob, a model under two
@@ -196,15 +193,15 @@ def hash_models(models: list[ModelSource],
                          [(t.offset, t.length) for t in f.tensors], found)
 
     for n, seen in enumerate(screen.stamps if screen is not None else ()):
-        if seen is not None:
-            _check_unchanged(files[n], seen, counts, told=n not in decided_alone)
+        if seen is not None:  # the hash pass read it (or its twin) if any was undecided
+            _check_unchanged(files[n], seen, counts, told=bool(wanted[n]))
     for n, n0 in alias.items():
         got0 = digests[n0]
         digests[n] = None if got0 is None else complete(n, [got0[i] for i in wanted[n0]])
         # Counted as its first occurrence was (its bytes as same_file_bytes).
         if n0 in indexed:
             counts.indexed_files += 1
-        elif n0 not in decided_alone:
+        else:
             counts.hashed_files += 1
 
     hashed: dict[str, list[HashedTensor]] = {}
