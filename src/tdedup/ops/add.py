@@ -57,8 +57,8 @@ from .add_candidates import (
     derivation_bases,
     keep_shallow,
     spill_file,
-    windowed,
 )
+from .ordered import in_order
 from .pack import encode_content, layout_bytes, parse_layout, sha256_file
 
 @dataclass(slots=True)
@@ -243,7 +243,7 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                      else set())
             old_models, old_hashed = bundle_candidates(
                 b, lambda m, f, t: (t.dtype, t.length) in sized or (m.name, f.path, t.name)
-                in named, lambda n: spill_file(stack, target, n), pool)
+                in named, lambda n: spill_file(stack, target, n), pool, workers)
             scanned = ScannedModels(old_models + new_models, {**old_hashed, **new_scan.hashed})
             # As pack: derived choices first, then the deltas they leave (delta_exclusions).
             derived = {k: c for k, c in pack_derived.plan(scanned, derive).items()
@@ -293,7 +293,8 @@ def add(bundle_path: str | os.PathLike, paths: Sequence[str | ModelArg], *,
                                         derived=derived.get(key), raw_only=raw_only)
 
         distinct = sum(k[1] for k in firsts)
-        for result in windowed(pool, job, bases_first(list(firsts), deltas, derived)):
+        for result in in_order(pool, job, bases_first(list(firsts), deltas, derived),
+                               workers=workers, size=lambda key: key[1]):
             _write(w, result, report, distinct)
         layouts = _layout_store(b, w, level, derive, raw_only)
         entries = [_model_entry(m, new_scan, inputs, shas, layouts) for m in new_models]

@@ -38,9 +38,8 @@ from ..format.checkpoints.records import (
     SourceFile,
     TensorRecord,
 )
+from .ordered import in_order
 
-#: Blobs decoded ahead of the spill writer (bounds memory to a few blobs).
-WINDOW = 6
 #: Decoded candidates up to this size are spilled into memory (a memfd), larger ones into
 #: a temporary file beside the output (never more than a quarter of the free memory).
 MEMORY_SPILL = 2 << 30
@@ -55,17 +54,6 @@ def candidate_name(name: str) -> str:
     (those hold no ``:``), so a new model may take a bundle model's name (a merge that
     renames it) without the planners reading one's tensors for the other's."""
     return f"bundle:{name}"
-
-
-def windowed(pool: ThreadPoolExecutor, fn, items, window: int = WINDOW):
-    """``pool.map(fn, items)`` in order, with at most ``window`` results held ahead."""
-    pending: list = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
 
 
 def _kind(f: FileEntry) -> FileKind:
@@ -105,7 +93,7 @@ def derivation_bases(b: Bundle, new_models: list[ModelSource],
 
 
 def bundle_candidates(b: Bundle, want: Want, make_spill: Callable[[int], Path],
-                      pool: ThreadPoolExecutor
+                      pool: ThreadPoolExecutor, workers: int
                       ) -> tuple[list[ModelSource], dict[str, list[HashedTensor]]]:
     """The bundle's tensors that ``want`` picks, as models the planners read: raw blobs in
     place in the bundle, others decoded (on the pool) into a spill file that
@@ -127,7 +115,9 @@ def bundle_candidates(b: Bundle, want: Want, make_spill: Callable[[int], Path],
     spill = make_spill(sum(b.blob(d).decoded_length for d in to_decode))
     pos = 0
     with open(spill, "r+b") as out:
-        for digest, data in zip(to_decode, windowed(pool, b.read_blob, to_decode)):
+        blobs = in_order(pool, b.read_blob, to_decode, workers=workers,
+                         size=lambda d: b.blob(d).decoded_length)
+        for digest, data in zip(to_decode, blobs):
             out.write(data)
             placed[digest] = (spill, pos)
             pos += memoryview(data).nbytes

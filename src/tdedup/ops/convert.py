@@ -30,7 +30,8 @@ from ..format.bundle.writer import BundleWriter
 from ..format.checkpoints.dtypes import element_width
 from ..format.codecs import DEFAULT_LEVEL
 from . import ProgressFn
-from .pack import ROTATED_DTYPES, WINDOW_PER_WORKER, choose_encoding, parse_layout
+from .ordered import in_order
+from .pack import ROTATED_DTYPES, choose_encoding, parse_layout
 
 
 @dataclass(slots=True)
@@ -126,23 +127,14 @@ def convert(bundle_path: str | os.PathLike, output: str | os.PathLike,
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
                 BundleWriter(output, alignment=b.manifest.alignment, replace=force) as writer:
-            pending: list = []
-            window = WINDOW_PER_WORKER * max(1, workers)
-
-            def drain(limit: int) -> None:
-                while len(pending) > limit:
-                    rec, enc, stored, how = pending.pop(0).result()
-                    writer.add_blob(rec.hash, enc, stored, rec.decoded_length, base=rec.base)
-                    setattr(result, how, getattr(result, how) + 1)
-                    if rec.hash in dtypes:  # tensor blobs, as pack's summary counts them
-                        name = enc.name.lower()
-                        result.encodings[name] = result.encodings.get(name, 0) + 1
-                    report("converting", rec.decoded_length, total)
-
-            for rec in recs:
-                pending.append(pool.submit(job, rec))
-                drain(window)
-            drain(0)
+            for rec, enc, stored, how in in_order(pool, job, recs, workers=workers,
+                                                  size=lambda rec: rec.decoded_length):
+                writer.add_blob(rec.hash, enc, stored, rec.decoded_length, base=rec.base)
+                setattr(result, how, getattr(result, how) + 1)
+                if rec.hash in dtypes:  # tensor blobs, as pack's summary counts them
+                    name = enc.name.lower()
+                    result.encodings[name] = result.encodings.get(name, 0) + 1
+                report("converting", rec.decoded_length, total)
             summary = dict(b.manifest.summary)
             summary.update(layout=target.value, encodings=result.encodings,
                            stored_blob_bytes=sum(r.stored_length

@@ -18,9 +18,8 @@ import hashlib
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..format.codecs import DEFAULT_LEVEL, encode
 from ..format.codecs.byteplane import ROTATED_TYPES, best_rotation
 from ..format.codecs.zstd import zstd_compress
 from . import ProgressFn, check_output_file, check_output_not_input, pack_derived
+from .ordered import in_order
 
 # Keep a blob raw (zero-copy loads) unless compression saves at least this fraction.
 MIN_SAVING = 0.01
@@ -53,8 +53,6 @@ SMALL_BLOB = 1 << 20
 # Skip a content's own encodings when the planner estimates its delta below this share
 # of them (its estimates land within ~1% of the encoded sizes; bench/RESULTS.md ## delta).
 DELTA_CLEAR_WIN = 0.8
-# Blobs encoded ahead of the writer, per worker: bounds memory to a few blobs.
-WINDOW_PER_WORKER = 3
 SHA_CHUNK = 8 << 20
 # Float dtypes whose elements are rotated before their byte planes are split, by the bits
 # ``best_rotation`` picks (ROTATED_BYTEPLANE_ZSTD, ROTATEDN_BYTEPLANE_ZSTD).
@@ -311,26 +309,17 @@ def pack(paths: Sequence[str | ModelArg], output: str | Path, *, level: int = DE
                                             lambda k: source(firsts[k]), delta=choice,
                                             derived=derived.get(key), raw_only=raw_only)
 
-            pending: deque[Future] = deque()
-            window = WINDOW_PER_WORKER * max(1, workers)
             counts: dict[str, int] = {}
-
-            def drain(limit: int) -> None:
-                # Write finished blobs in order; wait only while more than `limit` are out.
-                while pending and (len(pending) > limit or pending[0].done()):
-                    key, enc, stored, base = pending.popleft().result()
+            planner = _Planner(scanned, firsts, delta)
+            try:
+                for key, enc, stored, base in in_order(
+                        pool, lambda decision: job(*decision), planner, workers=workers,
+                        size=lambda decision: decision[0][1]):
                     writer.add_blob(key[0], enc, stored, key[1], base=base)
                     counts[enc.name.lower()] = counts.get(enc.name.lower(), 0) + 1
                     report("packing", key[1], distinct)
-
-            planner = _Planner(scanned, firsts, delta)
-            try:
-                for key, choice in planner:
-                    pending.append(pool.submit(job, key, choice))
-                    drain(window)
             finally:
                 planner.stop()
-            drain(0)
 
             layouts = pack_derived.LayoutStore(writer, level, enabled=derive != "off",
                                                raw_only=raw_only)
