@@ -67,11 +67,14 @@ def interleave_into(out: np.ndarray, planes: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL) -> bytes:
-    """Stored form: u32 width, width x u64 frame lengths, then one zstd frame per plane."""
+def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL, *,
+                       prefix: bytes = b"") -> bytes:
+    """Stored form: u32 width, width x u64 frame lengths, then one zstd frame per plane;
+    after ``prefix`` (an encoding's own header). Joined once: each copy of a blob's
+    stored bytes holds the GIL, which the other encoding threads wait on."""
     frames = [compress_plane(p, level) for p in split_planes(data, width)]
-    head = PLANE_COUNT.pack(width) + b"".join(PLANE_LEN.pack(len(f)) for f in frames)
-    return head + b"".join(frames)
+    return b"".join([prefix, PLANE_COUNT.pack(width), *(PLANE_LEN.pack(len(f)) for f in frames),
+                     *frames])
 
 
 #: Element widths the rotated encodings accept, and their unsigned integer types.
@@ -90,7 +93,8 @@ def rotate_left(data, width: int, rotation: int) -> np.ndarray:
     return ((a << t(rotation)) | (a >> t(8 * width - rotation))).view(np.uint8)
 
 
-def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int = 1) -> bytes:
+def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int = 1, *,
+                     prefix: bytes = b"") -> bytes:
     """The byte-plane stored form of each element rotated left by ``rotation`` bits: by one
     it is ``ROTATED_BYTEPLANE_ZSTD`` (spec §4.3.1), by any other amount the body of
     ``ROTATEDN_BYTEPLANE_ZSTD`` (§4.3.2, after its rotation prefix).
@@ -101,12 +105,12 @@ def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int
     bits, constant in trained weights, go to the lowest plane, which then compresses:
     by three, MiniLM BF16 is 0.6 % and F32 0.3 % smaller than by one (bench/RESULTS.md).
     Which rotation wins depends on the tensor (F16 keeps one), see ``best_rotation``."""
-    return byteplane_compress(rotate_left(data, width, rotation), width, level)
+    return byteplane_compress(rotate_left(data, width, rotation), width, level, prefix=prefix)
 
 
 def rotatedn_compress(data, width: int, level: int, rotation: int) -> bytes:
     """``ROTATEDN_BYTEPLANE_ZSTD``: the rotation, then :func:`rotated_compress`'s form."""
-    return ROTATION.pack(rotation) + rotated_compress(data, width, level, rotation)
+    return rotated_compress(data, width, level, rotation, prefix=ROTATION.pack(rotation))
 
 
 def rotated_decompress(stored, expected: int, what: str | None = None,

@@ -78,9 +78,10 @@ DECAY_HEAD = struct.Struct("<II")
 LOWRANK_HEAD = struct.Struct("<IIII")
 
 
-def planes_compress(data, width: int, level: int = 3) -> bytes:
-    """A byte-plane blob of a residual (decodable by :func:`byteplane_decompress`)."""
-    return byteplane_compress(data, width, level)
+def planes_compress(data, width: int, level: int = 3, *, prefix: bytes = b"") -> bytes:
+    """A byte-plane blob of a residual (decodable by :func:`byteplane_decompress`), after
+    ``prefix``."""
+    return byteplane_compress(data, width, level, prefix=prefix)
 
 
 # -- element-wise kernels ---------------------------------------------------------------

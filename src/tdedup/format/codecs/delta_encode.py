@@ -243,7 +243,7 @@ def encode_delta(encoding: BlobEncoding, data, base, *, width: int = 1, level: i
             c, k, _ = fit_decay(t_bits[idx], b_bits[idx])
         res = (chunked_residual(data, decay_chunks(base, c, k), n // 4) if k
                else sub_residual(data, base, w))
-        return DECAY_HEAD.pack(f32_bits(c), k) + planes_compress(res, w, level)
+        return planes_compress(res, w, level, prefix=DECAY_HEAD.pack(f32_bits(c), k))
     if encoding is BlobEncoding.LOWRANK_SUB_BYTEPLANE_ZSTD:
         rows, cols = _matrix(shape, n) if f32 else (0, 0)
         if rows:
@@ -257,7 +257,7 @@ def encode_delta(encoding: BlobEncoding, data, base, *, width: int = 1, level: i
             factors = planes_compress(np.concatenate([u.reshape(-1), v.reshape(-1)]), 4, level)
             res = chunked_residual(data, lowrank_chunks(base, u, v), n // 4)
         head = LOWRANK_HEAD.pack(rows, cols, rank, len(factors))
-        return head + factors + planes_compress(res, w, level)
+        return planes_compress(res, w, level, prefix=head + factors)
     raise BundleFormatError(f"not a delta encoding: {int(encoding)}")
 
 

@@ -68,8 +68,8 @@ def encode_derived(data, base, chain: tuple[Transform, ...], base_dtype: str,
                                 f"{actual.size}")
     residual = np.bitwise_xor(actual, pred.data)
     width = element_width(pred.etype)
-    return derived_header(chain, base_dtype, base_shape) + byteplane_compress(residual, width,
-                                                                               level)
+    return byteplane_compress(residual, width, level,
+                              prefix=derived_header(chain, base_dtype, base_shape))
 
 
 def parse_derived(stored, what: str | None = None
