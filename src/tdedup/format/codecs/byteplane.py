@@ -79,7 +79,7 @@ def byteplane_compress(data, width: int, level: int = DEFAULT_LEVEL, *,
 
 #: Element widths the rotated encodings accept, and their unsigned integer types.
 ROTATED_TYPES = {2: np.uint16, 4: np.uint32}
-#: Elements rotated back per step when decoding: the scratch stays in L2.
+#: Elements rotated per step (encoding, and back when decoding): the scratch stays in L2.
 ROTATE_CHUNK = 1 << 15
 #: ``ROTATEDN_BYTEPLANE_ZSTD``'s prefix: the rotation, before the byte-plane stored form.
 ROTATION = struct.Struct("<I")
@@ -87,10 +87,13 @@ ROTATION = struct.Struct("<I")
 
 def rotate_left(data, width: int, rotation: int) -> np.ndarray:
     """Each ``width``-byte element of ``data`` rotated left by ``rotation`` bits (a fresh
-    uint8 array)."""
-    a = np.frombuffer(data, dtype=ROTATED_TYPES[width])
-    t = a.dtype.type
-    return ((a << t(rotation)) | (a >> t(8 * width - rotation))).view(np.uint8)
+    uint8 array): a copy rotated right by the rest of the element, in place and in
+    cache-sized pieces. Three full-size temporaries, as ``(a << r) | (a >> s)`` made,
+    cost page faults that serialize the encoding threads (36 % slower alone, 1.2x on two
+    threads against 1.6x)."""
+    out = np.frombuffer(data, dtype=np.uint8).copy()
+    unrotate_(out, width, 8 * width - rotation)
+    return out
 
 
 def rotated_compress(data, width: int, level: int = DEFAULT_LEVEL, rotation: int = 1, *,
