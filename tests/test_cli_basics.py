@@ -148,7 +148,7 @@ def test_same_input_twice_names_both(models, tmp_path):
     assert a in res.stderr and a.replace("/", "//", 1) in res.stderr
 
 
-def test_runs_with_stderr_closed(tmp_path):
+def test_runs_with_stdout_or_stderr_closed(tmp_path):
     """Run from cron or a daemon with fd 2 closed (``sys.stderr`` is None): the report
     still comes out, as it did while rich decided whether to draw a bar."""
     import subprocess
@@ -160,3 +160,9 @@ def test_runs_with_stderr_closed(tmp_path):
                           sys.executable, str(a), str(b)], capture_output=True, text=True)
     assert res.returncode == 0
     assert json.loads(res.stdout)["models"][0]["name"] == "a"
+    # And stdout closed: nothing to write the report to, no crash either.
+    for argv in (["analyze", "--json"], ["analyze", "--markdown", "-"], ["analyze"]):
+        res = subprocess.run(["sh", "-c", 'exec "$0" -m tdedup "$@" >&-', sys.executable,
+                              *argv, str(a), str(b)], capture_output=True, text=True)
+        assert res.returncode == 0, (argv, res.stderr)
+        assert "Traceback" not in res.stderr

@@ -57,8 +57,12 @@ app.command()(demo.demo)
 
 def main() -> None:
     """Console-script entry point."""
+    # Started with fd 1 or 2 closed (cron, a daemon), Python leaves sys.stdout or
+    # sys.stderr None: print(file=None) would write warnings and hints into stdout's
+    # JSON, and a report written to a missing stdout would crash. Both go nowhere, as
+    # typer.echo's output already does.
     if sys.stderr is None:
-        # Started with fd 2 closed (cron, a daemon): print(file=None) would write
-        # warnings and hints into stdout, into the JSON a script reads.
         sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
     app()
