@@ -230,10 +230,9 @@ from tdedup.analyzers.scan import ScannedModels, hash_models, index_models
 from tdedup.analyzers.delta_planning import plan_deltas
 from tdedup.analyzers.derivation import plan_derived
 from tdedup.analyzers.drift import compute_drift
-from tdedup.analyzers.tensor_bytes import TensorBytes
 from tdedup.errors import InputError
 d = sys.argv[1]
-locate = TensorBytes._locate
+locate = ScannedModels.locate
 for step, fn in (("deltas", plan_deltas), ("derived", plan_derived), ("drift", compute_drift)):
     for n in "abc":
         shutil.copy(f"{d}/{n}.orig", f"{d}/{n}.safetensors")
@@ -251,7 +250,7 @@ for step, fn in (("deltas", plan_deltas), ("derived", plan_derived), ("drift", c
                     with open(f"{d}/{n}.safetensors", "r+b") as f:
                         f.truncate(200)
         return locate(self, h)
-    TensorBytes._locate = locate_then_truncate
+    ScannedModels.locate = locate_then_truncate
     try:
         fn(scanned)
         print(step, "no error")

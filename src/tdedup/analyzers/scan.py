@@ -46,19 +46,24 @@ class ScannedModels:
     models: list[ModelSource]
     hashed: dict[str, list[HashedTensor]]
     counts: HashCounts = field(default_factory=HashCounts)
+    _by_file: dict[tuple[str, str], SourceFile] = field(default_factory=dict, repr=False,
+                                                        compare=False)
 
     @property
     def tensor_bytes(self) -> int:
         return sum(m.tensor_bytes for m in self.models)
 
     def source_file(self, model: str, rel_path: str) -> SourceFile:
-        """The file a tensor record (``record.model``, ``record.file``) came from."""
-        for m in self.models:
-            if m.name == model:
+        """The file a tensor record (``record.model``, ``record.file``) came from (found
+        through a map built on first use: the planners ask once per sampled tensor)."""
+        if not self._by_file:
+            for m in self.models:
                 for f in m.files:
-                    if f.rel_path == rel_path:
-                        return f
-        raise KeyError((model, rel_path))
+                    self._by_file.setdefault((m.name, f.rel_path), f)
+        try:
+            return self._by_file[model, rel_path]
+        except KeyError:
+            raise KeyError((model, rel_path)) from None
 
     def first_occurrences(self) -> dict[ContentKey, HashedTensor]:
         """Each distinct content key with its first occurrence, in model/file order."""

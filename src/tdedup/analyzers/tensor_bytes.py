@@ -28,7 +28,6 @@ class TensorBytes:
     def __init__(self, scanned: ScannedModels) -> None:
         self.scanned = scanned
         self._files: dict[Path, InputFile] = {}
-        self._paths: dict[tuple[str, str], Path] = {}
 
     def __enter__(self) -> TensorBytes:
         return self
@@ -46,7 +45,7 @@ class TensorBytes:
 
     def __call__(self, h: HashedTensor) -> np.ndarray:
         """The whole tensor."""
-        path, off, length = self._locate(h)
+        path, off, length = self.scanned.locate(h)
         out = np.empty(length, dtype=np.uint8)
         if length:
             self._file(path).read_into(out.data, off)
@@ -56,7 +55,7 @@ class TensorBytes:
         """Rows ``index`` (any order, repeats allowed) of the tensor read as rows of
         ``row_bytes`` bytes: a ``(len(index), row_bytes)`` array. Consecutive rows are read
         at once."""
-        path, off, length = self._locate(h)
+        path, off, length = self.scanned.locate(h)
         key = tuple(index.reshape(-1).tolist() if isinstance(index, np.ndarray) else index)
         runs, back, lo, hi = (_row_plan(key) if len(key) <= _PLANNED_ROWS
                               else _row_plan.__wrapped__(key))
@@ -72,14 +71,6 @@ class TensorBytes:
                 f.read_into(flat[at * row_bytes:(at + count) * row_bytes],
                             off + first * row_bytes)
         return buf if back is None else buf[back]
-
-    def _locate(self, h: HashedTensor) -> tuple[Path, int, int]:
-        """(path, offset, length) of ``h``, the file's path looked up once per file."""
-        r = h.record
-        path = self._paths.get((r.model, r.file))
-        if path is None:
-            path = self._paths[r.model, r.file] = self.scanned.source_file(r.model, r.file).abs_path
-        return path, r.offset, r.length
 
 
 #: Longer indexes are planned afresh each time (a cached plan keeps its index).
